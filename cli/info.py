@@ -1,0 +1,71 @@
+"""`gemma4 info MODEL`: what a checkpoint is, without running it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import mlx.nn as nn
+import typer
+from mlx.utils import tree_flatten
+from rich.console import Console
+from rich.table import Table
+
+from mlx_gemma4.config import FULL, SLIDING
+
+
+def _quantization_summary(model: nn.Module) -> str:
+    schemes = Counter(
+        f"{m.mode} {m.bits}-bit g{m.group_size}"
+        for _, m in model.named_modules()
+        if hasattr(m, "bits") and hasattr(m, "group_size")
+    )
+    if not schemes:
+        return "none"
+    return ", ".join(f"{scheme} ({count} modules)" for scheme, count in schemes.most_common())
+
+
+def _heads(text) -> str:
+    heads = f"{text.num_attention_heads} query, {text.num_key_value_heads} KV"
+    if text.num_global_key_value_heads:
+        heads += f" ({text.num_global_key_value_heads} on full layers)"
+    return heads
+
+
+def describe(model: nn.Module) -> dict[str, str]:
+    """The facts `gemma4 info` prints, as label -> text."""
+    from mlx_lm.utils import get_total_parameters
+
+    text = model.config.text_config
+    kinds = Counter(text.layer_types)
+    params = tree_flatten(model.parameters())
+    dtypes = Counter(str(p.dtype).removeprefix("mlx.core.") for _, p in params)
+    towers = {"vision": "vision_tower", "audio": "audio_tower"}
+    modalities = ["text"] + [name for name, tower in towers.items() if tower in model.towers]
+    return {
+        "variant": text.variant,
+        "parameters": f"{get_total_parameters(model) / 1e6:,.2f} M (text decoder)",
+        "layers": str(text.num_hidden_layers),
+        "layer types": f"{kinds[SLIDING]} sliding (window {text.sliding_window}), "
+        f"{kinds[FULL]} full",
+        "hidden size": str(text.hidden_size),
+        "heads": _heads(text),
+        "KV-shared layers": str(text.num_kv_shared_layers),
+        "per-layer embeddings": str(text.hidden_size_per_layer_input or "no"),
+        "experts": f"{text.num_experts}, top {text.top_k_experts}"
+        if text.enable_moe_block
+        else "no",
+        "dtype": ", ".join(dtypes),
+        "quantization": _quantization_summary(model),
+        "modalities": ", ".join(modalities),
+        "path": str(model.path),
+    }
+
+
+def info(model: str = typer.Argument(..., help="Local folder or Hub repo id.")) -> None:
+    """Show a checkpoint's variant, size, layers, dtype, quantization and modalities."""
+    from mlx_gemma4 import load_model
+
+    table = Table(show_header=False, box=None)
+    for label, value in describe(load_model(model)).items():
+        table.add_row(f"[bold]{label}[/]", value)
+    Console().print(table)

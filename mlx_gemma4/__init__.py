@@ -1,0 +1,29 @@
+"""Gemma 4 on Apple Silicon, MLX-native."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from .errors import Gemma4Error
+
+if TYPE_CHECKING:
+    from .loading import load, load_model
+
+try:
+    __version__ = version("mlx-gemma4")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+source"
+
+__all__ = ["Gemma4Error", "__version__", "load", "load_model"]
+
+_LAZY = {"load": "loading", "load_model": "loading"}
+
+
+def __getattr__(name: str):
+    # mlx-lm imports transformers on first use; keep `import mlx_gemma4` (and the CLI) quick
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,124 @@
+"""KV caches: mlx-lm's growing cache for full layers, a trimmable window cache for sliding ones.
+
+KV-shared layers own no cache: they attend over what their source layer's cache returns.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache, _BaseCache
+
+__all__ = ["KVCache", "SlidingWindowCache", "attention_mask"]
+
+
+class SlidingWindowCache(_BaseCache):
+    """Keys and values of the last `window` positions, kept in temporal order.
+
+    Unlike a ring buffer it also keeps up to `spare` older positions, so the cache can be
+    trimmed back by that many tokens (a chat turn that rewrites the tail of the previous
+    one) and still hold a full window. The buffer grows in `step`-sized blocks and is
+    compacted, dropping positions no query can reach, when it fills up.
+    """
+
+    step = 256
+
+    def __init__(self, window: int, spare: int = 256):
+        self.window = window
+        self.spare = spare
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # absolute position after the last stored token
+        self.start = 0  # absolute position of the first stored token
+        self._end = 0  # buffer index after the last stored token
+
+    @property
+    def stored(self) -> int:
+        return self.offset - self.start
+
+    def _make_room(self, keys: mx.array, values: mx.array) -> None:
+        n = keys.shape[2]
+        if self.keys is not None and self._end + n <= self.keys.shape[2]:
+            return
+        retain = min(self.stored, self.window - 1 + self.spare)
+        capacity = retain + n + self.step
+        batch, kv_heads, _, k_dim = keys.shape
+        new_keys = mx.zeros((batch, kv_heads, capacity, k_dim), keys.dtype)
+        new_values = mx.zeros((batch, kv_heads, capacity, values.shape[3]), values.dtype)
+        if retain:
+            kept = slice(self._end - retain, self._end)
+            new_keys[..., :retain, :] = self.keys[..., kept, :]
+            new_values[..., :retain, :] = self.values[..., kept, :]
+        self.keys, self.values = new_keys, new_values
+        self.start = self.offset - retain
+        self._end = retain
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store new positions; return the keys and values the new queries can see."""
+        n = keys.shape[2]
+        self._make_room(keys, values)
+        self.keys[..., self._end : self._end + n, :] = keys
+        self.values[..., self._end : self._end + n, :] = values
+        self._end += n
+        self.offset += n
+        visible = min(self.stored, self.window - 1 + n)
+        window = slice(self._end - visible, self._end)
+        return self.keys[..., window, :], self.values[..., window, :]
+
+    def make_mask(self, n_queries: int) -> mx.array | None:
+        """The mask for `n_queries` new positions over what `update_and_fetch` will return."""
+        if n_queries == 1:
+            return None
+        past = min(self.stored, self.window - 1)
+        return create_causal_mask(n_queries, past, window_size=self.window)
+
+    def size(self) -> int:
+        return min(self.stored, self.window)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop up to `n` newest positions, keeping a full window (or everything) behind them."""
+        floor = self.start + self.window - 1 if self.start > 0 else 0
+        n = max(0, min(n, self.offset - floor))
+        self.offset -= n
+        self._end -= n
+        return n
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys[..., : self._end, :], self.values[..., : self._end, :]
+
+    @state.setter
+    def state(self, value) -> None:
+        if not value:
+            self.keys = self.values = None
+            self._end = 0
+            return
+        self.keys, self.values = value
+        self._end = self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.window, self.spare, self.offset, self.start)))
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        self.window, self.spare, self.offset, self.start = map(int, value)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def attention_mask(cache, n_queries: int):
+    """The mask for `n_queries` new positions attending through `cache`."""
+    if isinstance(cache, SlidingWindowCache):
+        return cache.make_mask(n_queries)
+    return None if n_queries == 1 else "causal"

@@ -1,0 +1,203 @@
+"""Config dataclasses for Gemma 4, read from either config.json form.
+
+Hub checkpoints name the full-attention head size and KV heads with top-level keys
+(`global_head_dim`, `num_global_key_value_heads`); transformers >= 5.2x writes a
+`per_layer_config` map instead. Both normalize to the same `TextConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+TEXT_MODEL_TYPE = "gemma4_text"
+MULTIMODAL_MODEL_TYPE = "gemma4"
+
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+@dataclass
+class TextConfig:
+    """The text decoder's hyper-parameters; defaults are transformers' `Gemma4TextConfig` ones."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    layer_types: list[str] = field(default_factory=list)
+    rope_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    final_logit_softcapping: float | None = None
+    vocab_size_per_layer_input: int = 262_144
+    hidden_size_per_layer_input: int = 256
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    enable_moe_block: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    use_bidirectional_attention: str | None = None
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 131_072
+    pad_token_id: int = 0
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TextConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        config = cls(**values)
+        config._normalize(raw.get("per_layer_config"))
+        return config
+
+    def _normalize(self, per_layer_config: dict[str, Any] | None) -> None:
+        if not self.layer_types:
+            # transformers' default: every sixth layer is full attention
+            self.layer_types = [
+                FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; fix config.json so they agree"
+            )
+        unknown = set(self.layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise ConfigError(f"unknown layer types {sorted(unknown)} in config.json")
+        # the reference forces the last layer to full attention
+        self.layer_types[-1] = FULL
+        self.rope_parameters = {**_DEFAULT_ROPE, **(self.rope_parameters or {})}
+
+        if per_layer_config:
+            self._read_per_layer_config(per_layer_config)
+        elif not self.attention_k_eq_v:
+            # the reference only honours the global KV head count on k_eq_v models
+            self.num_global_key_value_heads = None
+
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(
+                f"hidden_activation {self.hidden_activation!r} is not supported (Gemma 4 uses "
+                "gelu_pytorch_tanh)"
+            )
+        if self.enable_moe_block and not (
+            self.num_experts and self.top_k_experts and self.moe_intermediate_size
+        ):
+            raise ConfigError(
+                "enable_moe_block is set but num_experts, top_k_experts or "
+                "moe_intermediate_size is missing from config.json"
+            )
+        if self.num_kv_shared_layers:
+            sources = set(self.layer_types[: self.first_kv_shared_layer])
+            if sources != set(self.layer_types):
+                raise ConfigError(
+                    "num_kv_shared_layers leaves a layer type with no earlier layer to share "
+                    "K/V from; check layer_types and num_kv_shared_layers in config.json"
+                )
+
+    def _read_per_layer_config(self, per_layer_config: dict[str, Any]) -> None:
+        full_layers = [i for i, t in enumerate(self.layer_types) if t == FULL]
+        overrides = [per_layer_config.get(str(i)) or per_layer_config.get(i) for i in full_layers]
+        head_dims = {o.get("head_dim") for o in overrides if o}
+        kv_heads = {o.get("num_key_value_heads") for o in overrides if o}
+        if len(head_dims) > 1 or len(kv_heads) > 1:
+            raise ConfigError(
+                "per_layer_config gives full-attention layers different head sizes; "
+                "this package supports one size for all full layers"
+            )
+        if head_dims and None not in head_dims:
+            self.global_head_dim = head_dims.pop()
+        self.num_global_key_value_heads = kv_heads.pop() if kv_heads else None
+
+    @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        if self.is_sliding(layer) or self.num_global_key_value_heads is None:
+            return self.num_key_value_heads
+        return self.num_global_key_value_heads
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values `layer` attends over (itself unless KV-shared)."""
+        first_shared = self.first_kv_shared_layer
+        if layer < first_shared:
+            return layer
+        kind = self.layer_types[layer]
+        return max(i for i in range(first_shared) if self.layer_types[i] == kind)
+
+    @property
+    def variant(self) -> str:
+        """The released size these shapes match, else the family they belong to."""
+        if self.enable_moe_block:
+            known = self.hidden_size == 2816 and self.num_experts == 128
+            return "26B-A4B" if known else "MoE (26B-A4B family)"
+        if self.hidden_size_per_layer_input:
+            return {1536: "E2B", 2560: "E4B"}.get(self.hidden_size, "PLE (E2B/E4B family)")
+        return "31B" if self.hidden_size == 5376 else "dense (31B family)"
+
+    def layer_mlp_size(self, layer: int) -> int:
+        doubled = self.use_double_wide_mlp and layer >= self.first_kv_shared_layer
+        return self.intermediate_size * (2 if doubled else 1)
+
+
+@dataclass
+class ModelConfig:
+    """Top-level config: the text decoder plus the raw tower configs of a multimodal checkpoint."""
+
+    text_config: TextConfig
+    model_type: str = TEXT_MODEL_TYPE
+    vision_config: dict[str, Any] | None = None
+    audio_config: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    bos_token_id: int = 2
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type == MULTIMODAL_MODEL_TYPE:
+            text_raw = dict(raw.get("text_config") or {})
+            if "vocab_size" in raw and "vocab_size" not in text_raw:
+                text_raw["vocab_size"] = raw["vocab_size"]
+        elif model_type == TEXT_MODEL_TYPE:
+            text_raw = raw
+        else:
+            raise ConfigError(
+                f"model_type {model_type!r} is not a Gemma 4 model (expected "
+                f"{MULTIMODAL_MODEL_TYPE!r} or {TEXT_MODEL_TYPE!r})"
+            )
+        eos = raw.get("eos_token_id", text_raw.get("eos_token_id", 1))
+        return cls(
+            text_config=TextConfig.from_dict(text_raw),
+            model_type=model_type,
+            vision_config=raw.get("vision_config"),
+            audio_config=raw.get("audio_config"),
+            quantization=raw.get("quantization") or text_raw.get("quantization"),
+            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+            bos_token_id=raw.get("bos_token_id", text_raw.get("bos_token_id", 2)),
+            raw=raw,
+        )

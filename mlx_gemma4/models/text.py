@@ -1,0 +1,228 @@
+"""The Gemma 4 text decoder: attention, MLP, decoder layer, per-layer embeddings, text model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache, SlidingWindowCache, attention_mask
+from ..config import FULL, SLIDING, TextConfig
+from .moe import Experts, Router
+from .rope import RoPE
+
+
+class RMSNormNoScale(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class MLP(nn.Module):
+    """GeGLU feed-forward with tanh-approximate GELU."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Attention with q/k norms, an unscaled v norm, and a scale of 1.0.
+
+    KV-shared layers have no key/value weights and attend over their source layer's keys and
+    values; `attention_k_eq_v` layers reuse the raw key projection as values.
+    """
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.head_dim = config.layer_head_dim(layer)
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.layer_kv_heads(layer)
+        self.owns_kv = config.kv_source(layer) == layer
+        self.values_from_keys = config.attention_k_eq_v and not config.is_sliding(layer)
+        hidden, eps, bias = config.hidden_size, config.rms_norm_eps, config.attention_bias
+
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        if self.owns_kv:
+            self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+            if not self.values_from_keys:
+                self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+            self.v_norm = RMSNormNoScale(eps)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.rope = RoPE(self.head_dim, config.rope_parameters[config.layer_types[layer]])
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any,
+        offset: int,
+        shared_kv: tuple[mx.array, mx.array] | None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        batch, length, _ = x.shape
+        queries = self.q_norm(self.q_proj(x).reshape(batch, length, self.n_heads, -1))
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
+
+        if shared_kv is None:
+            keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1)
+            values = keys if self.values_from_keys else self.v_proj(x)
+            values = values.reshape(batch, length, self.n_kv_heads, -1)
+            keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
+            values = self.v_norm(values).transpose(0, 2, 1, 3)
+            if cache is not None:
+                keys, values = cache.update_and_fetch(keys, values)
+        else:
+            keys, values = shared_kv
+
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        return self.o_proj(out), (keys, values)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(hidden, config.layer_mlp_size(layer))
+        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+        self.has_moe = config.enable_moe_block
+        if self.has_moe:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.post_feedforward_layernorm_1 = nn.RMSNorm(hidden, eps=eps)
+            self.pre_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
+            self.post_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
+
+        self.has_per_layer_input = bool(config.hidden_size_per_layer_input)
+        if self.has_per_layer_input:
+            ple = config.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(hidden, ple, bias=False)
+            self.per_layer_projection = nn.Linear(ple, hidden, bias=False)
+            self.post_per_layer_input_norm = nn.RMSNorm(hidden, eps=eps)
+
+    def _feed_forward(self, h: mx.array) -> mx.array:
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
+        if not self.has_moe:
+            return dense
+        # dense MLP and experts run side by side; the router reads the un-normed residual
+        flat = h.reshape(-1, h.shape[-1])
+        indices, weights = self.router(flat)
+        sparse = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights)
+        sparse = self.post_feedforward_layernorm_2(sparse.reshape(h.shape))
+        return self.post_feedforward_layernorm_1(dense) + sparse
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any,
+        offset: int,
+        shared_kv: tuple[mx.array, mx.array] | None,
+        per_layer_input: mx.array | None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        attn, kv = self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv)
+        h = x + self.post_attention_layernorm(attn)
+        h = h + self.post_feedforward_layernorm(self._feed_forward(h))
+        if self.has_per_layer_input:
+            gate = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        return h * self.layer_scalar, kv
+
+
+def _scaled(x: mx.array, scale: float) -> mx.array:
+    # the reference rounds embedding scales to the activation dtype
+    return x * mx.array(scale, dtype=x.dtype)
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        self.kv_sources = [config.kv_source(i) for i in range(config.num_hidden_layers)]
+
+        ple = config.hidden_size_per_layer_input
+        if ple:
+            n_layers = config.num_hidden_layers
+            self.embed_tokens_per_layer = nn.Embedding(
+                config.vocab_size_per_layer_input, n_layers * ple
+            )
+            self.per_layer_model_projection = nn.Linear(hidden, n_layers * ple, bias=False)
+            self.per_layer_projection_norm = nn.RMSNorm(ple, eps=eps)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        return _scaled(self.embed_tokens(input_ids), self.config.hidden_size**0.5)
+
+    def per_layer_inputs(self, input_ids: mx.array, embeddings: mx.array) -> mx.array:
+        """Per-layer embeddings `[B, T, layers, P]`: token table plus a projection of the input."""
+        config = self.config
+        ple = config.hidden_size_per_layer_input
+        table = _scaled(self.embed_tokens_per_layer(input_ids), ple**0.5)
+        table = table.reshape(*input_ids.shape, config.num_hidden_layers, ple)
+        projected = self.per_layer_model_projection(embeddings) * (config.hidden_size**-0.5)
+        projected = projected.reshape(*embeddings.shape[:-1], config.num_hidden_layers, ple)
+        projected = self.per_layer_projection_norm(projected)
+        return (projected + table.astype(projected.dtype)) * (2.0**-0.5)
+
+    def make_cache(self) -> list[Any]:
+        config = self.config
+        return [
+            SlidingWindowCache(config.sliding_window) if config.is_sliding(i) else KVCache()
+            for i in range(config.first_kv_shared_layer)
+        ]
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: list[Any] | None = None,
+        embeddings: mx.array | None = None,
+    ) -> mx.array:
+        """Final-normed hidden states `[B, T, hidden]`; `embeddings` override the token lookup."""
+        h = self.embed(input_ids) if embeddings is None else embeddings
+        per_layer = (
+            self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
+        )
+        if cache is None:
+            cache = self.make_cache()
+        caches = list(cache) + [None] * (len(self.layers) - len(cache))
+
+        offset = caches[0].offset
+        masks = self._masks(caches, h.shape[1])
+        kvs: list[tuple[mx.array, mx.array] | None] = [None] * len(self.layers)
+        for i, (layer, layer_cache, source) in enumerate(
+            zip(self.layers, caches, self.kv_sources, strict=True)
+        ):
+            h, kvs[i] = layer(
+                h,
+                masks[self.config.layer_types[i]],
+                layer_cache,
+                offset,
+                kvs[source] if source != i else None,
+                per_layer[:, :, i, :] if per_layer is not None else None,
+            )
+        return self.norm(h)
+
+    def _masks(self, caches: list[Any], n_queries: int) -> dict[str, Any]:
+        types = self.config.layer_types
+        first = {kind: types.index(kind) for kind in (SLIDING, FULL) if kind in types}
+        return {kind: attention_mask(caches[i], n_queries) for kind, i in first.items()}

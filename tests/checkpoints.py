@@ -1,0 +1,134 @@
+"""Tiny random Gemma 4 checkpoints built by transformers itself, the reference implementation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 160
+WINDOW = 8
+
+_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+_TEXT_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    sliding_window=WINDOW,
+    layer_types=_LAYER_TYPES,
+    hidden_size_per_layer_input=0,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=4096,
+)
+
+# variant name -> Gemma4TextConfig overrides
+TEXT_VARIANTS = {
+    "dense": {},
+    "ple_kv_shared": dict(
+        num_key_value_heads=1,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=VOCAB,
+        num_kv_shared_layers=3,
+        use_double_wide_mlp=True,
+    ),
+    "k_eq_v": dict(attention_k_eq_v=True, num_global_key_value_heads=1),
+    "moe_k_eq_v": dict(
+        attention_k_eq_v=True,
+        num_global_key_value_heads=1,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=24,
+    ),
+}
+
+
+def text_config(variant: str):
+    from transformers import Gemma4TextConfig
+
+    return Gemma4TextConfig(**{**_TEXT_BASE, **TEXT_VARIANTS[variant]})
+
+
+def multimodal_config():
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        position_embedding_size=64,
+    )
+    audio = Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        subsampling_conv_channels=[128, 16],
+        output_proj_dims=48,
+    )
+    return Gemma4Config(
+        text_config=text_config("ple_kv_shared"), vision_config=vision, audio_config=audio
+    )
+
+
+@torch.no_grad()
+def jitter(model: torch.nn.Module, seed: int) -> None:
+    """Move every float parameter and layer scalar off its init (ones hide convention bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        scale = 0.2 if name.endswith("norm.weight") or "scale" in name else 0.05
+        param.add_(noise * scale)
+    for name, buffer in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
+def to_hub_form(config: dict) -> dict:
+    """Rewrite transformers' `per_layer_config` into the top-level keys Hub checkpoints use."""
+    text = config.get("text_config", config)
+    per_layer = text.pop("per_layer_config", None) or {}
+    overrides = next(iter(per_layer.values()), {})
+    text["global_head_dim"] = overrides.get("head_dim", text.get("head_dim"))
+    if "num_key_value_heads" in overrides:
+        text["num_global_key_value_heads"] = overrides["num_key_value_heads"]
+    if "text_config" in config:
+        config["vocab_size"] = text["vocab_size"]
+    return config
+
+
+def save_reference(model: torch.nn.Module, folder: Path, hub_form: bool = True) -> Path:
+    model.save_pretrained(folder)
+    if hub_form:
+        file = folder / "config.json"
+        file.write_text(json.dumps(to_hub_form(json.loads(file.read_text())), indent=2))
+    return folder
+
+
+def build_text(variant: str, folder: Path, seed: int = 0, hub_form: bool = True):
+    from transformers import Gemma4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(text_config(variant)).eval()
+    jitter(model, seed)
+    save_reference(model, folder, hub_form)
+    return model
+
+
+def build_multimodal(folder: Path, seed: int = 0):
+    from transformers import Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(multimodal_config()).eval()
+    jitter(model, seed)
+    save_reference(model, folder)
+    return model

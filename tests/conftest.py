@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import TEXT_VARIANTS, build_multimodal, build_text  # noqa: E402
+
+ALL_VARIANTS = [*TEXT_VARIANTS, "multimodal"]
+
+
+def relative_error(ours, reference) -> float:
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def reference_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """`tiny(variant, hub_form=True)` -> (checkpoint folder, transformers model), built once."""
+    built = {}
+
+    def get(variant: str, hub_form: bool = True):
+        key = (variant, hub_form)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"{variant}-{'hub' if hub_form else 'hf'}")
+            if variant == "multimodal":
+                model = build_multimodal(folder)
+            else:
+                model = build_text(variant, folder, hub_form=hub_form)
+            built[key] = (folder, model)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture
+def token_ids():
+    def make(batch: int, length: int, seed: int = 0) -> np.ndarray:
+        from checkpoints import VOCAB
+
+        return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length))
+
+    return make
+
+
+def to_numpy(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32))
