@@ -132,3 +132,26 @@ def build_multimodal(folder: Path, seed: int = 0):
     jitter(model, seed)
     save_reference(model, folder)
     return model
+
+
+# Gemma 4's special tokens at their real ids; the rest of the tiny vocabulary is plain words.
+SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<|turn>", 106: "<turn|>"}
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer over VOCAB ids, saved as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {SPECIAL_TOKENS.get(i, f"w{i}"): i for i in range(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|turn>", "<turn|>"],
+    )
+    tokenizer.save_pretrained(folder)

@@ -203,3 +203,26 @@ def test_repo_id_from_the_hub_cache_offline(tiny, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "models--someone--gemma-4-tiny" in result.stdout
     assert result.stdout.strip().endswith(" 6")
+
+
+def test_load_returns_model_and_tokenizer(tiny, tmp_path):
+    import shutil
+
+    from checkpoints import save_tokenizer
+
+    from mlx_gemma4 import load
+
+    folder = shutil.copytree(tiny("ple_kv_shared")[0], tmp_path / "with-tokenizer")
+    save_tokenizer(folder)
+    model, tokenizer = load(folder)
+    ids = tokenizer.encode("w7 w42 <turn|>", add_special_tokens=False)
+    assert ids == [7, 42, 106]
+    assert tokenizer.decode(ids) == "w7 w42 <turn|>"
+    assert model(mx.array([ids])).shape == (1, 3, 160)
+    assert 1 in tokenizer.eos_token_ids
+
+
+def test_input_ids_must_be_two_dimensional(tiny):
+    model = load_model(tiny("dense")[0])
+    with pytest.raises(ValueError, match=r"\[batch, length\]"):
+        model(mx.array([1, 2, 3]))

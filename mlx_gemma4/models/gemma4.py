@@ -39,4 +39,6 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, cache: list[Any] | None = None) -> mx.array:
         """`[B, T]` token ids -> `[B, T, vocab]` logits; `cache` carries earlier positions."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         return self.logits(self.language_model(input_ids, cache))

@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import TextConfig
+from .activations import geglu
 
 # Below this many (token, expert) pairs the unsorted gather is faster than sorting by expert.
 SORT_THRESHOLD = 64
@@ -132,6 +133,6 @@ class Experts(nn.Module):
         else:
             x = x[:, None, None, :]
         gate, up = mx.split(self.gate_up_proj(x, indices, by_expert), 2, axis=-1)
-        y = self.down_proj(nn.gelu_approx(gate) * up, indices, by_expert)
+        y = self.down_proj(geglu(gate, up), indices, by_expert)
         y = y[inverse].reshape(n_tokens, k, -1) if by_expert else y.squeeze(-2)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=1)

@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from ..cache import KVCache, SlidingWindowCache, attention_mask
 from ..config import FULL, SLIDING, TextConfig
+from .activations import geglu
 from .moe import Experts, Router
 from .rope import RoPE
 
@@ -32,7 +33,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -141,7 +142,7 @@ class DecoderLayer(nn.Module):
         h = x + self.post_attention_layernorm(attn)
         h = h + self.post_feedforward_layernorm(self._feed_forward(h))
         if self.has_per_layer_input:
-            gate = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
+            gate = geglu(self.per_layer_input_gate(h), per_layer_input)
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
         return h * self.layer_scalar, kv
 

@@ -1,0 +1,125 @@
+"""Shared benchmark plumbing: an E2B-shaped checkpoint, the peers' loaders, BLAS choice, tables."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-gemma4-bench"
+
+# E2B's real layer shapes (hidden 1536, MLP 6144, 8 heads, 1 KV head, head dims 256 / 512,
+# PLE 256, 262k vocabulary) with few layers; the last two share K/V, as E2B's later layers do.
+E2B_SHAPED = dict(
+    vocab_size=262_144,
+    hidden_size=1536,
+    intermediate_size=6144,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    global_head_dim=512,
+    hidden_size_per_layer_input=256,
+    vocab_size_per_layer_input=262_144,
+    use_double_wide_mlp=True,
+    sliding_window=512,
+    final_logit_softcapping=30.0,
+)
+LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+def use_openblas(argv: list[str]) -> str:
+    """Re-exec with OpenBLAS preloaded when it is installed (all implementations gain alike)."""
+    if "--bundled-blas" in argv or sys.platform == "darwin":
+        return "MLX's bundled BLAS"
+    if not OPENBLAS.exists():
+        return "MLX's bundled BLAS (install libopenblas0-pthread for ~10x faster float32 GEMM)"
+    if str(OPENBLAS) not in os.environ.get("LD_PRELOAD", ""):
+        os.environ["LD_PRELOAD"] = str(OPENBLAS)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return f"OpenBLAS ({OPENBLAS})"
+
+
+def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2) -> Path:
+    """Build (once, then reuse) a random multimodal E2B-shaped checkpoint all three can load."""
+    folder = CACHE / f"e2b-shaped-{layers}l-{shared}s"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import (
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from checkpoints import save_reference
+
+    text = Gemma4TextConfig(
+        **E2B_SHAPED,
+        num_hidden_layers=layers,
+        num_kv_shared_layers=shared,
+        layer_types=(LAYER_TYPES * layers)[: layers - 1] + ["full_attention"],
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+    print(f"building {folder} (once) ...", file=sys.stderr)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision))
+    save_reference(model.eval(), folder)
+    return folder
+
+
+def load_ours(folder: Path):
+    import mlx.core as mx
+
+    from mlx_gemma4 import load_model
+
+    model = load_model(folder, dtype=mx.float32)
+    return model, model.make_cache
+
+
+def load_mlx_lm(folder: Path):
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(folder)
+    model.set_dtype(mx.float32)
+    return model, model.make_cache
+
+
+def load_mlx_vlm(folder: Path):
+    import mlx.core as mx
+    from mlx_vlm.utils import load_model
+
+    model = load_model(folder)
+    model.set_dtype(mx.float32)
+    language = model.language_model
+    return (lambda ids, cache: language(ids, cache=cache).logits), language.make_cache
+
+
+IMPLEMENTATIONS = {"mlx-gemma4": load_ours, "mlx-lm": load_mlx_lm, "mlx-vlm": load_mlx_vlm}
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
