@@ -2,43 +2,53 @@
 
     python benchmarks/forward.py [--prompt 512] [--decode 64] [--layers 5] [--bundled-blas]
 
-Every implementation runs the same protocol in one process, float32, greedy: the prompt but
-its last token fills the caches (only the cache states are evaluated, as generation loops do),
-the last token gives the first logits, then one-token decode steps. Tokens must agree.
+All implementations run in one process, float32, greedy, on the same checkpoint and prompt. The
+prompt but its last token fills the caches (only the cache states are evaluated, as generation
+loops do); the last token gives the first logits; then one-token decode steps. To keep a shared
+machine's drift out of the ratios, prefills alternate between implementations (best of
+`--repeats`), and so does every single decode step (median step time). Tokens must agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
-from common import IMPLEMENTATIONS, e2b_shaped_checkpoint, print_table, timed, use_openblas
+from common import IMPLEMENTATIONS, e2b_shaped_checkpoint, print_table, use_openblas
 
 
-def run(forward, make_cache, prompt, n_decode: int):
-    import mlx.core as mx
+class Runner:
+    """One implementation's model, cache and last token, advanced a step at a time."""
 
-    cache = make_cache()
+    def __init__(self, forward, make_cache):
+        self.forward, self.make_cache = forward, make_cache
+        self.prefill_times: list[float] = []
+        self.step_times: list[float] = []
+        self.tokens: list[int] = []
 
-    def prefill():
-        forward(prompt[:, :-1], cache)
-        mx.eval([c.state for c in cache])
-        token = mx.argmax(forward(prompt[:, -1:], cache)[:, -1], axis=-1)
-        mx.eval(token)
-        return token
+    def prefill(self, prompt) -> None:
+        import mlx.core as mx
 
-    token, prefill_s = timed(prefill)
-    tokens = [token.item()]
+        start = time.perf_counter()
+        self.cache = self.make_cache()
+        self.forward(prompt[:, :-1], self.cache)
+        mx.eval([c.state for c in self.cache])
+        self.token = mx.argmax(self.forward(prompt[:, -1:], self.cache)[:, -1], axis=-1)
+        mx.eval(self.token)
+        self.prefill_times.append(time.perf_counter() - start)
+        self.tokens = [self.token.item()]
 
-    def decode():
-        nonlocal token
-        for _ in range(n_decode):
-            token = mx.argmax(forward(token[:, None], cache)[:, -1], axis=-1)
-            mx.eval(token)
-            tokens.append(token.item())
+    def step(self) -> None:
+        import mlx.core as mx
 
-    _, decode_s = timed(decode)
-    return prefill_s, decode_s, tokens
+        start = time.perf_counter()
+        logits = self.forward(self.token[:, None], self.cache)
+        self.token = mx.argmax(logits[:, -1], axis=-1)
+        mx.eval(self.token)
+        self.step_times.append(time.perf_counter() - start)
+        self.tokens.append(self.token.item())
 
 
 def main() -> None:
@@ -55,41 +65,46 @@ def main() -> None:
 
     folder = e2b_shaped_checkpoint(args.layers)
     prompt = mx.random.randint(0, 262_144, (1, args.prompt), key=mx.random.key(0))
-    loaded = {}
-    for name, loader in IMPLEMENTATIONS.items():
-        loaded[name] = loader(folder)
-        run(*loaded[name], prompt[:, :16], 2)  # warm-up
+    runners = {name: Runner(*loader(folder)) for name, loader in IMPLEMENTATIONS.items()}
+    for runner in runners.values():  # warm-up
+        runner.prefill(prompt[:, :16])
+        runner.step()
+        runner.prefill_times.clear()
+        runner.step_times.clear()
 
-    # repetitions interleave the implementations, so drift on a shared machine hits all alike
-    samples = {name: [] for name in loaded}
+    working = dict.fromkeys(runners, 0)
     for _ in range(args.repeats):
-        for name, (forward, make_cache) in loaded.items():
+        for name, runner in runners.items():
             mx.clear_cache()
             resident = mx.get_active_memory()
             mx.reset_peak_memory()
-            prefill_s, decode_s, tokens = run(forward, make_cache, prompt, args.decode)
-            samples[name].append((prefill_s, decode_s, tokens, mx.get_peak_memory() - resident))
+            runner.prefill(prompt)
+            working[name] = max(working[name], mx.get_peak_memory() - resident)
+    for _ in range(args.decode):
+        for runner in runners.values():
+            runner.step()
 
-    medians = {name: median_of(runs) for name, runs in samples.items()}
-    ours = medians["mlx-gemma4"]
-    peers = [v for k, v in medians.items() if k != "mlx-gemma4"]
-    best_prefill = min(p[0] for p in peers)
-    best_decode = min(p[1] for p in peers)
-    rows = [
-        [
-            name,
-            f"{args.prompt / prefill_s:.1f}",
-            f"{args.decode / decode_s:.2f}",
-            f"{working / 2**20:.0f}",
-            f"{best_prefill / prefill_s:.2f}x",
-            f"{best_decode / decode_s:.2f}x",
-            "yes" if tokens == ours[2] else "NO",
-        ]
-        for name, (prefill_s, decode_s, tokens, working) in medians.items()
-    ]
+    ours = runners["mlx-gemma4"]
+    peers = [r for name, r in runners.items() if name != "mlx-gemma4"]
+    best_prefill = min(min(r.prefill_times) for r in peers)
+    best_step = min(statistics.median(r.step_times) for r in peers)
+    rows = []
+    for name, r in runners.items():
+        prefill_s, step_s = min(r.prefill_times), statistics.median(r.step_times)
+        rows.append(
+            [
+                name,
+                f"{args.prompt / prefill_s:.1f}",
+                f"{1 / step_s:.2f}",
+                f"{working[name] / 2**20:.0f}",
+                f"{best_prefill / prefill_s:.2f}x",
+                f"{best_step / step_s:.2f}x",
+                "yes" if r.tokens == ours.tokens else "NO",
+            ]
+        )
     print_table(
         f"forward: E2B-shaped, {args.layers} layers, float32, prompt {args.prompt}, "
-        f"{args.decode} decode steps, median of {args.repeats}; {mx.default_device()}, {blas}",
+        f"{args.decode} decode steps; {mx.default_device()}, {blas}",
         [
             "implementation",
             "prefill tok/s",
@@ -101,13 +116,7 @@ def main() -> None:
         ],
         rows,
     )
-    print("working MiB: peak memory above the loaded weights during the run")
-
-
-def median_of(runs):
-    prefill = sorted(r[0] for r in runs)[len(runs) // 2]
-    decode = sorted(r[1] for r in runs)[len(runs) // 2]
-    return prefill, decode, runs[0][2], max(r[3] for r in runs)
+    print("prefill: best of the repeats; decode: median step; working MiB: peak above the weights")
 
 
 if __name__ == "__main__":
