@@ -8,16 +8,34 @@ from typing import TYPE_CHECKING
 from .errors import Gemma4Error
 
 if TYPE_CHECKING:
+    from .generation import GenerationResponse, generate, stream_generate
     from .loading import load, load_model
+    from .prompt_cache import PromptCache
 
 try:
     __version__ = version("mlx-gemma4")
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+source"
 
-__all__ = ["Gemma4Error", "__version__", "load", "load_model"]
+__all__ = [
+    "Gemma4Error",
+    "GenerationResponse",
+    "PromptCache",
+    "__version__",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+]
 
-_LAZY = {"load": "loading", "load_model": "loading"}
+_LAZY = {
+    "load": "loading",
+    "load_model": "loading",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "GenerationResponse": "generation",
+    "PromptCache": "prompt_cache",
+}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""KV caches: mlx-lm's growing cache for full layers, a trimmable window cache for sliding ones.
+"""KV caches: a growing cache for full-attention layers, a trimmable window cache for sliding ones.
 
 KV-shared layers own no cache: they attend over what their source layer's cache returns.
 """
@@ -9,7 +9,28 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache
 
-__all__ = ["KVCache", "SlidingWindowCache", "attention_mask"]
+__all__ = ["FullAttentionCache", "SlidingWindowCache", "attention_mask"]
+
+
+class FullAttentionCache(KVCache):
+    """mlx-lm's growing KV cache; its state is what it holds, without the spare capacity."""
+
+    @property
+    def state(self):
+        return [] if self.keys is None else self.keys_and_values()
+
+    @state.setter
+    def state(self, value) -> None:
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return ()
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        pass
 
 
 class SlidingWindowCache(_BaseCache):

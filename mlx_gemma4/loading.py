@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .errors import ConfigError, ModelNotFoundError, QuantizationError, WeightsError
 from .models.gemma4 import TOWER_PREFIXES, Model
+from .processing import Processor
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -364,10 +365,7 @@ def load(
     *,
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
-):
-    """Load a model and its processor (for now, the tokenizer) from one checkpoint."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
+) -> tuple[Model, Processor]:
+    """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint."""
     model = load_model(path_or_repo, dtype=dtype, revision=revision)
-    tokenizer = load_tokenizer(model.path, eos_token_ids=model.config.eos_token_id)
-    return model, tokenizer
+    return model, Processor.from_folder(model.path, model.config.eos_token_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 160
+VOCAB = 512
 WINDOW = 8
 
 _LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
@@ -134,24 +134,51 @@ def build_multimodal(folder: Path, seed: int = 0):
     return model
 
 
-# Gemma 4's special tokens at their real ids; the rest of the tiny vocabulary is plain words.
-SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<|turn>", 106: "<turn|>"}
+# Gemma 4's control tokens at their real ids; the rest is characters and byte fallback.
+SPECIAL_TOKENS = {
+    0: "<pad>",
+    1: "<eos>",
+    2: "<bos>",
+    3: "<unk>",
+    4: "<mask>",
+    98: "<|think|>",
+    100: "<|channel>",
+    101: "<channel|>",
+    105: "<|turn>",
+    106: "<turn|>",
+}
+_BYTES_AT = 200  # <0x00> .. <0xFF> at ids 200 .. 455
+_CHARACTERS = "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?:;'\"-()\n"
 
 
-def save_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer over VOCAB ids, saved as tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tokenizer_vocab() -> dict[str, int]:
+    vocab = {text: i for i, text in SPECIAL_TOKENS.items()}
+    vocab.update({f"<0x{b:02X}>": _BYTES_AT + b for b in range(256)})
+    free = (i for i in range(VOCAB) if i not in vocab.values())
+    vocab.update({c: next(free) for c in _CHARACTERS})
+    vocab.update({f"<unused{i}>": i for i in free})
+    return vocab
+
+
+def save_tokenizer(folder: Path, chat_template: str | None = None) -> None:
+    """A Gemma-style tokenizer (SentencePiece pieces, byte fallback) over the tiny vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {SPECIAL_TOKENS.get(i, f"w{i}"): i for i in range(VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core = Tokenizer(models.BPE(tokenizer_vocab(), [], unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Replace(" ", "\u2581")
+    core.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    core.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS.values()])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<|turn>", "<turn|>"],
     )
+    tokenizer.add_bos_token = True
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)

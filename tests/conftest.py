@@ -45,6 +45,29 @@ def tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def chat_checkpoint(tiny, tmp_path_factory):
+    """`chat_checkpoint(variant)` -> (folder with tokenizer files, transformers model)."""
+    import shutil
+
+    from checkpoints import save_tokenizer
+
+    built = {}
+
+    def get(variant: str = "ple_kv_shared", chat_template: str | None = None):
+        key = (variant, chat_template)
+        if key not in built:
+            source, reference = tiny(variant)
+            folder = shutil.copytree(
+                source, tmp_path_factory.mktemp(f"{variant}-chat"), dirs_exist_ok=True
+            )
+            save_tokenizer(folder, chat_template)
+            built[key] = (folder, reference)
+        return built[key]
+
+    return get
+
+
 @pytest.fixture
 def token_ids():
     def make(batch: int, length: int, seed: int = 0) -> np.ndarray:

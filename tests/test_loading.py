@@ -205,21 +205,23 @@ def test_repo_id_from_the_hub_cache_offline(tiny, tmp_path):
     assert result.stdout.strip().endswith(" 6")
 
 
-def test_load_returns_model_and_tokenizer(tiny, tmp_path):
+def test_load_returns_model_and_processor(tiny, tmp_path):
     import shutil
 
-    from checkpoints import save_tokenizer
+    from checkpoints import VOCAB, save_tokenizer
 
     from mlx_gemma4 import load
 
     folder = shutil.copytree(tiny("ple_kv_shared")[0], tmp_path / "with-tokenizer")
     save_tokenizer(folder)
-    model, tokenizer = load(folder)
-    ids = tokenizer.encode("w7 w42 <turn|>", add_special_tokens=False)
-    assert ids == [7, 42, 106]
-    assert tokenizer.decode(ids) == "w7 w42 <turn|>"
-    assert model(mx.array([ids])).shape == (1, 3, 160)
-    assert 1 in tokenizer.eos_token_ids
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 106]}))
+    model, processor = load(folder)
+    ids = processor.encode("hi <turn|>")
+    assert ids[0] == 2 and ids[-1] == 106
+    assert processor.decode(ids) == "<bos>hi <turn|>"
+    assert model(mx.array([ids])).shape == (1, len(ids), VOCAB)
+    assert processor.stop_token_ids == {1, 106}
+    assert not processor.has_own_template  # the built-in template stands in
 
 
 def test_input_ids_must_be_two_dimensional(tiny):

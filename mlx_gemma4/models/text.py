@@ -7,7 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import KVCache, SlidingWindowCache, attention_mask
+from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask
 from ..config import FULL, SLIDING, TextConfig
 from .activations import geglu
 from .moe import Experts, Router
@@ -187,8 +187,9 @@ class TextModel(nn.Module):
 
     def make_cache(self) -> list[Any]:
         config = self.config
+        window = config.sliding_window
         return [
-            SlidingWindowCache(config.sliding_window) if config.is_sliding(i) else KVCache()
+            SlidingWindowCache(window) if config.is_sliding(i) else FullAttentionCache()
             for i in range(config.first_kv_shared_layer)
         ]
 

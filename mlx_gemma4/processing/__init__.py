@@ -1,0 +1,5 @@
+"""Prompt processing: tokenizer, chat template, stop tokens."""
+
+from .processor import Processor
+
+__all__ = ["Processor"]

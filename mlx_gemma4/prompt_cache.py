@@ -1,0 +1,109 @@
+"""A model's KV caches plus the tokens they hold: reused across calls, chat turns and processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import Gemma4Error
+
+
+class PromptCacheError(Gemma4Error):
+    """A prompt-cache file that is unreadable or was made for another model."""
+
+
+def _model_fingerprint(model) -> str:
+    text = json.dumps(model.config.raw, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCache:
+    """Caches for every KV-owning layer and the token ids they have processed, in order."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache: list[Any] = model.make_cache()
+        self.tokens: list[int] = []
+
+    def reset(self) -> None:
+        self.cache = self.model.make_cache()
+        self.tokens = []
+
+    def _trim(self, n: int) -> bool:
+        if not all(c.is_trimmable() for c in self.cache):
+            return False
+        return all(c.trim(n) == n for c in self.cache)
+
+    def prepare(self, prompt: list[int]) -> list[int]:
+        """Keep the longest cached prefix of `prompt`; return the tokens still to process.
+
+        At least the last prompt token is always left to process: its logits start generation.
+        """
+        keep = min(_common_prefix(self.tokens, prompt), len(prompt) - 1)
+        drop = len(self.tokens) - keep
+        if drop and not self._trim(drop):
+            self.reset()  # a cache that cannot be cut back that far is rebuilt
+            keep = 0
+        self.tokens = self.tokens[:keep]
+        return prompt[keep:]
+
+    def save(self, file: str | Path) -> None:
+        """Write caches and tokens to one safetensors file (atomically)."""
+        arrays = {
+            f"{i}.{j}": array
+            for i, layer in enumerate(self.cache)
+            for j, array in enumerate(layer.state)
+        }
+        metadata = {
+            "model": _model_fingerprint(self.model),
+            "types": json.dumps([type(c).__name__ for c in self.cache]),
+            "meta": json.dumps([list(c.meta_state) for c in self.cache]),
+            "tokens": json.dumps(self.tokens),
+        }
+        file = Path(file)
+        handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=file.parent or ".")
+        os.close(handle)
+        try:
+            mx.save_safetensors(temporary, arrays, metadata=metadata)
+            os.replace(temporary, file)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    @classmethod
+    def load(cls, model, file: str | Path) -> PromptCache:
+        """Read a file written by `save` for the same model."""
+        try:
+            arrays, metadata = mx.load(str(file), return_metadata=True)
+            types, meta = json.loads(metadata["types"]), json.loads(metadata["meta"])
+            tokens = json.loads(metadata["tokens"])
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise PromptCacheError(f"{file}: not a prompt-cache file ({e})") from e
+        if metadata.get("model") != _model_fingerprint(model):
+            raise PromptCacheError(f"{file}: this prompt cache was saved for another model")
+        prompt_cache = cls(model)
+        for i, (name, meta_state) in enumerate(zip(types, meta, strict=True)):
+            layer = prompt_cache.cache[i]
+            if type(layer).__name__ != name:
+                raise PromptCacheError(f"{file}: layer {i} holds a {name}, unlike this model")
+            state = [arrays[f"{i}.{j}"] for j in range(2) if f"{i}.{j}" in arrays]
+            if state:
+                layer.state = tuple(state)
+            layer.meta_state = meta_state
+        prompt_cache.tokens = tokens
+        return prompt_cache

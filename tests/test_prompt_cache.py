@@ -1,0 +1,122 @@
+"""Prompt-cache reuse across chat turns (sliding-window layers included) and across processes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_generate import force_tokens
+
+from mlx_gemma4 import PromptCache, load, stream_generate
+from mlx_gemma4.prompt_cache import PromptCacheError
+
+
+def first_logits(model, processor, prompt, prompt_cache=None):
+    """The logits the first generated token is sampled from, and the last response."""
+    seen = []
+
+    def record(_history, logits):
+        seen.append(np.array(logits))
+        return logits
+
+    *_, last = stream_generate(
+        model,
+        processor,
+        prompt,
+        max_tokens=1,
+        prompt_cache=prompt_cache,
+        logits_processors=[record],
+    )
+    return seen[0], last
+
+
+@pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v"])
+def test_second_turn_processes_only_its_new_tokens(chat_checkpoint, variant):
+    model, processor = load(chat_checkpoint(variant)[0])
+    cache = PromptCache(model)
+    turn1 = [{"role": "user", "content": "tell me something about the weather today"}]
+    answer = "it is sunny"
+    forced = force_tokens(processor.encode(answer)[1:])
+    replies = list(
+        stream_generate(
+            model, processor, turn1, max_tokens=30, prompt_cache=cache, logits_processors=[forced]
+        )
+    )
+    assert "".join(r.text for r in replies) == answer
+    turn2 = turn1 + [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "and tomorrow?"},
+    ]
+    prompt2 = processor.apply_chat_template(turn2, tokenize=True)
+    new_tokens = len(processor.encode("\n<|turn>user\nand tomorrow?<turn|>\n<|turn>model\n")) - 1
+
+    logits, last = first_logits(model, processor, turn2, cache)
+    assert last.reused_tokens == len(prompt2) - new_tokens
+    assert last.reused_tokens > 8 * 3  # the history runs well past the sliding window
+    fresh, _ = first_logits(model, processor, turn2)
+    assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
+
+
+def test_diverging_tail_trims_sliding_caches_and_matches_a_fresh_run(chat_checkpoint):
+    model, processor = load(chat_checkpoint()[0])
+    rng = np.random.default_rng(0)
+    shared = [2, *rng.integers(5, 90, 40).tolist()]
+    cache = PromptCache(model)
+    first_logits(model, processor, shared + [11, 12, 13, 14, 15], cache)
+    before = len(cache.tokens)
+    logits, last = first_logits(model, processor, shared + [20, 21], cache)
+    assert last.reused_tokens == len(shared)
+    assert before > len(shared) + 5 - 1
+    fresh, _ = first_logits(model, processor, shared + [20, 21])
+    assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
+
+
+def test_identical_prompt_reprocesses_only_its_last_token(chat_checkpoint):
+    model, processor = load(chat_checkpoint()[0])
+    cache = PromptCache(model)
+    prompt = [2, *range(5, 40)]
+    first_logits(model, processor, prompt, cache)
+    _, last = first_logits(model, processor, prompt, cache)
+    assert last.reused_tokens == len(prompt) - 1
+
+
+def test_prompt_cache_survives_a_file_round_trip(chat_checkpoint, tmp_path):
+    model, processor = load(chat_checkpoint()[0])
+    prompt = [2, *range(5, 45)]
+    cache = PromptCache(model)
+    first_logits(model, processor, prompt, cache)
+    cache.save(tmp_path / "chat.safetensors")
+
+    restored = PromptCache.load(model, tmp_path / "chat.safetensors")
+    assert restored.tokens == cache.tokens
+    continued = prompt + [50, 51, 52]
+    logits, last = first_logits(model, processor, continued, restored)
+    assert last.reused_tokens == len(prompt)
+    fresh, _ = first_logits(model, processor, continued)
+    assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
+
+
+def test_prompt_cache_file_for_another_model_is_refused(chat_checkpoint, tmp_path):
+    model, processor = load(chat_checkpoint()[0])
+    cache = PromptCache(model)
+    first_logits(model, processor, [2, 5, 6, 7], cache)
+    cache.save(tmp_path / "c.safetensors")
+    other, _ = load(chat_checkpoint("dense")[0])
+    with pytest.raises(PromptCacheError, match="saved for another model"):
+        PromptCache.load(other, tmp_path / "c.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(PromptCacheError, match="not a prompt-cache file"):
+        PromptCache.load(model, tmp_path / "junk.safetensors")
+
+
+def test_interrupted_generation_leaves_a_usable_cache(chat_checkpoint):
+    model, processor = load(chat_checkpoint()[0])
+    cache = PromptCache(model)
+    prompt = [2, *range(5, 30)]
+    for response in stream_generate(model, processor, prompt, max_tokens=20, prompt_cache=cache):
+        if response.generation_tokens == 3:
+            break  # the consumer stops early, as Ctrl-C in the chat does
+    assert len(cache.tokens) == mx.array(cache.cache[0].offset).item()
+    logits, _ = first_logits(model, processor, prompt + [60], cache)
+    fresh, _ = first_logits(model, processor, prompt + [60])
+    assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
