@@ -8,7 +8,7 @@ from rich.console import Console
 from mlx_gemma4 import __version__
 from mlx_gemma4.errors import Gemma4Error
 
-from . import info
+from . import chat, generate, info
 
 app = typer.Typer(
     name="gemma4",
@@ -18,6 +18,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("info")(info.info)
+app.command("chat")(chat.chat)
+app.command("generate")(generate.generate)
 
 
 def _show_version(value: bool) -> None:

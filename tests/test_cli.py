@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import mlx_gemma4
 
 
@@ -54,3 +56,126 @@ def test_bad_model_is_one_line_on_stderr(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such folder" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- chat and generate
+
+
+def chat(folder, stdin: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    executable = shutil.which("gemma4")
+    return subprocess.run(
+        [executable, "chat", "--model", str(folder), "--max-tokens", "6", "--temp", "0", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_chat_over_a_pipe_answers_each_line_and_exits_zero(chat_checkpoint):
+    folder, _ = chat_checkpoint()
+    result = chat(folder, "hello there\n/help\n/bogus\nand again\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(" tok/s; prompt ") == 2  # one stats line per answer
+    assert "/reset" in result.stdout and "/think" in result.stdout  # the help, twice
+    assert result.stdout.count("commands:") == 2
+    assert "unknown command /bogus" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_second_turn_reuses_the_cache_and_no_stats_hides_them(chat_checkpoint):
+    folder, _ = chat_checkpoint()
+    result = chat(folder, "hello there\n/system be kind\nhi\n")
+    second = result.stderr.strip().splitlines()[-1]
+    assert "(0 cached)" not in second  # the new system turn still shares <bos>
+    quiet = chat(folder, "hello\n", "--no-stats")
+    assert quiet.returncode == 0 and "tok/s" not in quiet.stderr
+
+
+def test_chat_save_then_load_in_another_process_reuses_the_kv_cache(chat_checkpoint, tmp_path):
+    folder, _ = chat_checkpoint()
+    saved = tmp_path / "talk.json"
+    first = chat(folder, f"tell me a story\n/save {saved}\n")
+    assert first.returncode == 0 and saved.is_file()
+    assert (tmp_path / "talk.json.kv.safetensors").is_file()
+    history = __import__("json").loads(saved.read_text())["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+    second = chat(folder, f"/load {saved}\ncontinue\n")
+    assert "loaded 2 messages" in second.stdout
+    cached = int(second.stderr.split("tokens (")[1].split(" cached")[0])
+    assert cached > 10
+
+
+def test_generate_streams_one_answer(chat_checkpoint):
+    import os
+
+    folder, _ = chat_checkpoint()
+    result = subprocess.run(
+        [shutil.which("gemma4"), "generate", "--prompt", "hi", "-n", "4", "--no-stats"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GEMMA4_MODEL": str(folder)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n") and result.stderr == ""
+
+
+def test_chat_with_an_unusable_model_is_one_line(tmp_path):
+    result = chat(tmp_path / "nothing-here", "hi\n")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "no such folder" in result.stderr
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint(chat_checkpoint, tmp_path_factory):
+    """A chat checkpoint whose stop tokens never win greedy decoding (their logits are 0)."""
+    import mlx.core as mx
+
+    source, _ = chat_checkpoint()
+    folder = shutil.copytree(source, tmp_path_factory.mktemp("endless"), dirs_exist_ok=True)
+    weights = mx.load(str(folder / "model.safetensors"))
+    table = weights["model.embed_tokens.weight"]
+    rows = mx.arange(table.shape[0])[:, None]
+    weights["model.embed_tokens.weight"] = mx.where((rows == 1) | (rows == 106), 0.0, table)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    return folder
+
+
+def test_chat_under_a_terminal_ctrl_c_stops_the_answer_not_the_chat(endless_checkpoint):
+    import pexpect
+
+    child = pexpect.spawn(
+        shutil.which("gemma4"),
+        ["chat", "--model", str(endless_checkpoint), "--max-tokens", "300", "--temp", "0"],
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect("/help for commands")
+    child.expect_exact(">>> ")
+    child.sendline("/think")
+    child.expect("thinking on")
+    child.expect_exact(">>> ")
+    child.sendline("/nope")
+    child.expect("unknown command /nope")
+    child.expect_exact(">>> ")
+    child.sendline("tell me everything")
+    child.expect_exact("everything\r\n")
+    child.expect(r"\S")  # the answer has started streaming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect("tok/s")
+    child.expect_exact(">>> ")
+    child.sendline('"""')
+    child.sendline("two lines")
+    child.sendline('of text"""')
+    child.expect("tok/s")
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

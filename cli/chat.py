@@ -1,0 +1,210 @@
+"""`gemma4 chat`: the terminal chat. Streams answers, keeps the KV cache across turns."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from . import options
+
+HELP = '''commands:
+  /help          this help
+  /reset         forget the conversation
+  /system TEXT   set the system instructions (starts over)
+  /think         switch thinking on or off
+  /save FILE     save the conversation (its KV cache goes beside it)
+  /load FILE     continue a conversation saved with /save
+  /exit          leave (Ctrl-D does too)
+multi-line input: a line ending in \\ continues; or wrap the text in """ lines.
+Ctrl-C stops the answer being written.'''
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def read_message(read_line: Callable[[str], str]) -> str:
+    """One user message: a line, backslash-continued lines, or a \"\"\"-fenced block."""
+    line = read_line(">>> ")
+    if line.strip().startswith('"""'):
+        lines = [line.strip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            lines.append(read_line("... "))
+        lines[-1] = lines[-1].rstrip()[:-3]
+        return "\n".join(lines).strip()
+    while line.endswith("\\"):
+        line = line[:-1] + "\n" + read_line("... ")
+    return line.strip()
+
+
+def _write_atomically(file: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, file)
+
+
+class Chat:
+    """A conversation with one model: history, settings and the reusable prompt cache."""
+
+    def __init__(self, model, processor, system, think, sampling, stats, interactive):
+        from mlx_gemma4 import PromptCache, stream_generate
+
+        self._stream_generate = stream_generate
+        self.model, self.processor = model, processor
+        self.system, self.think = system, think
+        self.sampling, self.stats, self.interactive = sampling, stats, interactive
+        self.messages: list[dict] = []
+        self.prompt_cache = PromptCache(model)
+
+    def conversation(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def _thought(self, text: str) -> None:
+        if self.interactive:
+            sys.stdout.write(f"{DIM}{text}{RESET}")
+        else:
+            sys.stderr.write(text)
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        parts, last = [], None
+        try:
+            for last in self._stream_generate(
+                self.model,
+                self.processor,
+                self.conversation(),
+                prompt_cache=self.prompt_cache,
+                enable_thinking=self.think,
+                **self.sampling,
+            ):
+                if last.thought:
+                    self._thought(last.thought)
+                parts.append(last.text)
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        finally:  # even a stopped answer stays in the history, as far as it got
+            self.messages.append({"role": "assistant", "content": "".join(parts)})
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if self.stats and last is not None:
+            typer.echo(options.stats_line(last), err=True)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave."""
+        name, _, argument = line[1:].partition(" ")
+        argument = argument.strip()
+        if name == "exit":
+            return False
+        if name == "reset":
+            self.messages = []
+            typer.echo("conversation cleared")
+        elif name == "system":
+            self.system, self.messages = argument or None, []
+            typer.echo("system instructions set; conversation cleared")
+        elif name == "think":
+            self.think = not self.think
+            typer.echo(f"thinking {'on' if self.think else 'off'}")
+        elif name in ("save", "load") and not argument:
+            typer.echo(f"/{name} needs a file name", err=True)
+        elif name == "save":
+            self.save(Path(argument))
+        elif name == "load":
+            self.load(Path(argument))
+        else:
+            if name != "help":
+                typer.echo(f"unknown command /{name}", err=True)
+            typer.echo(HELP)
+        return True
+
+    def save(self, file: Path) -> None:
+        state = {"system": self.system, "think": self.think, "messages": self.messages}
+        _write_atomically(file, json.dumps(state, indent=2, ensure_ascii=False))
+        self.prompt_cache.save(file.with_name(file.name + ".kv.safetensors"))
+        typer.echo(f"saved {len(self.messages)} messages to {file}")
+
+    def load(self, file: Path) -> None:
+        from mlx_gemma4 import Gemma4Error, PromptCache
+
+        try:
+            state = json.loads(file.read_text(encoding="utf-8"))
+            system, think, messages = state["system"], state["think"], state["messages"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            typer.echo(f"{file}: not a saved conversation ({e})", err=True)
+            return
+        self.system, self.think, self.messages = system, think, messages
+        kv = file.with_name(file.name + ".kv.safetensors")
+        try:
+            self.prompt_cache = PromptCache.load(self.model, kv)
+        except Gemma4Error:
+            self.prompt_cache = PromptCache(self.model)  # the history is re-read on the next turn
+        typer.echo(f"loaded {len(messages)} messages from {file}")
+
+    def run(self, read_line: Callable[[str], str]) -> None:
+        while True:
+            try:
+                text = read_message(read_line)
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                typer.echo("\n(Ctrl-D or /exit to leave)")
+                continue
+            if not text:
+                continue
+            if text.startswith("/"):
+                if not self.command(text):
+                    break
+                continue
+            try:
+                self.answer(text)
+            except KeyboardInterrupt:  # landed outside the streaming loop
+                typer.echo(" [stopped]")
+
+
+def _pipe_reader() -> Callable[[str], str]:
+    lines = iter(sys.stdin)
+
+    def read_line(_prompt: str) -> str:
+        try:
+            return next(lines).rstrip("\n")
+        except StopIteration:
+            raise EOFError from None
+
+    return read_line
+
+
+def chat(
+    model: options.Model = options.DEFAULT_MODEL,
+    system: options.System = None,
+    think: options.Think = False,
+    max_tokens: options.MaxTokens = 1024,
+    temp: options.Temperature = 0.0,
+    top_p: options.TopP = 0.0,
+    top_k: options.TopK = 0,
+    min_p: options.MinP = 0.0,
+    repetition_penalty: options.RepetitionPenalty = None,
+    seed: options.Seed = None,
+    dtype: options.Dtype = None,
+    stats: options.Stats = True,
+) -> None:
+    """Chat in the terminal; reads the conversation from stdin when it is not a terminal."""
+    from mlx_gemma4 import load
+
+    interactive = sys.stdin.isatty()
+    loaded_model, processor = load(model, dtype=dtype)
+    sampling = options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
+    session = Chat(loaded_model, processor, system, think, sampling, stats, interactive)
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        typer.echo(f"gemma4 chat: {model}. /help for commands, Ctrl-D to leave.")
+        session.run(input)
+    else:
+        session.run(_pipe_reader())

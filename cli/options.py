@@ -1,0 +1,64 @@
+"""Options shared by the commands that generate text."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+DEFAULT_MODEL = "google/gemma-4-e2b-it"
+
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="GEMMA4_MODEL",
+        help="Local folder or Hub repo id.",
+        show_default=True,
+    ),
+]
+System = Annotated[str | None, typer.Option("--system", "-s", help="System instructions.")]
+Think = Annotated[bool, typer.Option("--think", help="Let the model think before answering.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")]
+Temperature = Annotated[float, typer.Option("--temp", min=0.0, help="0 is greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus mass (0: off).")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k likeliest (0: off).")]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Min relative prob.")]
+RepetitionPenalty = Annotated[
+    float | None, typer.Option("--repetition-penalty", min=0.0, help="e.g. 1.1")
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+Dtype = Annotated[
+    str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: by device).")
+]
+Stats = Annotated[bool, typer.Option("--stats/--no-stats", help="Print tokens/s after answers.")]
+
+
+def sampling(
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    seed: int | None,
+) -> dict:
+    """`stream_generate` keyword arguments from the command-line options."""
+    return dict(
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+
+
+def stats_line(response) -> str:
+    return (
+        f"[{response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s; prompt "
+        f"{response.prompt_tokens} tokens ({response.reused_tokens} cached), "
+        f"{response.prompt_tps:.1f} tok/s; peak {response.peak_memory:.2f} GB]"
+    )
