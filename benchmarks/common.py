@@ -84,8 +84,7 @@ def load_ours(folder: Path):
 
     from mlx_gemma4 import load_model
 
-    model = load_model(folder, dtype=mx.float32)
-    return model, model.make_cache
+    return load_model(folder, dtype=mx.float32)
 
 
 def load_mlx_lm(folder: Path):
@@ -94,7 +93,7 @@ def load_mlx_lm(folder: Path):
 
     model, _ = load_model(folder)
     model.set_dtype(mx.float32)
-    return model, model.make_cache
+    return model
 
 
 def load_mlx_vlm(folder: Path):
@@ -103,11 +102,18 @@ def load_mlx_vlm(folder: Path):
 
     model = load_model(folder)
     model.set_dtype(mx.float32)
-    language = model.language_model
-    return (lambda ids, cache: language(ids, cache=cache).logits), language.make_cache
+    return model
 
 
 IMPLEMENTATIONS = {"mlx-gemma4": load_ours, "mlx-lm": load_mlx_lm, "mlx-vlm": load_mlx_vlm}
+
+
+def forward_of(name: str, model):
+    """(forward(ids, cache) -> logits, make_cache) through each library's text model."""
+    if name == "mlx-vlm":
+        language = model.language_model
+        return (lambda ids, cache: language(ids, cache=cache).logits), language.make_cache
+    return model, model.make_cache
 
 
 def timed(fn):

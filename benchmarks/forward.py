@@ -16,7 +16,13 @@ import statistics
 import sys
 import time
 
-from common import IMPLEMENTATIONS, e2b_shaped_checkpoint, print_table, use_openblas
+from common import (
+    IMPLEMENTATIONS,
+    e2b_shaped_checkpoint,
+    forward_of,
+    print_table,
+    use_openblas,
+)
 
 
 class Runner:
@@ -65,7 +71,9 @@ def main() -> None:
 
     folder = e2b_shaped_checkpoint(args.layers)
     prompt = mx.random.randint(0, 262_144, (1, args.prompt), key=mx.random.key(0))
-    runners = {name: Runner(*loader(folder)) for name, loader in IMPLEMENTATIONS.items()}
+    runners = {
+        name: Runner(*forward_of(name, loader(folder))) for name, loader in IMPLEMENTATIONS.items()
+    }
     for runner in runners.values():  # warm-up
         runner.prefill(prompt[:, :16])
         runner.step()
