@@ -163,7 +163,7 @@ def test_module_left_in_float_when_group_does_not_divide(tiny):
     model = load_model(folder)
     entry = quantize_model(model, bits=4, group_size=64)  # MLP width 96 is no multiple of 64
     assert entry["language_model.layers.0.mlp.down_proj"] is False
-    assert type(model.language_model.layers[0].mlp.down_proj) is nn.Linear
+    assert not isinstance(model.language_model.layers[0].mlp.down_proj, nn.QuantizedLinear)
     assert isinstance(model.language_model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
 
 

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from .layers import Linear
 from .text import TextModel
 
 # Checkpoint prefixes of the modality towers; their weights are read but not yet used.
@@ -21,7 +22,7 @@ class Model(nn.Module):
         text = config.text_config
         self.language_model = TextModel(text)
         if not text.tie_word_embeddings:
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+            self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
 
     def make_cache(self) -> list[Any]:
         """Per-layer caches for the layers that own keys and values (KV-shared layers own none)."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..config import TextConfig
 from .activations import geglu
+from .layers import Linear, on_cpu
 
 # Below this many (token, expert) pairs the unsorted gather is faster than sorting by expert.
 SORT_THRESHOLD = 64
@@ -21,7 +22,7 @@ class Router(nn.Module):
         self.top_k = config.top_k_experts
         self.eps = config.rms_norm_eps
         self.root_size = config.hidden_size**-0.5
-        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = mx.ones((config.hidden_size,))
         self.per_expert_scale = mx.ones((config.num_experts,))
 
@@ -33,10 +34,6 @@ class Router(nn.Module):
         weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1), axis=-1)
         weights = weights * self.per_expert_scale[indices].astype(mx.float32)
         return indices, weights
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def _gather_matmul_cpu_fallback(
@@ -68,7 +65,7 @@ class ExpertLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        if _on_cpu() and self.weight.dtype != mx.float32:
+        if on_cpu() and self.weight.dtype != mx.float32:
             return _gather_matmul_cpu_fallback(x, self.weight, indices, sorted_indices)
         return mx.gather_mm(
             x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices

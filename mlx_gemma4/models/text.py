@@ -10,6 +10,7 @@ import mlx.nn as nn
 from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask
 from ..config import FULL, SLIDING, TextConfig
 from .activations import geglu
+from .layers import Linear
 from .moe import Experts, Router
 from .rope import RoPE
 
@@ -28,9 +29,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
@@ -52,15 +53,15 @@ class Attention(nn.Module):
         self.values_from_keys = config.attention_k_eq_v and not config.is_sliding(layer)
         hidden, eps, bias = config.hidden_size, config.rms_norm_eps, config.attention_bias
 
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
         if self.owns_kv:
-            self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+            self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
             if not self.values_from_keys:
-                self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+                self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
             self.v_norm = RMSNormNoScale(eps)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=bias)
         self.rope = RoPE(self.head_dim, config.rope_parameters[config.layer_types[layer]])
 
     def __call__(
@@ -114,8 +115,8 @@ class DecoderLayer(nn.Module):
         self.has_per_layer_input = bool(config.hidden_size_per_layer_input)
         if self.has_per_layer_input:
             ple = config.hidden_size_per_layer_input
-            self.per_layer_input_gate = nn.Linear(hidden, ple, bias=False)
-            self.per_layer_projection = nn.Linear(ple, hidden, bias=False)
+            self.per_layer_input_gate = Linear(hidden, ple, bias=False)
+            self.per_layer_projection = Linear(ple, hidden, bias=False)
             self.post_per_layer_input_norm = nn.RMSNorm(hidden, eps=eps)
 
     def _feed_forward(self, h: mx.array) -> mx.array:
@@ -168,7 +169,7 @@ class TextModel(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(
                 config.vocab_size_per_layer_input, n_layers * ple
             )
-            self.per_layer_model_projection = nn.Linear(hidden, n_layers * ple, bias=False)
+            self.per_layer_model_projection = Linear(hidden, n_layers * ple, bias=False)
             self.per_layer_projection_norm = nn.RMSNorm(ple, eps=eps)
 
     def embed(self, input_ids: mx.array) -> mx.array:
