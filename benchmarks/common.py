@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -27,6 +28,18 @@ E2B_SHAPED = dict(
     final_logit_softcapping=30.0,
 )
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+def arguments() -> tuple[argparse.Namespace, str]:
+    """The benchmarks' shared command line, and which BLAS this run uses."""
+    blas = use_openblas(sys.argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    parser.add_argument("--decode", type=int, default=64, help="generated tokens")
+    parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions")
+    parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
+    return parser.parse_args(), blas
 
 
 def use_openblas(argv: list[str]) -> str:

@@ -6,22 +6,20 @@ All implementations run in one process, float32, greedy, on the same checkpoint 
 prompt but its last token fills the caches (only the cache states are evaluated, as generation
 loops do); the last token gives the first logits; then one-token decode steps. To keep a shared
 machine's drift out of the ratios, prefills alternate between implementations (best of
-`--repeats`), and so does every single decode step (median step time). Tokens must agree.
+`--rounds`), and so does every single decode step (median step time). Tokens must agree.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 
 from common import (
     IMPLEMENTATIONS,
+    arguments,
     e2b_shaped_checkpoint,
     forward_of,
     print_table,
-    use_openblas,
 )
 
 
@@ -58,14 +56,7 @@ class Runner:
 
 
 def main() -> None:
-    blas = use_openblas(sys.argv)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bundled-blas", action="store_true")
-    args = parser.parse_args()
+    args, blas = arguments()
 
     import mlx.core as mx
 
@@ -81,7 +72,7 @@ def main() -> None:
         runner.step_times.clear()
 
     working = dict.fromkeys(runners, 0)
-    for _ in range(args.repeats):
+    for _ in range(args.rounds):
         for name, runner in runners.items():
             mx.clear_cache()
             resident = mx.get_active_memory()
@@ -124,7 +115,7 @@ def main() -> None:
         ],
         rows,
     )
-    print("prefill: best of the repeats; decode: median step; working MiB: peak above the weights")
+    print("prefill: best of the rounds; decode: median step; working MiB: peak above the weights")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ is the engine's weights plus the most its generation allocated on top.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
-from common import IMPLEMENTATIONS, e2b_shaped_checkpoint, print_table, use_openblas
+from common import IMPLEMENTATIONS, arguments, e2b_shaped_checkpoint, print_table
 
 
 def engine(name: str, model):
@@ -29,7 +27,8 @@ def engine(name: str, model):
         def run(ids, n):
             cache = PromptCache(model)
             todo = cache.prepare(ids)
-            steps = generate_step(model, ids, todo, cache, lambda x: mx.argmax(x, -1), [])
+            greedy = lambda x: mx.argmax(x, -1)  # noqa: E731
+            steps = generate_step(model, ids, todo, cache, greedy, [], normalize=False)
             return (token for token, _ in zip(steps, range(n), strict=False))
 
     elif name == "mlx-lm":
@@ -117,14 +116,7 @@ def quantize(name: str, model) -> None:
 
 
 def main() -> None:
-    blas = use_openblas(sys.argv)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--bundled-blas", action="store_true")
-    args = parser.parse_args()
+    args, blas = arguments()
 
     import mlx.core as mx
 

@@ -35,13 +35,6 @@ class GenerationResponse:
     peak_memory: float  # GB
 
 
-def _step_inputs(model, ids: mx.array, prompt_cache: PromptCache) -> mx.array:
-    """Run `ids` through the model; logits of the last position only (262k-wide LM head)."""
-    hidden = model.language_model(ids[None], prompt_cache.cache)
-    prompt_cache.tokens.extend(ids.tolist())
-    return model.logits(hidden[:, -1, :])
-
-
 def generate_step(
     model,
     prompt: list[int],
@@ -50,15 +43,18 @@ def generate_step(
     sampler: Callable[[mx.array], mx.array],
     logits_processors: list[LogitsProcessor],
     prefill_step_size: int = 2048,
+    normalize: bool = True,
 ) -> Iterator[int]:
     """Yield sampled token ids; the step after each is already queued while it is consumed.
 
     `todo` is the tail of `prompt` the cache has not processed (`PromptCache.prepare`).
+    `normalize=False` hands the sampler raw logits (enough for greedy decoding).
     """
+    cache = prompt_cache.cache
     while len(todo) > 1:
         n = min(prefill_step_size, len(todo) - 1)
-        model.language_model(mx.array(todo[:n])[None], prompt_cache.cache)
-        mx.eval([c.state for c in prompt_cache.cache])
+        model.language_model(mx.array(todo[:n])[None], cache)
+        mx.eval([c.state for c in cache])
         prompt_cache.tokens.extend(todo[:n])
         todo = todo[n:]
         mx.clear_cache()
@@ -67,20 +63,25 @@ def generate_step(
 
     def step(ids: mx.array) -> mx.array:
         nonlocal history
-        logits = _step_inputs(model, ids, prompt_cache)
-        if logits_processors:
-            for processor in logits_processors:
-                logits = processor(history, logits)
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        hidden = model.language_model(ids[None], cache)
+        logits = model.logits(hidden[:, -1, :])  # the 262k-wide head for the last position only
+        for processor in logits_processors:
+            logits = processor(history, logits)
+        if normalize:
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logits)
         history = mx.concatenate([history, token])
         return token
 
     token = step(mx.array(todo))
+    prompt_cache.tokens.extend(todo)
     mx.async_eval(token)
     while True:
         upcoming = step(token)
         mx.async_eval(upcoming)
-        yield token.item()
+        value = token.item()  # waits for this token only; the next step is already queued
+        prompt_cache.tokens.append(value)  # ... and it has been fed to the model
+        yield value
         token = upcoming
 
 
@@ -129,7 +130,14 @@ def stream_generate(
     todo = prompt_cache.prepare(prompt_ids)
     reused = len(prompt_ids) - len(todo)
     tokens = generate_step(
-        model, prompt_ids, todo, prompt_cache, sampler, processors, prefill_step_size
+        model,
+        prompt_ids,
+        todo,
+        prompt_cache,
+        sampler,
+        processors,
+        prefill_step_size,
+        normalize=temperature > 0,
     )
     try:
         for n, token in enumerate(tokens, start=1):
