@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from mlx_gemma4.errors import Gemma4Error
+
 from . import options
 
 HELP = '''commands:
@@ -90,8 +92,12 @@ class Chat:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
-        finally:  # even a stopped answer stays in the history, as far as it got
-            self.messages.append({"role": "assistant", "content": "".join(parts)})
+        except Gemma4Error as e:  # e.g. the conversation outgrew the context: say so, go on
+            self.messages.pop()
+            typer.echo(f"error: {e}", err=True)
+            return
+        # even a stopped answer stays in the history, as far as it got
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
         sys.stdout.write("\n")
         sys.stdout.flush()
         if self.stats and last is not None:

@@ -140,6 +140,21 @@ class SlidingWindowCache(_BaseCache):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+def vision_block_mask(cache: SlidingWindowCache, blocks: mx.array) -> mx.array:
+    """Sliding-window mask where tokens of one image block also see each other both ways.
+
+    `blocks` [B, n]: the block id of each new token (-1 for text). Blocks lie within the new
+    tokens; the result [B, 1, n, visible keys] matches what `update_and_fetch` will return.
+    """
+    n = blocks.shape[1]
+    past = min(cache.stored, cache.window - 1)
+    causal = create_causal_mask(n, past, window_size=cache.window)
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    same = mx.concatenate([mx.zeros((blocks.shape[0], n, past), dtype=mx.bool_), same], axis=-1)
+    queries, keys = mx.arange(past, past + n)[:, None], mx.arange(past + n)[None]
+    return (causal | (same & (keys > queries - cache.window)))[:, None]
+
+
 def attention_mask(cache, n_queries: int):
     """The mask for `n_queries` new positions attending through `cache`."""
     if isinstance(cache, SlidingWindowCache):

@@ -164,13 +164,48 @@ class TextConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The vision tower's hyper-parameters; defaults are transformers' `Gemma4VisionConfig` ones."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    pooling_kernel_size: int = 3
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    rope_theta: float = 100.0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        rope = raw.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(
+                f"vision rope_type {rope['rope_type']!r} is not supported (axial only)"
+            )
+        return cls(**values)
+
+
+@dataclass
 class ModelConfig:
     """Top-level config: the text decoder plus the raw tower configs of a multimodal checkpoint."""
 
     text_config: TextConfig
     model_type: str = TEXT_MODEL_TYPE
-    vision_config: dict[str, Any] | None = None
+    vision_config: VisionConfig | None = None
     audio_config: dict[str, Any] | None = None
+    image_token_id: int = 258_880
+    video_token_id: int = 258_884
+    audio_token_id: int = 258_881
     quantization: dict[str, Any] | None = None
     eos_token_id: list[int] = field(default_factory=lambda: [1])
     bos_token_id: int = 2
@@ -194,8 +229,15 @@ class ModelConfig:
         return cls(
             text_config=TextConfig.from_dict(text_raw),
             model_type=model_type,
-            vision_config=raw.get("vision_config"),
+            vision_config=VisionConfig.from_dict(raw["vision_config"])
+            if raw.get("vision_config")
+            else None,
             audio_config=raw.get("audio_config"),
+            **{
+                k: raw[k]
+                for k in ("image_token_id", "video_token_id", "audio_token_id")
+                if k in raw
+            },
             quantization=raw.get("quantization") or text_raw.get("quantization"),
             eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
             bos_token_id=raw.get("bos_token_id", text_raw.get("bos_token_id", 2)),

@@ -153,6 +153,7 @@ _PREFIXES = [
 ]
 _EXPERT_PARTS = ("weight", "scales", "biases")
 _SHARED_KV_PARTS = ("k_proj", "v_proj", "k_norm", "v_norm")
+_CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
 
 def _rename(key: str) -> str:
@@ -192,17 +193,22 @@ def canonical_weights(
 ) -> tuple[dict[str, mx.array], dict[str, Path], dict[str, mx.array]]:
     """Rename checkpoint keys to this package's module tree.
 
-    Returns the model's weights, the file each came from, and the modality-tower weights
-    (set aside until the towers exist).
+    Returns the model's weights, the file each came from, and the weights of modality towers
+    this package does not build yet (set aside).
     """
     text = model.config.text_config
     renamed: dict[str, mx.array] = {}
     where: dict[str, Path] = {}
     towers: dict[str, mx.array] = {}
+    clipped = (
+        model.config.vision_config is not None and model.config.vision_config.use_clipped_linears
+    )
     for key, value in weights.items():
         new = _rename(key)
-        if new.startswith(TOWER_PREFIXES):
+        if new.startswith(TOWER_PREFIXES) and new.split(".")[0] not in model:
             towers[new] = value
+            continue
+        if new.startswith("vision_tower.") and new.endswith(_CLIP_BOUNDS) and not clipped:
             continue
         if "rotary_emb" in new or (new == "lm_head.weight" and text.tie_word_embeddings):
             continue
@@ -355,7 +361,8 @@ def load_model(
     model.load_weights(list(_cast_floats(weights, compute_dtype).items()))
     model.eval()
     mx.eval(model.parameters())
-    model.towers = frozenset(key.split(".")[0] for key in towers)
+    built = {name for name in ("vision_tower", "audio_tower") if name in model}
+    model.towers = frozenset(key.split(".")[0] for key in towers) | built
     model.path = folder
     return model
 

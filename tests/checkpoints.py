@@ -56,7 +56,20 @@ def text_config(variant: str):
     return Gemma4TextConfig(**{**_TEXT_BASE, **TEXT_VARIANTS[variant]})
 
 
-def multimodal_config():
+# Multimodal placeholder ids inside the tiny vocabulary (the real ones are 255999 and up).
+MM_TOKENS = dict(
+    boi_token_id=470,
+    eoi_token_id=471,
+    image_token_id=472,
+    video_token_id=473,
+    boa_token_id=474,
+    eoa_token_index=475,
+    audio_token_id=476,
+)
+
+
+def multimodal_config(bidirectional: bool = False):
+    """E2B-like by default; `bidirectional`: 31B-like text, standardized and clipped vision."""
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
 
     vision = Gemma4VisionConfig(
@@ -67,7 +80,13 @@ def multimodal_config():
         num_key_value_heads=2,
         head_dim=16,
         position_embedding_size=64,
+        standardize=bidirectional,
+        use_clipped_linears=bidirectional,
     )
+    if bidirectional:
+        text = text_config("k_eq_v")
+        text.use_bidirectional_attention = "vision"
+        return Gemma4Config(text_config=text, vision_config=vision, **MM_TOKENS)
     audio = Gemma4AudioConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -76,7 +95,10 @@ def multimodal_config():
         output_proj_dims=48,
     )
     return Gemma4Config(
-        text_config=text_config("ple_kv_shared"), vision_config=vision, audio_config=audio
+        text_config=text_config("ple_kv_shared"),
+        vision_config=vision,
+        audio_config=audio,
+        **MM_TOKENS,
     )
 
 
@@ -90,6 +112,14 @@ def jitter(model: torch.nn.Module, seed: int) -> None:
         param.add_(noise * scale)
     for name, buffer in model.named_buffers():
         if name.endswith("layer_scalar"):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+        elif name.endswith(("input_min", "output_min")) and "vision" in name:
+            buffer.fill_(-1.0 - torch.rand((), generator=generator).item())
+        elif name.endswith(("input_max", "output_max")) and "vision" in name:
+            buffer.fill_(1.0 + torch.rand((), generator=generator).item())
+        elif name.endswith("std_bias"):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+        elif name.endswith("std_scale"):
             buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
 
 
@@ -124,11 +154,11 @@ def build_text(variant: str, folder: Path, seed: int = 0, hub_form: bool = True)
     return model
 
 
-def build_multimodal(folder: Path, seed: int = 0):
+def build_multimodal(folder: Path, seed: int = 0, bidirectional: bool = False):
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(multimodal_config()).eval()
+    model = Gemma4ForConditionalGeneration(multimodal_config(bidirectional)).eval()
     jitter(model, seed)
     save_reference(model, folder)
     return model

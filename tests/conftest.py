@@ -35,8 +35,10 @@ def tiny(tmp_path_factory):
         key = (variant, hub_form)
         if key not in built:
             folder = tmp_path_factory.mktemp(f"{variant}-{'hub' if hub_form else 'hf'}")
-            if variant == "multimodal":
-                model = build_multimodal(folder)
+            if variant.startswith("multimodal"):
+                model = build_multimodal(
+                    folder, bidirectional=variant == "multimodal_bidirectional"
+                )
             else:
                 model = build_text(variant, folder, hub_form=hub_form)
             built[key] = (folder, model)

@@ -179,3 +179,11 @@ def test_chat_under_a_terminal_ctrl_c_stops_the_answer_not_the_chat(endless_chec
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_says_when_a_message_outgrows_the_context_and_goes_on(chat_checkpoint):
+    folder, _ = chat_checkpoint()
+    result = chat(folder, "a " * 5000 + "\nshort one\n")
+    assert result.returncode == 0
+    assert "exceeds the model's context of 4096 tokens" in result.stderr
+    assert result.stderr.count(" tok/s; prompt ") == 1  # the next message is still answered

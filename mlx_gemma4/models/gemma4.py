@@ -1,4 +1,4 @@
-"""The whole Gemma 4 model: the text decoder and its language-model head."""
+"""The whole Gemma 4 model: towers, soft tokens scattered into the text, decoder, LM head."""
 
 from __future__ import annotations
 
@@ -10,9 +10,23 @@ import mlx.nn as nn
 from ..config import ModelConfig
 from .layers import Linear
 from .text import TextModel
+from .vision import MultimodalEmbedder, VisionModel
 
-# Checkpoint prefixes of the modality towers; their weights are read but not yet used.
+# Checkpoint prefixes of the modality towers; those a model does not build are set aside.
 TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+
+
+def vision_block_ids(is_vision: mx.array) -> mx.array:
+    """Number each contiguous run of image tokens (0, 1, ...); text gets -1."""
+    previous = mx.concatenate([mx.zeros_like(is_vision[:, :1]), is_vision[:, :-1]], axis=1)
+    starts = is_vision & mx.logical_not(previous)
+    return mx.where(is_vision, mx.cumsum(starts.astype(mx.int32), axis=1) - 1, -1)
+
+
+def scatter_soft_tokens(h: mx.array, slots: mx.array, features: mx.array) -> mx.array:
+    """Put `features` [n, hidden] into the `slots` [B, T] positions of `h`, in order."""
+    order = mx.maximum(mx.cumsum(slots.reshape(-1).astype(mx.int32)) - 1, 0)
+    return mx.where(slots[..., None], features[order].reshape(h.shape).astype(h.dtype), h)
 
 
 class Model(nn.Module):
@@ -23,6 +37,12 @@ class Model(nn.Module):
         self.language_model = TextModel(text)
         if not text.tie_word_embeddings:
             self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
+        vision = config.vision_config
+        if vision is not None:
+            self.vision_tower = VisionModel(vision)
+            self.embed_vision = MultimodalEmbedder(
+                vision.hidden_size, text.hidden_size, vision.rms_norm_eps
+            )
 
     def make_cache(self) -> list[Any]:
         """Per-layer caches for the layers that own keys and values (KV-shared layers own none)."""
@@ -38,8 +58,51 @@ class Model(nn.Module):
             out = mx.tanh(out / cap) * cap
         return out
 
-    def __call__(self, input_ids: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """`[B, T]` token ids -> `[B, T, vocab]` logits; `cache` carries earlier positions."""
+    def _soft_token_slots(self, input_ids: mx.array) -> mx.array:
+        config = self.config
+        return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+
+    def embed_images(
+        self, input_ids: mx.array, pixel_values: mx.array, image_position_ids: mx.array
+    ) -> mx.array:
+        """Token embeddings with each image's soft tokens in its placeholder positions."""
+        if "vision_tower" not in self:
+            raise ValueError("this checkpoint has no vision tower; it cannot take images")
+        slots = self._soft_token_slots(input_ids)
+        features = self.embed_vision(self.vision_tower(pixel_values, image_position_ids))
+        expected = int(slots.sum().item())
+        if features.shape[0] != expected:
+            raise ValueError(
+                f"the images give {features.shape[0]} soft tokens but the prompt has {expected} "
+                "image placeholders; build both with the same processor"
+            )
+        text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
+        return scatter_soft_tokens(self.language_model.embed(text_ids), slots, features)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: list[Any] | None = None,
+        pixel_values: mx.array | None = None,
+        image_position_ids: mx.array | None = None,
+    ) -> mx.array:
+        """`[B, T]` token ids -> `[B, T, vocab]` logits; `cache` carries earlier positions.
+
+        `pixel_values` [images, patches, 3 p^2] and `image_position_ids` [images, patches, 2]
+        take transformers' layouts; each image's soft tokens fill its placeholder tokens.
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        return self.logits(self.language_model(input_ids, cache))
+        if "vision_tower" not in self and "audio_tower" not in self:
+            return self.logits(self.language_model(input_ids, cache))
+        slots = self._soft_token_slots(input_ids)
+        # multimodal placeholders look up the pad token, in the embeddings and in the PLE table
+        text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
+        embeddings = None
+        if pixel_values is not None:
+            embeddings = self.embed_images(input_ids, pixel_values, image_position_ids)
+        blocks = None
+        bidirectional = self.config.text_config.use_bidirectional_attention == "vision"
+        if bidirectional and input_ids.shape[1] > 1 and slots.any().item():
+            blocks = vision_block_ids(slots)
+        return self.logits(self.language_model(text_ids, cache, embeddings, blocks))

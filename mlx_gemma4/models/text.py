@@ -7,7 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask
+from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask, vision_block_mask
 from ..config import FULL, SLIDING, TextConfig
 from .activations import geglu
 from .layers import Linear
@@ -199,8 +199,13 @@ class TextModel(nn.Module):
         input_ids: mx.array,
         cache: list[Any] | None = None,
         embeddings: mx.array | None = None,
+        vision_blocks: mx.array | None = None,
     ) -> mx.array:
-        """Final-normed hidden states `[B, T, hidden]`; `embeddings` override the token lookup."""
+        """Final-normed hidden states `[B, T, hidden]`.
+
+        `embeddings` override the token lookup (multimodal soft tokens); `vision_blocks` [B, T]
+        marks image blocks (-1: text) that attend both ways on sliding layers.
+        """
         h = self.embed(input_ids) if embeddings is None else embeddings
         per_layer = (
             self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
@@ -211,6 +216,10 @@ class TextModel(nn.Module):
 
         offset = caches[0].offset
         masks = self._masks(caches, h.shape[1])
+        if vision_blocks is not None:
+            masks[SLIDING] = vision_block_mask(
+                caches[self.config.layer_types.index(SLIDING)], vision_blocks
+            )
         kvs: list[tuple[mx.array, mx.array] | None] = [None] * len(self.layers)
         for i, (layer, layer_cache, source) in enumerate(
             zip(self.layers, caches, self.kv_sources, strict=True)
