@@ -176,6 +176,10 @@ SPECIAL_TOKENS = {
     101: "<channel|>",
     105: "<|turn>",
     106: "<turn|>",
+    470: "<|image>",
+    471: "<image|>",
+    472: "<|image|>",
+    473: "<|video|>",
 }
 _BYTES_AT = 200  # <0x00> .. <0xFF> at ids 200 .. 455
 _CHARACTERS = "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?:;'\"-()\n"

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from ..errors import ConfigError
 from .chat_template import BUILTIN_TEMPLATE, drop_thoughts
+from .images import DEFAULT_BUDGET, ImageError, process_images
 
 Message = dict[str, Any]
 
@@ -15,6 +18,12 @@ Message = dict[str, Any]
 TURN_END = "<turn|>"
 CHANNEL_OPEN = "<|channel>"
 CHANNEL_CLOSE = "<channel|>"
+IMAGE_TOKEN, IMAGE_START, IMAGE_TOKEN, IMAGE_END = (
+    "<|image|>",
+    "<|image>",
+    "<|image|>",
+    "<image|>",
+)
 
 
 def _generation_config_stops(folder: Path) -> list[int]:
@@ -109,5 +118,48 @@ class Processor:
             )
         return [int(t) for t in prompt]
 
-    def __call__(self, text: str | list[Message], **kwargs) -> dict[str, list[list[int]]]:
-        return {"input_ids": [self.prompt_ids(text, **kwargs)]}
+    def __call__(
+        self,
+        text: str | list[Message],
+        images: list | None = None,
+        max_soft_tokens: int = DEFAULT_BUDGET,
+        **template_kwargs: Any,
+    ) -> dict[str, mx.array]:
+        """`input_ids` [1, T], plus `pixel_values` and `image_position_ids` when there are images.
+
+        Each `<|image|>` placeholder (chat messages write one per image part) becomes
+        `<|image>` + one image token per soft token + `<image|>`.
+        """
+        if not isinstance(text, str):
+            if images is None:
+                images = [part["image"] for part in _image_parts(text)]
+            text = self.apply_chat_template(text, **template_kwargs)
+        images = images or []
+        if text.count(IMAGE_TOKEN) != len(images):
+            raise ImageError(
+                f"the prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
+                f"for {len(images)} images"
+            )
+        if not images:
+            return {"input_ids": mx.array([self.encode(text)])}
+        batch = process_images(images, max_soft_tokens)
+        pieces = text.split(IMAGE_TOKEN)
+        expanded = pieces[0] + "".join(
+            IMAGE_START + IMAGE_TOKEN * n + IMAGE_END + piece
+            for n, piece in zip(batch.soft_tokens, pieces[1:], strict=True)
+        )
+        return {
+            "input_ids": mx.array([self.encode(expanded)]),
+            "pixel_values": mx.array(batch.pixel_values),
+            "image_position_ids": mx.array(batch.position_ids),
+        }
+
+
+def _image_parts(messages: list[Message]) -> list[dict]:
+    return [
+        part
+        for message in messages
+        if not isinstance(message.get("content"), str)
+        for part in message.get("content") or []
+        if part.get("type") == "image"
+    ]
