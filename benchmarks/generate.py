@@ -22,13 +22,13 @@ def engine(name: str, model):
 
     if name == "mlx-gemma4":
         from mlx_gemma4 import PromptCache
-        from mlx_gemma4.generation import generate_step
+        from mlx_gemma4.generation import generate_step, prompt_inputs
 
         def run(ids, n):
             cache = PromptCache(model)
-            todo = cache.prepare(ids)
+            inputs = prompt_inputs(model, ids, None, cache)
             greedy = lambda x: mx.argmax(x, -1)  # noqa: E731
-            steps = generate_step(model, ids, todo, cache, greedy, [], normalize=False)
+            steps = generate_step(model, ids, inputs, cache, greedy, [], normalize=False)
             return (token for token, _ in zip(steps, range(n), strict=False))
 
     elif name == "mlx-lm":

@@ -20,6 +20,7 @@ HELP = '''commands:
   /reset         forget the conversation
   /system TEXT   set the system instructions (starts over)
   /think         switch thinking on or off
+  /image PATH    attach an image to your next message
   /save FILE     save the conversation (its KV cache goes beside it)
   /load FILE     continue a conversation saved with /save
   /exit          leave (Ctrl-D does too)
@@ -61,6 +62,7 @@ class Chat:
         self.system, self.think = system, think
         self.sampling, self.stats, self.interactive = sampling, stats, interactive
         self.messages: list[dict] = []
+        self.images: list[str] = []  # attached to the next user message
         self.prompt_cache = PromptCache(model)
 
     def conversation(self) -> list[dict]:
@@ -74,7 +76,10 @@ class Chat:
             sys.stderr.write(text)
 
     def answer(self, text: str) -> None:
-        self.messages.append({"role": "user", "content": text})
+        content = [{"type": "image", "image": path} for path in self.images]
+        self.images = []
+        content = content + [{"type": "text", "text": text}] if content else text
+        self.messages.append({"role": "user", "content": content})
         parts, last = [], None
         try:
             for last in self._stream_generate(
@@ -118,8 +123,10 @@ class Chat:
         elif name == "think":
             self.think = not self.think
             typer.echo(f"thinking {'on' if self.think else 'off'}")
-        elif name in ("save", "load") and not argument:
+        elif name in ("save", "load", "image") and not argument:
             typer.echo(f"/{name} needs a file name", err=True)
+        elif name == "image":
+            self.attach(argument)
         elif name == "save":
             self.save(Path(argument))
         elif name == "load":
@@ -129,6 +136,20 @@ class Chat:
                 typer.echo(f"unknown command /{name}", err=True)
             typer.echo(HELP)
         return True
+
+    def attach(self, path: str) -> None:
+        from mlx_gemma4.processing.images import open_image
+
+        if "vision_tower" not in self.model:
+            typer.echo("this model has no vision tower; it cannot see images", err=True)
+            return
+        try:
+            open_image(path)
+        except Gemma4Error as e:
+            typer.echo(f"error: {e}", err=True)
+            return
+        self.images.append(path)
+        typer.echo(f"attached {path} ({len(self.images)} image(s) for your next message)")
 
     def save(self, file: Path) -> None:
         state = {"system": self.system, "think": self.think, "messages": self.messages}
@@ -190,6 +211,7 @@ def chat(
     model: options.Model = options.DEFAULT_MODEL,
     system: options.System = None,
     think: options.Think = False,
+    budget: options.Budget = 280,
     max_tokens: options.MaxTokens = 1024,
     temp: options.Temperature = 0.0,
     top_p: options.TopP = 0.0,
@@ -202,10 +224,13 @@ def chat(
 ) -> None:
     """Chat in the terminal; reads the conversation from stdin when it is not a terminal."""
     from mlx_gemma4 import load
+    from mlx_gemma4.processing.images import check_budget
 
     interactive = sys.stdin.isatty()
+    check_budget(budget)
     loaded_model, processor = load(model, dtype=dtype)
     sampling = options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
+    sampling["max_soft_tokens"] = budget
     session = Chat(loaded_model, processor, system, think, sampling, stats, interactive)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

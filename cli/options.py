@@ -32,6 +32,9 @@ Seed = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible 
 Dtype = Annotated[
     str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: by device).")
 ]
+Budget = Annotated[
+    int, typer.Option("--budget", help="Soft tokens per image: 70, 140, 280, 560 or 1120.")
+]
 Stats = Annotated[bool, typer.Option("--stats/--no-stats", help="Print tokens/s after answers.")]
 
 

@@ -7,10 +7,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import Gemma4Error
 from .processing import Processor
+from .processing.images import DEFAULT_BUDGET
 from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
 
@@ -35,10 +37,59 @@ class GenerationResponse:
     peak_memory: float  # GB
 
 
+def soft_token_blocks(model, ids: list[int]) -> list[tuple[int, int]]:
+    """[start, end) spans of consecutive image (or video) soft tokens in `ids`."""
+    config = model.config
+    is_soft = np.isin(np.array(ids), [config.image_token_id, config.video_token_id])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_soft.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def prefill_chunks(n: int, step: int, blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Chunks of all but the last of `n` tokens, at most `step` long unless a block is longer;
+    a chunk never cuts an image block (its tokens attend to each other both ways)."""
+    start = 0
+    while start < n - 1:
+        end = min(start + step, n - 1)
+        for block_start, block_end in blocks:
+            if block_start < end < block_end:
+                end = block_start if block_start > start else block_end
+        yield start, end
+        start = end
+
+
+@dataclass
+class PromptInputs:
+    """The tokens a prompt cache has not seen, ready for the text model."""
+
+    todo: list[int]
+    text_ids: mx.array  # [1, len(todo)], image placeholders replaced by the pad id
+    embeddings: mx.array | None = None  # [1, len(todo), hidden] when images are among them
+    blocks: mx.array | None = None  # image block ids, for bidirectional image attention
+    block_spans: tuple[tuple[int, int], ...] = ()
+
+
+def prompt_inputs(model, ids: list[int], images, prompt_cache: PromptCache) -> PromptInputs:
+    """Reuse the cache's prefix; run the vision tower only for images it has not seen."""
+    spans = soft_token_blocks(model, ids)
+    todo = prompt_cache.prepare(ids, spans)
+    keep = len(ids) - len(todo)
+    pending = [i for i, (start, _) in enumerate(spans) if start >= keep]
+    pixel_values = positions = None
+    if pending and images is not None:
+        pixel_values = mx.array(images.pixel_values[pending])
+        positions = mx.array(images.position_ids[pending])
+    text_ids, embeddings, blocks = model.text_model_inputs(
+        mx.array([todo]), pixel_values, positions
+    )
+    local = tuple((start - keep, end - keep) for start, end in spans if start >= keep)
+    return PromptInputs(todo, text_ids, embeddings, blocks, local)
+
+
 def generate_step(
     model,
     prompt: list[int],
-    todo: list[int],
+    inputs: PromptInputs,
     prompt_cache: PromptCache,
     sampler: Callable[[mx.array], mx.array],
     logits_processors: list[LogitsProcessor],
@@ -47,17 +98,25 @@ def generate_step(
 ) -> Iterator[int]:
     """Yield sampled token ids; the step after each is already queued while it is consumed.
 
-    `todo` is the tail of `prompt` the cache has not processed (`PromptCache.prepare`).
+    `inputs` holds the tail of `prompt` the cache has not processed (see `prompt_inputs`).
     `normalize=False` hands the sampler raw logits (enough for greedy decoding).
     """
-    cache = prompt_cache.cache
-    while len(todo) > 1:
-        n = min(prefill_step_size, len(todo) - 1)
-        model.language_model(mx.array(todo[:n])[None], cache)
+    cache, todo = prompt_cache.cache, inputs.todo
+
+    def part(array: mx.array | None, start: int, end: int) -> mx.array | None:
+        return None if array is None else array[:, start:end]
+
+    for start, end in prefill_chunks(len(todo), prefill_step_size, inputs.block_spans):
+        model.language_model(
+            inputs.text_ids[:, start:end],
+            cache,
+            part(inputs.embeddings, start, end),
+            part(inputs.blocks, start, end),
+        )
         mx.eval([c.state for c in cache])
-        prompt_cache.tokens.extend(todo[:n])
-        todo = todo[n:]
+        prompt_cache.tokens.extend(todo[start:end])
         mx.clear_cache()
+    todo = todo[-1:]
 
     history = mx.array(prompt)
 
@@ -90,6 +149,8 @@ def stream_generate(
     processor: Processor,
     prompt: str | list[int] | list[dict],
     *,
+    images: list | None = None,
+    max_soft_tokens: int = DEFAULT_BUDGET,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 0.0,
@@ -106,10 +167,15 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate from text, token ids or chat messages, one response per token.
 
-    Greedy when `temperature` is 0. `prompt_cache` keeps the KV caches between calls: only
-    the tokens after the longest common prefix with the previous call are processed.
+    Images come in chat messages (`{"type": "image", "image": path or PIL image}` parts) or as
+    `images` for a text prompt with `<|image|>` placeholders; `max_soft_tokens` is each image's
+    budget (70, 140, 280, 560 or 1120). Greedy when `temperature` is 0. `prompt_cache` keeps
+    the KV caches between calls: only the tokens after the longest common prefix with the
+    previous call are processed, and only images among them go through the vision tower.
     """
-    prompt_ids = processor.prompt_ids(prompt, enable_thinking=enable_thinking)
+    prompt_ids, images = processor.prepare(
+        prompt, images, max_soft_tokens, enable_thinking=enable_thinking
+    )
     context = model.config.text_config.max_position_embeddings
     if len(prompt_ids) + max_tokens > context:
         raise PromptTooLongError(
@@ -127,12 +193,12 @@ def stream_generate(
 
     mx.reset_peak_memory()
     start = time.perf_counter()
-    todo = prompt_cache.prepare(prompt_ids)
-    reused = len(prompt_ids) - len(todo)
+    inputs = prompt_inputs(model, prompt_ids, images, prompt_cache)
+    reused = len(prompt_ids) - len(inputs.todo)
     tokens = generate_step(
         model,
         prompt_ids,
-        todo,
+        inputs,
         prompt_cache,
         sampler,
         processors,

@@ -49,12 +49,15 @@ class PromptCache:
             return False
         return all(c.trim(n) == n for c in self.cache)
 
-    def prepare(self, prompt: list[int]) -> list[int]:
+    def prepare(self, prompt: list[int], blocks: list[tuple[int, int]] = ()) -> list[int]:
         """Keep the longest cached prefix of `prompt`; return the tokens still to process.
 
         At least the last prompt token is always left to process: its logits start generation.
+        The kept prefix never ends inside one of `blocks` ([start, end) spans of image tokens,
+        which must be processed together).
         """
         keep = min(_common_prefix(self.tokens, prompt), len(prompt) - 1)
+        keep = next((start for start, end in blocks if start < keep < end), keep)
         drop = len(self.tokens) - keep
         if drop and not self._trim(drop):
             self.reset()  # a cache that cannot be cut back that far is rebuilt

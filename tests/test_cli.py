@@ -187,3 +187,57 @@ def test_chat_says_when_a_message_outgrows_the_context_and_goes_on(chat_checkpoi
     assert result.returncode == 0
     assert "exceeds the model's context of 4096 tokens" in result.stderr
     assert result.stderr.count(" tok/s; prompt ") == 1  # the next message is still answered
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_ask_answers_about_images_and_rejects_bad_ones(chat_checkpoint, tmp_path):
+    from test_images import random_image
+
+    folder, _ = chat_checkpoint("multimodal")
+    picture = tmp_path / "picture.png"
+    random_image(120, 80).save(picture)
+    command = [shutil.which("gemma4"), "ask", str(picture), str(picture), "what differs?"]
+    options = ["--model", str(folder), "-n", "4", "--budget", "70"]
+    result = subprocess.run([*command, *options], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    prompt_tokens = int(result.stderr.split("prompt ")[1].split(" tokens")[0])
+    assert prompt_tokens > 2 * 24  # two images of 24 soft tokens each at budget 70
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    bad = subprocess.run(
+        [shutil.which("gemma4"), "ask", str(tmp_path / "broken.png"), "hi", *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "broken.png: not a readable image" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
+    wrong_budget = subprocess.run(
+        [*command, "--model", str(folder), "--budget", "99"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong_budget.returncode == 1 and "budget 99 is not one of" in wrong_budget.stderr
+
+
+def test_chat_attaches_images(chat_checkpoint, tmp_path):
+    from test_images import random_image
+
+    folder, _ = chat_checkpoint("multimodal")
+    picture = tmp_path / "p.png"
+    random_image(96, 96).save(picture)
+    result = chat(
+        folder,
+        f"/image {picture}\nwhat is this\n/image {tmp_path / 'nope.png'}\nok\n",
+        "--budget",
+        "70",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "attached" in result.stdout
+    assert "nope.png: no such image file" in result.stderr
+    first, second = [line for line in result.stderr.splitlines() if "tok/s; prompt" in line]
+    assert int(first.split("prompt ")[1].split(" tokens")[0]) > 64  # 64 soft tokens
+    assert "(0 cached)" not in second  # the image stays in the reused cache

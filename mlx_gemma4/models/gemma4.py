@@ -58,7 +58,7 @@ class Model(nn.Module):
             out = mx.tanh(out / cap) * cap
         return out
 
-    def _soft_token_slots(self, input_ids: mx.array) -> mx.array:
+    def soft_token_slots(self, input_ids: mx.array) -> mx.array:
         config = self.config
         return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
 
@@ -68,7 +68,7 @@ class Model(nn.Module):
         """Token embeddings with each image's soft tokens in its placeholder positions."""
         if "vision_tower" not in self:
             raise ValueError("this checkpoint has no vision tower; it cannot take images")
-        slots = self._soft_token_slots(input_ids)
+        slots = self.soft_token_slots(input_ids)
         features = self.embed_vision(self.vision_tower(pixel_values, image_position_ids))
         expected = int(slots.sum().item())
         if features.shape[0] != expected:
@@ -78,6 +78,27 @@ class Model(nn.Module):
             )
         text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
         return scatter_soft_tokens(self.language_model.embed(text_ids), slots, features)
+
+    def text_model_inputs(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        image_position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """(token ids, embeddings or None, image block ids or None) for the text model."""
+        if "vision_tower" not in self and "audio_tower" not in self:
+            return input_ids, None, None
+        slots = self.soft_token_slots(input_ids)
+        # multimodal placeholders look up the pad token, in the embeddings and in the PLE table
+        text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
+        embeddings = None
+        if pixel_values is not None:
+            embeddings = self.embed_images(input_ids, pixel_values, image_position_ids)
+        blocks = None
+        bidirectional = self.config.text_config.use_bidirectional_attention == "vision"
+        if bidirectional and input_ids.shape[1] > 1 and slots.any().item():
+            blocks = vision_block_ids(slots)
+        return text_ids, embeddings, blocks
 
     def __call__(
         self,
@@ -93,16 +114,7 @@ class Model(nn.Module):
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if "vision_tower" not in self and "audio_tower" not in self:
-            return self.logits(self.language_model(input_ids, cache))
-        slots = self._soft_token_slots(input_ids)
-        # multimodal placeholders look up the pad token, in the embeddings and in the PLE table
-        text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
-        embeddings = None
-        if pixel_values is not None:
-            embeddings = self.embed_images(input_ids, pixel_values, image_position_ids)
-        blocks = None
-        bidirectional = self.config.text_config.use_bidirectional_attention == "vision"
-        if bidirectional and input_ids.shape[1] > 1 and slots.any().item():
-            blocks = vision_block_ids(slots)
+        text_ids, embeddings, blocks = self.text_model_inputs(
+            input_ids, pixel_values, image_position_ids
+        )
         return self.logits(self.language_model(text_ids, cache, embeddings, blocks))

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from ..errors import ConfigError
 from .chat_template import BUILTIN_TEMPLATE, drop_thoughts
-from .images import DEFAULT_BUDGET, ImageError, process_images
+from .images import DEFAULT_BUDGET, ImageBatch, ImageError, process_images
 
 Message = dict[str, Any]
 
@@ -108,15 +108,41 @@ class Processor:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def prompt_ids(self, prompt, *, enable_thinking: bool = False, **template_kwargs) -> list[int]:
-        """A prompt given as text, token ids or chat messages, as token ids."""
-        if isinstance(prompt, str):
-            return self.encode(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return self.apply_chat_template(
-                prompt, enable_thinking=enable_thinking, tokenize=True, **template_kwargs
+    def prepare(
+        self,
+        prompt: str | list[int] | list[Message],
+        images: list | None = None,
+        max_soft_tokens: int = DEFAULT_BUDGET,
+        **template_kwargs: Any,
+    ) -> tuple[list[int], ImageBatch | None]:
+        """Token ids of a prompt (text, token ids or chat messages) and its processed images.
+
+        Each `<|image|>` placeholder (chat messages write one per image part) becomes
+        `<|image>` + one image token per soft token + `<image|>`.
+        """
+        if not isinstance(prompt, str):
+            if not (prompt and isinstance(prompt[0], dict)):
+                if images:
+                    raise ImageError("images need a text or chat prompt with <|image|> places")
+                return [int(t) for t in prompt], None
+            if images is None:
+                images = [part["image"] for part in _image_parts(prompt)]
+            prompt = self.apply_chat_template(prompt, **template_kwargs)
+        images = images or []
+        if prompt.count(IMAGE_TOKEN) != len(images):
+            raise ImageError(
+                f"the prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
+                f"for {len(images)} images"
             )
-        return [int(t) for t in prompt]
+        if not images:
+            return self.encode(prompt), None
+        batch = process_images(images, max_soft_tokens)
+        pieces = prompt.split(IMAGE_TOKEN)
+        expanded = pieces[0] + "".join(
+            IMAGE_START + IMAGE_TOKEN * n + IMAGE_END + piece
+            for n, piece in zip(batch.soft_tokens, pieces[1:], strict=True)
+        )
+        return self.encode(expanded), batch
 
     def __call__(
         self,
@@ -125,34 +151,13 @@ class Processor:
         max_soft_tokens: int = DEFAULT_BUDGET,
         **template_kwargs: Any,
     ) -> dict[str, mx.array]:
-        """`input_ids` [1, T], plus `pixel_values` and `image_position_ids` when there are images.
-
-        Each `<|image|>` placeholder (chat messages write one per image part) becomes
-        `<|image>` + one image token per soft token + `<image|>`.
-        """
-        if not isinstance(text, str):
-            if images is None:
-                images = [part["image"] for part in _image_parts(text)]
-            text = self.apply_chat_template(text, **template_kwargs)
-        images = images or []
-        if text.count(IMAGE_TOKEN) != len(images):
-            raise ImageError(
-                f"the prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
-                f"for {len(images)} images"
-            )
-        if not images:
-            return {"input_ids": mx.array([self.encode(text)])}
-        batch = process_images(images, max_soft_tokens)
-        pieces = text.split(IMAGE_TOKEN)
-        expanded = pieces[0] + "".join(
-            IMAGE_START + IMAGE_TOKEN * n + IMAGE_END + piece
-            for n, piece in zip(batch.soft_tokens, pieces[1:], strict=True)
-        )
-        return {
-            "input_ids": mx.array([self.encode(expanded)]),
-            "pixel_values": mx.array(batch.pixel_values),
-            "image_position_ids": mx.array(batch.position_ids),
-        }
+        """`input_ids` [1, T]; with images also `pixel_values` and `image_position_ids`."""
+        ids, batch = self.prepare(text, images, max_soft_tokens, **template_kwargs)
+        inputs = {"input_ids": mx.array([ids])}
+        if batch is not None:
+            inputs["pixel_values"] = mx.array(batch.pixel_values)
+            inputs["image_position_ids"] = mx.array(batch.position_ids)
+        return inputs
 
 
 def _image_parts(messages: list[Message]) -> list[dict]:
