@@ -8,7 +8,7 @@ from rich.console import Console
 from mlx_gemma4 import __version__
 from mlx_gemma4.errors import Gemma4Error
 
-from . import ask, chat, generate, info
+from . import ask, chat, detect, generate, info
 
 app = typer.Typer(
     name="gemma4",
@@ -21,6 +21,7 @@ app.command("info")(info.info)
 app.command("chat")(chat.chat)
 app.command("generate")(generate.generate)
 app.command("ask")(ask.ask)
+app.command("detect")(detect.detect)
 
 
 def _show_version(value: bool) -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from mlx_gemma4.errors import Gemma4Error
+
 from . import options
 
 
@@ -32,7 +34,7 @@ def ask(
     from mlx_gemma4.processing.images import check_budget, open_image
 
     if len(items) < 2:
-        raise typer.BadParameter("give at least one image and then the question")
+        raise Gemma4Error("give at least one image and then the question")
     *images, question = items
     check_budget(budget)
     for image in images:
