@@ -54,9 +54,12 @@ def use_openblas(argv: list[str]) -> str:
     return f"OpenBLAS ({OPENBLAS})"
 
 
-def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2) -> Path:
-    """Build (once, then reuse) a random multimodal E2B-shaped checkpoint all three can load."""
-    folder = CACHE / f"e2b-shaped-{layers}l-{shared}s"
+def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2, real_vision: bool = False) -> Path:
+    """Build (once, then reuse) a random multimodal E2B-shaped checkpoint all three can load.
+
+    The vision tower is a token one unless `real_vision` asks for E2B's (768 wide, 16 layers).
+    """
+    folder = CACHE / f"e2b-shaped-{layers}l-{shared}s{'-vision' if real_vision else ''}"
     if (folder / "config.json").exists():
         return folder
     import torch
@@ -76,7 +79,7 @@ def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2) -> Path:
         num_kv_shared_layers=shared,
         layer_types=(LAYER_TYPES * layers)[: layers - 1] + ["full_attention"],
     )
-    vision = Gemma4VisionConfig(
+    tiny = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=1,
@@ -84,6 +87,7 @@ def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2) -> Path:
         num_key_value_heads=2,
         head_dim=32,
     )
+    vision = Gemma4VisionConfig(**({} if real_vision else tiny))
     print(f"building {folder} (once) ...", file=sys.stderr)
     torch.manual_seed(0)
     with torch.device("cpu"):

@@ -62,7 +62,7 @@ class VisionAttention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
         self.v_norm = RMSNormNoScale(config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
         batch, length, _ = x.shape
 
         def heads(projection, norm, n):
@@ -71,7 +71,7 @@ class VisionAttention(nn.Module):
         queries = axial_rope(heads(self.q_proj, self.q_norm, self.n_heads), positions, self.theta)
         keys = axial_rope(heads(self.k_proj, self.k_norm, self.n_kv_heads), positions, self.theta)
         values = heads(self.v_proj, self.v_norm, self.n_kv_heads)
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -102,10 +102,8 @@ class VisionEncoderLayer(nn.Module):
         self.pre_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
         self.post_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
 
-    def __call__(self, x: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), positions, mask)
-        )
+    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -125,12 +123,10 @@ class PatchEmbedder(nn.Module):
             (2, config.position_embedding_size, config.hidden_size)
         )
 
-    def __call__(self, pixels: mx.array, positions: mx.array, padding: mx.array) -> mx.array:
+    def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
         h = self.input_proj((2 * (pixels - 0.5)).astype(self.input_proj.weight.dtype))
-        clamped = mx.maximum(positions, 0)
         table = self.position_embedding_table
-        position = table[0][clamped[..., 0]] + table[1][clamped[..., 1]]
-        return h + mx.where(padding[..., None], 0.0, position).astype(h.dtype)
+        return h + (table[0][positions[..., 0]] + table[1][positions[..., 1]]).astype(h.dtype)
 
 
 class VisionModel(nn.Module):
@@ -143,32 +139,43 @@ class VisionModel(nn.Module):
             self.std_bias = mx.zeros((config.hidden_size,))
             self.std_scale = mx.ones((config.hidden_size,))
 
-    def _pool(self, h: mx.array, positions: mx.array, length: int) -> mx.array:
-        """Average k x k blocks of patches by position: [B, N, H] -> [B, length, H]."""
-        k = int((h.shape[1] // length) ** 0.5)
-        clamped = mx.maximum(positions, 0)
-        columns = clamped[..., 0].max(axis=-1, keepdims=True) + 1
-        block = clamped[..., 0] // k + (columns // k) * (clamped[..., 1] // k)
+    def _pool(self, h: mx.array, positions: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """Average k x k blocks of patches by position: [1, n, H] -> [1, length, H], valid mask."""
+        k = self.config.pooling_kernel_size
+        columns = positions[..., 0].max(axis=-1, keepdims=True) + 1
+        block = positions[..., 0] // k + (columns // k) * (positions[..., 1] // k)
         weights = (block[..., None] == mx.arange(length)).astype(mx.float32) / (k * k)
         return weights.swapaxes(1, 2) @ h.astype(mx.float32), weights.max(axis=1) > 0
+
+    def encode(self, pixels: mx.array, positions: mx.array, length: int) -> mx.array:
+        """One image's real patches [1, n, 3 p^2] -> its soft tokens [tokens, hidden].
+
+        Padding patches are left out rather than masked: the reference masks them as keys and
+        discards their outputs, so this is the same computation, and unmasked attention takes
+        the faster kernel.
+        """
+        h = self.patch_embedder(pixels, positions)
+        for layer in self.encoder.layers:
+            h = layer(h, positions)
+        pooled, valid = self._pool(h, positions, length)
+        keep = mx.array(np.flatnonzero(np.array(valid[0])))
+        pooled = pooled[0][keep] * self.config.hidden_size**0.5
+        if self.config.standardize:
+            pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
+        return pooled.astype(h.dtype)
 
     def __call__(self, pixel_values: mx.array, positions: mx.array) -> mx.array:
         """[B, patches, 3 p^2] pixels and [B, patches, 2] (x, y) positions (-1: padding)
         -> the soft tokens of every image, padding removed, concatenated: [tokens, hidden]."""
         length = pixel_values.shape[1] // self.config.pooling_kernel_size**2
-        padding = (positions == -1).all(axis=-1)
-        h = self.patch_embedder(pixel_values, positions, padding)
-        mask = mx.logical_not(padding)[:, None, None, :]
-        for layer in self.encoder.layers:
-            h = layer(h, positions, mask)
-        h = mx.where(padding[..., None], 0.0, h)
-        pooled, valid = self._pool(h, positions, length)
-        pooled = pooled * self.config.hidden_size**0.5
-        keep = np.flatnonzero(np.array(valid).reshape(-1))
-        pooled = pooled.reshape(-1, pooled.shape[-1])[mx.array(keep)]
-        if self.config.standardize:
-            pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
-        return pooled.astype(h.dtype)
+        real = np.array((positions >= 0).all(axis=-1))
+        images = []
+        for i in range(pixel_values.shape[0]):
+            patches = mx.array(np.flatnonzero(real[i]))
+            images.append(
+                self.encode(pixel_values[i : i + 1, patches], positions[i : i + 1, patches], length)
+            )
+        return mx.concatenate(images, axis=0)
 
 
 class MultimodalEmbedder(nn.Module):
