@@ -151,7 +151,6 @@ _PREFIXES = [
     ("language_model.lm_head.", "lm_head."),
     ("model.", "language_model."),  # transformers / mlx-lm, text only
 ]
-_EXPERT_PARTS = ("weight", "scales", "biases")
 _SHARED_KV_PARTS = ("k_proj", "v_proj", "k_norm", "v_norm")
 _CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
