@@ -39,6 +39,7 @@ def arguments() -> tuple[argparse.Namespace, str]:
     parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions")
     parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
+    parser.add_argument("--precision", choices=["float32", "4-bit", "both"], default="both")
     return parser.parse_args(), blas
 
 

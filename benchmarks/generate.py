@@ -122,7 +122,8 @@ def main() -> None:
 
     folder = e2b_shaped_checkpoint(args.layers)
     ids = [2, *mx.random.randint(5, 262_144, (args.prompt - 1,), key=mx.random.key(0)).tolist()]
-    for precision in ("float32", "4-bit"):
+    precisions = ("float32", "4-bit") if args.precision == "both" else (args.precision,)
+    for precision in precisions:
         models = {}
         for name, loader in IMPLEMENTATIONS.items():
             model = loader(folder)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -42,19 +41,12 @@ def ask(
     loaded_model, processor = load(model, dtype=dtype)
     content = [{"type": "image", "image": image} for image in images]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
-    last = None
-    for last in stream_generate(
+    responses = stream_generate(
         loaded_model,
         processor,
         messages,
         max_soft_tokens=budget,
         enable_thinking=think,
         **options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed),
-    ):
-        if last.thought:
-            sys.stderr.write(last.thought)
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if stats and last is not None:
-        typer.echo(options.stats_line(last), err=True)
+    )
+    options.print_answer(responses, stats)

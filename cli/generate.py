@@ -39,18 +39,11 @@ def generate(
         request = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
         ]
-    last = None
-    for last in stream_generate(
+    responses = stream_generate(
         loaded_model,
         processor,
         request,
         enable_thinking=think,
         **options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed),
-    ):
-        if last.thought:
-            sys.stderr.write(last.thought)
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if stats and last is not None:
-        typer.echo(options.stats_line(last), err=True)
+    )
+    options.print_answer(responses, stats)

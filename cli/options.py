@@ -1,7 +1,9 @@
-"""Options shared by the commands that generate text."""
+"""Options shared by the commands that generate text, and how they print an answer."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
@@ -65,3 +67,16 @@ def stats_line(response) -> str:
         f"{response.prompt_tokens} tokens ({response.reused_tokens} cached), "
         f"{response.prompt_tps:.1f} tok/s; peak {response.peak_memory:.2f} GB]"
     )
+
+
+def print_answer(responses: Iterable, stats: bool) -> None:
+    """Stream the answer to stdout (thoughts to stderr), then the stats line to stderr."""
+    last = None
+    for last in responses:
+        if last.thought:
+            sys.stderr.write(last.thought)
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats and last is not None:
+        typer.echo(stats_line(last), err=True)

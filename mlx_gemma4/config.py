@@ -25,6 +25,12 @@ _DEFAULT_ROPE = {
 }
 
 
+def _known_fields(cls, raw: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a config.json dict that name fields of `cls` (nulls mean the default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in known and v is not None}
+
+
 @dataclass
 class TextConfig:
     """The text decoder's hyper-parameters; defaults are transformers' `Gemma4TextConfig` ones."""
@@ -61,9 +67,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TextConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known and v is not None}
-        config = cls(**values)
+        config = cls(**_known_fields(cls, raw))
         config._normalize(raw.get("per_layer_config"))
         return config
 
@@ -183,8 +187,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        values = _known_fields(cls, raw)
         rope = raw.get("rope_parameters") or {}
         if "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
