@@ -39,8 +39,7 @@ class GenerationResponse:
 
 def soft_token_blocks(model, ids: list[int]) -> list[tuple[int, int]]:
     """[start, end) spans of consecutive image (or video) soft tokens in `ids`."""
-    config = model.config
-    is_soft = np.isin(np.array(ids), [config.image_token_id, config.video_token_id])
+    is_soft = np.array(model.soft_token_slots(mx.array(ids)))
     edges = np.flatnonzero(np.diff(np.concatenate([[0], is_soft.astype(np.int8), [0]])))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 

@@ -119,4 +119,8 @@ def test_text_only_model_refuses_images(tiny):
     model = load_model(tiny("dense")[0])
     pixels, positions = patches([(3, 3)], max_tokens=1)
     with pytest.raises(ValueError, match="no vision tower"):
-        model.embed_images(mx.array([[2, IMAGE]]), mx.array(pixels), mx.array(positions))
+        model(
+            mx.array([[2, IMAGE]]),
+            pixel_values=mx.array(pixels),
+            image_position_ids=mx.array(positions),
+        )

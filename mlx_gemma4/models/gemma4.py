@@ -62,30 +62,18 @@ class Model(nn.Module):
         config = self.config
         return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
 
-    def embed_images(
-        self, input_ids: mx.array, pixel_values: mx.array, image_position_ids: mx.array
-    ) -> mx.array:
-        """Token embeddings with each image's soft tokens in its placeholder positions."""
-        if "vision_tower" not in self:
-            raise ValueError("this checkpoint has no vision tower; it cannot take images")
-        slots = self.soft_token_slots(input_ids)
-        features = self.embed_vision(self.vision_tower(pixel_values, image_position_ids))
-        expected = int(slots.sum().item())
-        if features.shape[0] != expected:
-            raise ValueError(
-                f"the images give {features.shape[0]} soft tokens but the prompt has {expected} "
-                "image placeholders; build both with the same processor"
-            )
-        text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
-        return scatter_soft_tokens(self.language_model.embed(text_ids), slots, features)
-
     def text_model_inputs(
         self,
         input_ids: mx.array,
         pixel_values: mx.array | None = None,
         image_position_ids: mx.array | None = None,
     ) -> tuple[mx.array, mx.array | None, mx.array | None]:
-        """(token ids, embeddings or None, image block ids or None) for the text model."""
+        """(token ids, embeddings or None, image block ids or None) for the text model.
+
+        With images, the embeddings carry each image's soft tokens in its placeholders.
+        """
+        if pixel_values is not None and "vision_tower" not in self:
+            raise ValueError("this checkpoint has no vision tower; it cannot take images")
         if "vision_tower" not in self and "audio_tower" not in self:
             return input_ids, None, None
         slots = self.soft_token_slots(input_ids)
@@ -93,7 +81,14 @@ class Model(nn.Module):
         text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
         embeddings = None
         if pixel_values is not None:
-            embeddings = self.embed_images(input_ids, pixel_values, image_position_ids)
+            features = self.embed_vision(self.vision_tower(pixel_values, image_position_ids))
+            expected = int(slots.sum().item())
+            if features.shape[0] != expected:
+                raise ValueError(
+                    f"the images give {features.shape[0]} soft tokens but the prompt has "
+                    f"{expected} image placeholders; build both with the same processor"
+                )
+            embeddings = scatter_soft_tokens(self.language_model.embed(text_ids), slots, features)
         blocks = None
         bidirectional = self.config.text_config.use_bidirectional_attention == "vision"
         if bidirectional and input_ids.shape[1] > 1 and slots.any().item():
