@@ -23,10 +23,11 @@ def engine(name: str, model):
     if name == "mlx-gemma4":
         from mlx_gemma4 import PromptCache
         from mlx_gemma4.generation import generate_step, prompt_inputs
+        from mlx_gemma4.processing.processor import Media
 
         def run(ids, n):
             cache = PromptCache(model)
-            inputs = prompt_inputs(model, ids, None, cache)
+            inputs = prompt_inputs(model, ids, Media(), cache)
             greedy = lambda x: mx.argmax(x, -1)  # noqa: E731
             steps = generate_step(model, ids, inputs, cache, greedy, [], normalize=False)
             return (token for token, _ in zip(steps, range(n), strict=False))

@@ -27,6 +27,7 @@ def main() -> None:
     from mlx_gemma4 import PromptCache
     from mlx_gemma4.generation import generate_step, prompt_inputs
     from mlx_gemma4.processing.images import process_images
+    from mlx_gemma4.processing.processor import Media
 
     folder = e2b_shaped_checkpoint(args.layers, real_vision=True)
     rng = np.random.default_rng(0)
@@ -46,7 +47,7 @@ def main() -> None:
 
     def first_token_ours():
         cache = PromptCache(ours)
-        inputs = prompt_inputs(ours, ids, batch, cache)
+        inputs = prompt_inputs(ours, ids, Media(images=batch), cache)
         steps = generate_step(
             ours, ids, inputs, cache, lambda x: mx.argmax(x, -1), [], normalize=False
         )

@@ -8,7 +8,7 @@ from rich.console import Console
 from mlx_gemma4 import __version__
 from mlx_gemma4.errors import Gemma4Error
 
-from . import ask, chat, detect, generate, info
+from . import ask, chat, detect, generate, info, quantize, transcribe
 
 app = typer.Typer(
     name="gemma4",
@@ -22,6 +22,8 @@ app.command("chat")(chat.chat)
 app.command("generate")(generate.generate)
 app.command("ask")(ask.ask)
 app.command("detect")(detect.detect)
+app.command("transcribe")(transcribe.transcribe)
+app.command("quantize")(quantize.quantize)
 
 
 def _show_version(value: bool) -> None:

@@ -1,4 +1,4 @@
-"""`gemma4 ask IMAGE... QUESTION`: questions about images, the answer streamed."""
+"""`gemma4 ask MEDIA... QUESTION`: questions about images and videos, the answer streamed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from . import options
 
 def ask(
     items: Annotated[
-        list[str], typer.Argument(metavar="IMAGE... QUESTION", help="Images, then the question.")
+        list[str],
+        typer.Argument(
+            metavar="MEDIA... QUESTION",
+            help="Images or videos (.mp4, .mov, .mkv, .webm, ...), then the question.",
+        ),
     ],
     model: options.Model = options.DEFAULT_MODEL,
     budget: options.Budget = 280,
@@ -27,19 +31,27 @@ def ask(
     seed: options.Seed = None,
     dtype: options.Dtype = None,
     stats: options.Stats = True,
+    kv_bits: options.KVBits = None,
+    kv_key_bits: options.KVKeyBits = None,
+    kv_value_bits: options.KVValueBits = None,
 ) -> None:
-    """Answer QUESTION about one or more images."""
-    from mlx_gemma4 import load, stream_generate
+    """Answer QUESTION about one or more images or videos (sampled frames, 70 tokens each)."""
+    from mlx_gemma4 import PromptCache, load, stream_generate
     from mlx_gemma4.processing.images import check_budget, open_image
+    from mlx_gemma4.processing.video import is_video_file, load_video
 
     if len(items) < 2:
-        raise Gemma4Error("give at least one image and then the question")
-    *images, question = items
+        raise Gemma4Error("give at least one image or video and then the question")
+    *media, question = items
     check_budget(budget)
-    for image in images:
-        open_image(image)  # a bad image fails here, before the model loads
+    kv_quantization = options.kv_quantization(kv_bits, kv_key_bits, kv_value_bits)
+    content = []  # bad media fail here, before the model loads
+    for item in media:
+        if is_video_file(item):
+            content.append({"type": "video", "video": load_video(item)})
+        else:
+            content.append({"type": "image", "image": open_image(item)})
     loaded_model, processor = load(model, dtype=dtype)
-    content = [{"type": "image", "image": image} for image in images]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     responses = stream_generate(
         loaded_model,
@@ -48,5 +60,6 @@ def ask(
         max_soft_tokens=budget,
         enable_thinking=think,
         **options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed),
+        prompt_cache=PromptCache(loaded_model, kv_quantization),
     )
     options.print_answer(responses, stats)

@@ -21,6 +21,8 @@ HELP = '''commands:
   /system TEXT   set the system instructions (starts over)
   /think         switch thinking on or off
   /image PATH    attach an image to your next message
+  /video PATH    attach a video (up to 32 frames) to your next message
+  /audio PATH    attach an audio file to your next message
   /save FILE     save the conversation (its KV cache goes beside it)
   /load FILE     continue a conversation saved with /save
   /exit          leave (Ctrl-D does too)
@@ -51,6 +53,36 @@ def _write_atomically(file: Path, text: str) -> None:
     os.replace(temporary, file)
 
 
+MEDIA = ("image", "video", "audio")
+
+
+def _open_media(kind: str, path: str):
+    """The checked image, decoded video or audio wave of a file (one clear error if bad)."""
+    from mlx_gemma4.processing import audio, images, video
+
+    opener = {"image": images.open_image, "video": video.load_video, "audio": audio.load_audio}
+    return opener[kind](path)
+
+
+def _note_long_audio(wave) -> None:
+    from mlx_gemma4.processing.audio import MAX_SAMPLES, SAMPLE_RATE
+
+    if len(wave) > MAX_SAMPLES:
+        typer.echo(
+            f"note: the model hears the first {MAX_SAMPLES // SAMPLE_RATE} s of this "
+            f"{len(wave) / SAMPLE_RATE:.0f} s recording (gemma4 transcribe takes any length)",
+            err=True,
+        )
+
+
+def _source_path(value):
+    """JSON for a decoded video in the history: the file it came from."""
+    source = getattr(value, "source", None)
+    if source is None:
+        raise TypeError(f"cannot save {type(value).__name__}")
+    return str(source)
+
+
 class Chat:
     """A conversation with one model: history, settings and the reusable prompt cache."""
 
@@ -62,8 +94,13 @@ class Chat:
         self.system, self.think = system, think
         self.sampling, self.stats, self.interactive = sampling, stats, interactive
         self.messages: list[dict] = []
-        self.images: list[str] = []  # attached to the next user message
+        self.attachments: list[dict] = []  # content parts for the next user message
         self.prompt_cache = PromptCache(model)
+        self.kv_quantization = None  # float KV caches unless use_kv_quantization says otherwise
+
+    def use_kv_quantization(self, kv_quantization) -> None:
+        self.kv_quantization = kv_quantization
+        self.prompt_cache.use_kv_quantization(kv_quantization)
 
     def conversation(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -76,9 +113,8 @@ class Chat:
             sys.stderr.write(text)
 
     def answer(self, text: str) -> None:
-        content = [{"type": "image", "image": path} for path in self.images]
-        self.images = []
-        content = content + [{"type": "text", "text": text}] if content else text
+        content = [*self.attachments, {"type": "text", "text": text}] if self.attachments else text
+        self.attachments = []
         self.messages.append({"role": "user", "content": content})
         parts, last = [], None
         try:
@@ -123,10 +159,10 @@ class Chat:
         elif name == "think":
             self.think = not self.think
             typer.echo(f"thinking {'on' if self.think else 'off'}")
-        elif name in ("save", "load", "image") and not argument:
+        elif name in ("save", "load", *MEDIA) and not argument:
             typer.echo(f"/{name} needs a file name", err=True)
-        elif name == "image":
-            self.attach(argument)
+        elif name in MEDIA:
+            self.attach(name, argument)
         elif name == "save":
             self.save(Path(argument))
         elif name == "load":
@@ -137,23 +173,30 @@ class Chat:
             typer.echo(HELP)
         return True
 
-    def attach(self, path: str) -> None:
-        from mlx_gemma4.processing.images import open_image
-
-        if "vision_tower" not in self.model:
-            typer.echo("this model has no vision tower; it cannot see images", err=True)
+    def attach(self, kind: str, path: str) -> None:
+        """Check (and for video, decode) the file now: a bad one is reported at once."""
+        tower = "audio_tower" if kind == "audio" else "vision_tower"
+        if tower not in self.model:
+            typer.echo(
+                f"this model has no {tower.replace('_', ' ')}; it cannot take {kind}", err=True
+            )
             return
         try:
-            open_image(path)
+            item = _open_media(kind, path)
         except Gemma4Error as e:
             typer.echo(f"error: {e}", err=True)
             return
-        self.images.append(path)
-        typer.echo(f"attached {path} ({len(self.images)} image(s) for your next message)")
+        if kind == "audio":
+            _note_long_audio(item)
+        # decoded frames are kept: history is re-processed each turn (its tokens come from cache)
+        self.attachments.append({"type": kind, kind: item if kind == "video" else path})
+        count = sum(part["type"] == kind for part in self.attachments)
+        typer.echo(f"attached {path} ({count} {kind} file(s) for your next message)")
 
     def save(self, file: Path) -> None:
         state = {"system": self.system, "think": self.think, "messages": self.messages}
-        _write_atomically(file, json.dumps(state, indent=2, ensure_ascii=False))
+        text = json.dumps(state, indent=2, ensure_ascii=False, default=_source_path)
+        _write_atomically(file, text)
         self.prompt_cache.save(file.with_name(file.name + ".kv.safetensors"))
         typer.echo(f"saved {len(self.messages)} messages to {file}")
 
@@ -172,6 +215,7 @@ class Chat:
             self.prompt_cache = PromptCache.load(self.model, kv)
         except Gemma4Error:
             self.prompt_cache = PromptCache(self.model)  # the history is re-read on the next turn
+        self.prompt_cache.use_kv_quantization(self.kv_quantization)  # another setting: re-read
         typer.echo(f"loaded {len(messages)} messages from {file}")
 
     def run(self, read_line: Callable[[str], str]) -> None:
@@ -221,6 +265,9 @@ def chat(
     seed: options.Seed = None,
     dtype: options.Dtype = None,
     stats: options.Stats = True,
+    kv_bits: options.KVBits = None,
+    kv_key_bits: options.KVKeyBits = None,
+    kv_value_bits: options.KVValueBits = None,
 ) -> None:
     """Chat in the terminal; reads the conversation from stdin when it is not a terminal."""
     from mlx_gemma4 import load
@@ -228,10 +275,12 @@ def chat(
 
     interactive = sys.stdin.isatty()
     check_budget(budget)
+    kv_quantization = options.kv_quantization(kv_bits, kv_key_bits, kv_value_bits)
     loaded_model, processor = load(model, dtype=dtype)
     sampling = options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
     sampling["max_soft_tokens"] = budget
     session = Chat(loaded_model, processor, system, think, sampling, stats, interactive)
+    session.use_kv_quantization(kv_quantization)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 

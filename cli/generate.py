@@ -27,10 +27,14 @@ def generate(
     seed: options.Seed = None,
     dtype: options.Dtype = None,
     stats: options.Stats = True,
+    kv_bits: options.KVBits = None,
+    kv_key_bits: options.KVKeyBits = None,
+    kv_value_bits: options.KVValueBits = None,
 ) -> None:
     """Stream one answer to PROMPT (wrapped as a user turn unless --raw)."""
-    from mlx_gemma4 import load, stream_generate
+    from mlx_gemma4 import PromptCache, load, stream_generate
 
+    kv_quantization = options.kv_quantization(kv_bits, kv_key_bits, kv_value_bits)
     text = sys.stdin.read() if prompt == "-" else prompt
     loaded_model, processor = load(model, dtype=dtype)
     if raw:
@@ -45,5 +49,6 @@ def generate(
         request,
         enable_thinking=think,
         **options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed),
+        prompt_cache=PromptCache(loaded_model, kv_quantization),
     )
     options.print_answer(responses, stats)

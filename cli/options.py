@@ -38,6 +38,17 @@ Budget = Annotated[
     int, typer.Option("--budget", help="Soft tokens per image: 70, 140, 280, 560 or 1120.")
 ]
 Stats = Annotated[bool, typer.Option("--stats/--no-stats", help="Print tokens/s after answers.")]
+KVBits = Annotated[
+    int | None,
+    typer.Option("--kv-bits", help="Quantize full-attention KV caches: 2-6 or 8 bits (rotated)."),
+]
+KVKeyBits = Annotated[
+    int | None, typer.Option("--kv-key-bits", help="Bits for cached keys (overrides --kv-bits).")
+]
+KVValueBits = Annotated[
+    int | None,
+    typer.Option("--kv-value-bits", help="Bits for cached values (overrides --kv-bits)."),
+]
 
 
 def sampling(
@@ -59,6 +70,14 @@ def sampling(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
+
+
+def kv_quantization(kv_bits: int | None, kv_key_bits: int | None, kv_value_bits: int | None):
+    """The KV-cache setting of `--kv-bits` / `--kv-key-bits` / `--kv-value-bits` (None: float),
+    checked before the model loads."""
+    from mlx_gemma4.kv_quant import KVQuantization
+
+    return KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
 
 
 def stats_line(response) -> str:

@@ -9,6 +9,7 @@ from .errors import Gemma4Error
 
 if TYPE_CHECKING:
     from .generation import GenerationResponse, generate, stream_generate
+    from .kv_quant import KVQuantization
     from .loading import load, load_model
     from .prompt_cache import PromptCache
 
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "Gemma4Error",
     "GenerationResponse",
+    "KVQuantization",
     "PromptCache",
     "__version__",
     "generate",
@@ -35,6 +37,7 @@ _LAZY = {
     "stream_generate": "generation",
     "GenerationResponse": "generation",
     "PromptCache": "prompt_cache",
+    "KVQuantization": "kv_quant",
 }
 
 

@@ -199,13 +199,55 @@ class VisionConfig:
 
 
 @dataclass
+class AudioConfig:
+    """The audio tower's hyper-parameters; defaults are transformers' `Gemma4AudioConfig` ones."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    hidden_act: str = "silu"
+    subsampling_conv_channels: list[int] = field(default_factory=lambda: [128, 32])
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AudioConfig:
+        config = cls(**_known_fields(cls, raw))
+        config.subsampling_conv_channels = list(config.subsampling_conv_channels)
+        if config.hidden_act != "silu":
+            raise ConfigError(
+                f"audio hidden_act {config.hidden_act!r} is not supported (Gemma 4 uses silu)"
+            )
+        if len(config.subsampling_conv_channels) != 2:
+            raise ConfigError(
+                "audio subsampling_conv_channels must list two channel counts, got "
+                f"{config.subsampling_conv_channels}"
+            )
+        if config.hidden_size % config.num_attention_heads:
+            raise ConfigError(
+                f"audio hidden_size {config.hidden_size} is not a multiple of "
+                f"num_attention_heads {config.num_attention_heads}"
+            )
+        return config
+
+
+@dataclass
 class ModelConfig:
-    """Top-level config: the text decoder plus the raw tower configs of a multimodal checkpoint."""
+    """Top-level config: the text decoder plus the tower configs of a multimodal checkpoint."""
 
     text_config: TextConfig
     model_type: str = TEXT_MODEL_TYPE
     vision_config: VisionConfig | None = None
-    audio_config: dict[str, Any] | None = None
+    audio_config: AudioConfig | None = None
     image_token_id: int = 258_880
     video_token_id: int = 258_884
     audio_token_id: int = 258_881
@@ -235,7 +277,9 @@ class ModelConfig:
             vision_config=VisionConfig.from_dict(raw["vision_config"])
             if raw.get("vision_config")
             else None,
-            audio_config=raw.get("audio_config"),
+            audio_config=AudioConfig.from_dict(raw["audio_config"])
+            if raw.get("audio_config")
+            else None,
             **{
                 k: raw[k]
                 for k in ("image_token_id", "video_token_id", "audio_token_id")

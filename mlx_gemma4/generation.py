@@ -5,14 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import Gemma4Error
+from .kv_quant import KVQuantization
 from .processing import Processor
+from .processing.audio import AudioError
 from .processing.images import DEFAULT_BUDGET
+from .processing.processor import Media
+from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
 
@@ -38,7 +43,7 @@ class GenerationResponse:
 
 
 def soft_token_blocks(model, ids: list[int]) -> list[tuple[int, int]]:
-    """[start, end) spans of consecutive image (or video) soft tokens in `ids`."""
+    """[start, end) spans of consecutive soft tokens (one image, video frame or audio clip)."""
     is_soft = np.array(model.soft_token_slots(mx.array(ids)))
     edges = np.flatnonzero(np.diff(np.concatenate([[0], is_soft.astype(np.int8), [0]])))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
@@ -68,19 +73,28 @@ class PromptInputs:
     block_spans: tuple[tuple[int, int], ...] = ()
 
 
-def prompt_inputs(model, ids: list[int], images, prompt_cache: PromptCache) -> PromptInputs:
-    """Reuse the cache's prefix; run the vision tower only for images it has not seen."""
+def media_encoders(model, media: Media) -> dict[int, tuple[Any, Callable[..., mx.array]]]:
+    """Placeholder token id -> (the prompt's batch of that kind, the tower that encodes it)."""
+    config = model.config
+    return {
+        config.image_token_id: (media.images, model.vision_features),
+        config.video_token_id: (media.video_frames, model.vision_features),
+        config.audio_token_id: (media.audio, model.audio_features),
+    }
+
+
+def prompt_inputs(model, ids: list[int], media: Media, prompt_cache: PromptCache) -> PromptInputs:
+    """Reuse the cache's prefix; run the towers only for media it has not seen."""
     spans = soft_token_blocks(model, ids)
     todo = prompt_cache.prepare(ids, spans)
     keep = len(ids) - len(todo)
-    pending = [i for i, (start, _) in enumerate(spans) if start >= keep]
-    pixel_values = positions = None
-    if pending and images is not None:
-        pixel_values = mx.array(images.pixel_values[pending])
-        positions = mx.array(images.position_ids[pending])
-    text_ids, embeddings, blocks = model.text_model_inputs(
-        mx.array([todo]), pixel_values, positions
-    )
+    features = {}
+    for token_id, (batch, encode) in media_encoders(model, media).items():
+        starts = [start for start, _ in spans if ids[start] == token_id]
+        pending = [i for i, start in enumerate(starts) if start >= keep]
+        if pending and batch is not None:
+            features[token_id] = encode(*batch.take(pending))
+    text_ids, embeddings, blocks = model.text_model_inputs(mx.array([todo]), features)
     local = tuple((start - keep, end - keep) for start, end in spans if start >= keep)
     return PromptInputs(todo, text_ids, embeddings, blocks, local)
 
@@ -150,6 +164,10 @@ def stream_generate(
     *,
     images: list | None = None,
     max_soft_tokens: int = DEFAULT_BUDGET,
+    videos: list | None = None,
+    audio: list | None = None,
+    video_soft_tokens: int = DEFAULT_VIDEO_BUDGET,
+    max_frames: int = MAX_FRAMES,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 0.0,
@@ -163,18 +181,39 @@ def stream_generate(
     enable_thinking: bool = False,
     logits_processors: list[LogitsProcessor] | None = None,
     prefill_step_size: int = 2048,
+    kv_bits: int | None = None,
+    kv_key_bits: int | None = None,
+    kv_value_bits: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from text, token ids or chat messages, one response per token.
 
     Images come in chat messages (`{"type": "image", "image": path or PIL image}` parts) or as
     `images` for a text prompt with `<|image|>` placeholders; `max_soft_tokens` is each image's
-    budget (70, 140, 280, 560 or 1120). Greedy when `temperature` is 0. `prompt_cache` keeps
-    the KV caches between calls: only the tokens after the longest common prefix with the
-    previous call are processed, and only images among them go through the vision tower.
+    budget (70, 140, 280, 560 or 1120). Videos likewise (`{"type": "video", "video": path}`
+    or `videos` with `<|video|>` placeholders): at most `max_frames` frames of
+    `video_soft_tokens` each. Audio too (`{"type": "audio", "audio": path or 16 kHz samples}`
+    or `audio` with `<|audio|>` placeholders), up to 30 s a clip. Greedy when `temperature`
+    is 0. `prompt_cache` keeps the KV caches between calls: only the tokens after the longest
+    common prefix with the previous call are processed, and only media among them go through
+    the towers.
+
+    `kv_bits` (or `kv_key_bits` and `kv_value_bits` apart) stores the full-attention layers'
+    keys and values rotated and quantized (2-6 or 8 bits). A `prompt_cache` made with another
+    setting is rebuilt; with none of the three it keeps its own setting.
     """
-    prompt_ids, images = processor.prepare(
-        prompt, images, max_soft_tokens, enable_thinking=enable_thinking
+    kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+    prompt_ids, media = processor.prepare(
+        prompt,
+        images,
+        max_soft_tokens,
+        videos=videos,
+        video_soft_tokens=video_soft_tokens,
+        max_frames=max_frames,
+        audio=audio,
+        enable_thinking=enable_thinking,
     )
+    if media.audio is not None and "audio_tower" not in model:
+        raise AudioError("this checkpoint has no audio tower; it cannot take audio (E2B/E4B can)")
     context = model.config.text_config.max_position_embeddings
     if len(prompt_ids) + max_tokens > context:
         raise PromptTooLongError(
@@ -187,12 +226,15 @@ def stream_generate(
     processors = list(logits_processors or []) + make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
     )
-    prompt_cache = prompt_cache or PromptCache(model)
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model, kv_quantization)
+    elif kv_quantization is not None:
+        prompt_cache.use_kv_quantization(kv_quantization)
     text, stops = TextStream(processor), StopStrings(stop or [])
 
     mx.reset_peak_memory()
     start = time.perf_counter()
-    inputs = prompt_inputs(model, prompt_ids, images, prompt_cache)
+    inputs = prompt_inputs(model, prompt_ids, media, prompt_cache)
     reused = len(prompt_ids) - len(inputs.todo)
     tokens = generate_step(
         model,

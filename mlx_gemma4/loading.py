@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .errors import ConfigError, ModelNotFoundError, QuantizationError, WeightsError
 from .models.gemma4 import TOWER_PREFIXES, Model
+from .models.layers import CodebookLinear, Rotation
 from .processing import Processor
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
@@ -25,6 +27,7 @@ _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16
 _FLOAT_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
 _MODES = {"affine", *_FLOAT_MODES.values()}
 _AFFINE_BITS = {2, 3, 4, 5, 6, 8}
+_METHODS = ("affine", "turboquant")
 
 
 # ----------------------------------------------------------------------------- files
@@ -153,6 +156,8 @@ _PREFIXES = [
 ]
 _SHARED_KV_PARTS = ("k_proj", "v_proj", "k_norm", "v_norm")
 _CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+_AUDIO_CONVS = (".conv.weight", ".depthwise_conv1d.weight")
+_AUDIO_CONSTANTS = ("rel_pos_enc.inv_timescales", "self_attn.softcap")
 
 
 def _rename(key: str) -> str:
@@ -202,6 +207,9 @@ def canonical_weights(
     clipped = (
         model.config.vision_config is not None and model.config.vision_config.use_clipped_linears
     )
+    audio = model.config.audio_config
+    audio_clipped = audio is not None and audio.use_clipped_linears
+    expected = dict(tree_flatten(model.parameters())) if audio is not None else {}
     for key, value in weights.items():
         new = _rename(key)
         if new.startswith(TOWER_PREFIXES) and new.split(".")[0] not in model:
@@ -209,6 +217,13 @@ def canonical_weights(
             continue
         if new.startswith("vision_tower.") and new.endswith(_CLIP_BOUNDS) and not clipped:
             continue
+        if new.startswith("audio_tower."):
+            if new.endswith(_CLIP_BOUNDS) and not audio_clipped:
+                continue
+            if new.endswith(_AUDIO_CONSTANTS):  # computed, not loaded
+                continue
+            if new.endswith(_AUDIO_CONVS) and new in expected:
+                value = _channels_last(value, expected[new].shape)
         if "rotary_emb" in new or (new == "lm_head.weight" and text.tie_word_embeddings):
             continue
         if _is_unused_shared_kv(new, text.first_kv_shared_layer):
@@ -217,6 +232,27 @@ def canonical_weights(
         where[new] = origin[key]
     _fuse_switch_experts(renamed)
     return renamed, where, towers
+
+
+def _channels_last(weight: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """A PyTorch conv weight [out, in, *kernel] in MLX's [out, *kernel, in] layout (weights
+    converted for MLX already are left alone)."""
+    if tuple(weight.shape) == tuple(shape):
+        return weight
+    moved = mx.moveaxis(weight, 1, -1)
+    return moved if tuple(moved.shape) == tuple(shape) else weight
+
+
+def without_absent_audio(config: ModelConfig, weights: dict[str, mx.array]) -> ModelConfig:
+    """Build no audio tower when the checkpoint has no audio weights (a text and vision export
+    of an audio model); audio input then gets the no-audio-tower error. A tower with only some
+    of its weights is still reported as missing tensors."""
+    if config.audio_config is None:
+        return config
+    audio = ("audio_tower.", "embed_audio.")
+    if any(_rename(key).startswith(audio) for key in weights):
+        return config
+    return dataclasses.replace(config, audio_config=None)
 
 
 def _is_unused_shared_kv(key: str, first_shared: int) -> bool:
@@ -256,6 +292,15 @@ def quantize_like_checkpoint(
     model: Model, weights: dict[str, mx.array], quantization: dict
 ) -> None:
     """Turn exactly the modules the checkpoint stores packed into quantized modules."""
+    method = quantization.get("method", "affine")
+    if method not in _METHODS:
+        raise QuantizationError(
+            f"quantization method {method!r} in config.json is unknown; "
+            f"supported: {', '.join(_METHODS)}"
+        )
+    if method == "turboquant":
+        _install_rotations(model, weights)
+    _install_codebooks(model, weights)
     default_mode = quantization.get("mode", "affine")
     if default_mode not in _MODES:
         raise QuantizationError(
@@ -269,6 +314,39 @@ def quantize_like_checkpoint(
         return _quantization_of(path, module, weights, default_mode)
 
     nn.quantize(model, class_predicate=predicate)
+
+
+def _install_rotations(model: Model, weights: dict[str, mx.array]) -> None:
+    """A `Rotation` wherever the checkpoint stores one's signs (turboquant checkpoints)."""
+    modules = dict(model.named_modules())
+    for key in weights:
+        if not key.endswith("_rotation.signs"):
+            continue
+        parent, _, name = key.removesuffix(".signs").rpartition(".")
+        if parent not in modules:
+            raise WeightsError(f"{key}: rotation of a module this model does not have")
+        setattr(modules[parent], name, Rotation(weights[key].shape[-1]))
+
+
+def _install_codebooks(model: Model, weights: dict[str, mx.array]) -> None:
+    """A `CodebookLinear` wherever the checkpoint stores a codebook; sizes read off shapes."""
+    modules = dict(model.named_modules())
+    for key in weights:
+        if not key.endswith(".codebook"):
+            continue
+        path = key.removesuffix(".codebook")
+        module = modules.get(path)
+        if not isinstance(module, nn.Linear) or f"{path}.scales" not in weights:
+            raise WeightsError(f"{key}: a codebook for something that is not a linear layer")
+        out_dims, in_dims = module.weight.shape
+        bits = (weights[key].shape[-1] - 1).bit_length()
+        group_size = in_dims // weights[f"{path}.scales"].shape[-1]
+        parent, _, name = path.rpartition(".")
+        setattr(
+            modules[parent],
+            name,
+            CodebookLinear(in_dims, out_dims, bits, group_size, bias="bias" in module),
+        )
 
 
 # ----------------------------------------------------------------------------- checks, dtype
@@ -348,6 +426,7 @@ def load_model(
         raise ConfigError(f"{folder / 'config.json'}: unusable value ({e})") from e
 
     weights, origin = read_weights(weight_files(folder))
+    config = without_absent_audio(config, weights)
     model = Model(config)
     weights, where, towers = canonical_weights(weights, origin, model)
     if config.quantization is not None:

@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 
 from .errors import Gemma4Error
+from .kv_quant import KVQuantization
 
 
 class PromptCacheError(Gemma4Error):
@@ -33,16 +34,27 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PromptCache:
-    """Caches for every KV-owning layer and the token ids they have processed, in order."""
+    """Caches for every KV-owning layer and the token ids they have processed, in order.
 
-    def __init__(self, model):
+    `kv_quantization` stores the full-attention layers' keys and values quantized.
+    """
+
+    def __init__(self, model, kv_quantization: KVQuantization | None = None):
         self.model = model
-        self.cache: list[Any] = model.make_cache()
+        self.kv_quantization = kv_quantization
+        self.cache: list[Any] = model.make_cache(kv_quantization)
         self.tokens: list[int] = []
 
     def reset(self) -> None:
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(self.kv_quantization)
         self.tokens = []
+
+    def use_kv_quantization(self, kv_quantization: KVQuantization | None) -> None:
+        """Hold keys and values as `kv_quantization` says; caches made otherwise are rebuilt
+        (and their tokens processed again), never reused."""
+        if kv_quantization != self.kv_quantization:
+            self.kv_quantization = kv_quantization
+            self.reset()
 
     def _trim(self, n: int) -> bool:
         if not all(c.is_trimmable() for c in self.cache):
@@ -72,9 +84,11 @@ class PromptCache:
             for i, layer in enumerate(self.cache)
             for j, array in enumerate(layer.state)
         }
+        kv = self.kv_quantization
         metadata = {
             "model": _model_fingerprint(self.model),
             "types": json.dumps([type(c).__name__ for c in self.cache]),
+            "kv_quantization": "null" if kv is None else kv.to_json(),
             "meta": json.dumps([list(c.meta_state) for c in self.cache]),
             "tokens": json.dumps(self.tokens),
         }
@@ -95,16 +109,17 @@ class PromptCache:
             arrays, metadata = mx.load(str(file), return_metadata=True)
             types, meta = json.loads(metadata["types"]), json.loads(metadata["meta"])
             tokens = json.loads(metadata["tokens"])
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            kv_quantization = KVQuantization.from_json(metadata.get("kv_quantization"))
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise PromptCacheError(f"{file}: not a prompt-cache file ({e})") from e
         if metadata.get("model") != _model_fingerprint(model):
             raise PromptCacheError(f"{file}: this prompt cache was saved for another model")
-        prompt_cache = cls(model)
+        prompt_cache = cls(model, kv_quantization)
         for i, (name, meta_state) in enumerate(zip(types, meta, strict=True)):
             layer = prompt_cache.cache[i]
             if type(layer).__name__ != name:
                 raise PromptCacheError(f"{file}: layer {i} holds a {name}, unlike this model")
-            state = [arrays[f"{i}.{j}"] for j in range(2) if f"{i}.{j}" in arrays]
+            state = [arrays[f"{i}.{j}"] for j in range(len(arrays)) if f"{i}.{j}" in arrays]
             if state:
                 layer.state = tuple(state)
             layer.meta_state = meta_state

@@ -180,6 +180,9 @@ SPECIAL_TOKENS = {
     471: "<image|>",
     472: "<|image|>",
     473: "<|video|>",
+    474: "<|audio>",
+    475: "<audio|>",
+    476: "<|audio|>",
 }
 _BYTES_AT = 200  # <0x00> .. <0xFF> at ids 200 .. 455
 _CHARACTERS = "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?:;'\"-()\n"

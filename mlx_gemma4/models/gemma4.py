@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from ..kv_quant import KVQuantization
+from .audio import AudioModel
 from .layers import Linear
 from .text import TextModel
 from .vision import MultimodalEmbedder, VisionModel
@@ -43,10 +45,17 @@ class Model(nn.Module):
             self.embed_vision = MultimodalEmbedder(
                 vision.hidden_size, text.hidden_size, vision.rms_norm_eps
             )
+        audio = config.audio_config
+        if audio is not None:
+            self.audio_tower = AudioModel(audio)
+            self.embed_audio = MultimodalEmbedder(
+                audio.output_proj_dims, text.hidden_size, audio.rms_norm_eps
+            )
 
-    def make_cache(self) -> list[Any]:
-        """Per-layer caches for the layers that own keys and values (KV-shared layers own none)."""
-        return self.language_model.make_cache()
+    def make_cache(self, kv_quantization: KVQuantization | None = None) -> list[Any]:
+        """Per-layer caches for the layers that own keys and values (KV-shared layers own none);
+        `kv_quantization` stores the full-attention layers' keys and values quantized."""
+        return self.language_model.make_cache(kv_quantization)
 
     def logits(self, hidden: mx.array) -> mx.array:
         if "lm_head" in self:
@@ -59,40 +68,64 @@ class Model(nn.Module):
         return out
 
     def soft_token_slots(self, input_ids: mx.array) -> mx.array:
+        """Placeholders whose embedding comes from a tower rather than the token table."""
         config = self.config
-        return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+        slots = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+        return slots | (input_ids == config.audio_token_id)
+
+    def vision_features(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
+        """Soft tokens [n, hidden] of images (or video frames), in order; padding dropped."""
+        if "vision_tower" not in self:
+            raise ValueError("this checkpoint has no vision tower; it cannot take images or video")
+        return self.embed_vision(self.vision_tower(pixel_values, position_ids))
+
+    def audio_features(
+        self, input_features: mx.array, input_features_mask: mx.array | None = None
+    ) -> mx.array:
+        """Soft tokens [n, hidden] of audio clips, in order; padding dropped.
+
+        `input_features` [clips, frames, 128] log-mel and `input_features_mask` [clips, frames]
+        (True: real frame; None: all real) take transformers' layouts. Clip i gives
+        `audio.soft_token_counts(mask)[i]` tokens.
+        """
+        if "audio_tower" not in self:
+            raise ValueError("this checkpoint has no audio tower; it cannot take audio")
+        if input_features_mask is None:
+            input_features_mask = mx.ones(input_features.shape[:2], dtype=mx.bool_)
+        return self.embed_audio(self.audio_tower(input_features, input_features_mask))
 
     def text_model_inputs(
-        self,
-        input_ids: mx.array,
-        pixel_values: mx.array | None = None,
-        image_position_ids: mx.array | None = None,
+        self, input_ids: mx.array, features: dict[int, mx.array] | None = None
     ) -> tuple[mx.array, mx.array | None, mx.array | None]:
         """(token ids, embeddings or None, image block ids or None) for the text model.
 
-        With images, the embeddings carry each image's soft tokens in its placeholders.
+        `features` maps a placeholder token id (image, video or audio) to the soft tokens
+        [n, hidden] that fill its placeholders, in order.
         """
-        if pixel_values is not None and "vision_tower" not in self:
-            raise ValueError("this checkpoint has no vision tower; it cannot take images")
         if "vision_tower" not in self and "audio_tower" not in self:
             return input_ids, None, None
         slots = self.soft_token_slots(input_ids)
         # multimodal placeholders look up the pad token, in the embeddings and in the PLE table
         text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
         embeddings = None
-        if pixel_values is not None:
-            features = self.embed_vision(self.vision_tower(pixel_values, image_position_ids))
-            expected = int(slots.sum().item())
-            if features.shape[0] != expected:
+        for token_id, soft_tokens in (features or {}).items():
+            if embeddings is None:
+                embeddings = self.language_model.embed(text_ids)
+            placeholders = input_ids == token_id
+            if soft_tokens.shape[0] != (expected := int(placeholders.sum().item())):
                 raise ValueError(
-                    f"the images give {features.shape[0]} soft tokens but the prompt has "
-                    f"{expected} image placeholders; build both with the same processor"
+                    f"the media give {soft_tokens.shape[0]} soft tokens for {expected} "
+                    f"placeholders (token {token_id}); build both with the same processor"
                 )
-            embeddings = scatter_soft_tokens(self.language_model.embed(text_ids), slots, features)
+            embeddings = scatter_soft_tokens(embeddings, placeholders, soft_tokens)
         blocks = None
         bidirectional = self.config.text_config.use_bidirectional_attention == "vision"
-        if bidirectional and input_ids.shape[1] > 1 and slots.any().item():
-            blocks = vision_block_ids(slots)
+        if bidirectional and input_ids.shape[1] > 1:
+            visual = (input_ids == self.config.image_token_id) | (
+                input_ids == self.config.video_token_id
+            )
+            if visual.any().item():
+                blocks = vision_block_ids(visual)
         return text_ids, embeddings, blocks
 
     def __call__(
@@ -101,15 +134,32 @@ class Model(nn.Module):
         cache: list[Any] | None = None,
         pixel_values: mx.array | None = None,
         image_position_ids: mx.array | None = None,
+        pixel_values_videos: mx.array | None = None,
+        video_position_ids: mx.array | None = None,
+        input_features: mx.array | None = None,
+        input_features_mask: mx.array | None = None,
     ) -> mx.array:
         """`[B, T]` token ids -> `[B, T, vocab]` logits; `cache` carries earlier positions.
 
         `pixel_values` [images, patches, 3 p^2] and `image_position_ids` [images, patches, 2]
-        take transformers' layouts; each image's soft tokens fill its placeholder tokens.
+        take transformers' layouts, as do `pixel_values_videos` and `video_position_ids` (the
+        frames of all videos, concatenated); so do `input_features` [clips, frames, 128] and
+        `input_features_mask` [clips, frames]. Soft tokens fill their placeholders in order.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        text_ids, embeddings, blocks = self.text_model_inputs(
-            input_ids, pixel_values, image_position_ids
-        )
+        features = {}
+        if pixel_values is not None:
+            features[self.config.image_token_id] = self.vision_features(
+                pixel_values, image_position_ids
+            )
+        if pixel_values_videos is not None:
+            features[self.config.video_token_id] = self.vision_features(
+                pixel_values_videos, video_position_ids
+            )
+        if input_features is not None:
+            features[self.config.audio_token_id] = self.audio_features(
+                input_features, input_features_mask
+            )
+        text_ids, embeddings, blocks = self.text_model_inputs(input_ids, features)
         return self.logits(self.language_model(text_ids, cache, embeddings, blocks))

@@ -48,3 +48,99 @@ class Linear(nn.Linear):
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+# ----------------------------------------------------------------------------- rotations
+
+# mx.hadamard_transform sizes are m * 2^k for these m; its own size check admits some others
+# (5376 = 28 * 192) and then crashes, so sizes are checked here.
+HADAMARD_BASES = (28, 20, 12, 1)
+
+
+def is_hadamard_size(n: int) -> bool:
+    for base in HADAMARD_BASES:
+        if n % base == 0 and (n // base) & (n // base - 1) == 0:
+            return True
+    return False
+
+
+def hadamard_blocks(dims: int) -> tuple[int, ...]:
+    """Split `dims` into the fewest, largest sizes `mx.hadamard_transform` supports, greedily."""
+    blocks = []
+    rest = dims
+    while rest:
+        block = max(
+            base << ((rest // base).bit_length() - 1) for base in HADAMARD_BASES if base <= rest
+        )
+        blocks.append(block)
+        rest -= block
+    return tuple(blocks)
+
+
+class Rotation(nn.Module):
+    """x -> H·D·x: random signs D, then an orthonormal Hadamard transform H per block.
+
+    A rotated model stores each linear's weight as W·Rᵀ, so that W·x == (W·Rᵀ)·(R·x) and the
+    rotated weight has near-Gaussian rows (no outlier channels) for quantization.
+    """
+
+    def __init__(self, dims: int, signs: mx.array | None = None):
+        super().__init__()
+        self.blocks = hadamard_blocks(dims)
+        self.signs = mx.ones((dims,)) if signs is None else signs
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x * self.signs.astype(x.dtype)
+        if len(self.blocks) == 1:
+            return mx.hadamard_transform(x, scale=self.blocks[0] ** -0.5)
+        starts = [sum(self.blocks[:i]) for i in range(1, len(self.blocks))]
+        parts = mx.split(x, starts, axis=-1)
+        return mx.concatenate(
+            [
+                mx.hadamard_transform(part, scale=block**-0.5)
+                for part, block in zip(parts, self.blocks, strict=True)
+            ],
+            axis=-1,
+        )
+
+
+def rotated(module: nn.Module, site: str, x: mx.array) -> mx.array:
+    """`x` through the module's rotation named `site`, if it has one (quantized models only)."""
+    rotation = module.get(site)
+    return x if rotation is None else rotation(x)
+
+
+# ----------------------------------------------------------------------------- codebooks
+
+
+class CodebookLinear(nn.Module):
+    """A linear whose weight is b-bit indices into a scalar codebook, times a scale per group.
+
+    Indices are packed as MLX packs affine weights, so `mx.dequantize` with unit scales and
+    zero biases unpacks them; the float weight exists only for the duration of a call.
+    """
+
+    def __init__(
+        self, input_dims: int, output_dims: int, bits: int, group_size: int, bias: bool = False
+    ):
+        super().__init__()
+        self.bits, self.group_size, self.mode = bits, group_size, "codebook"
+        self.weight = mx.zeros((output_dims, input_dims * bits // 32), dtype=mx.uint32)
+        self.scales = mx.zeros((output_dims, input_dims // group_size))
+        self.codebook = mx.zeros((2**bits,))
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.freeze()
+
+    def float_weight(self) -> mx.array:
+        ones = mx.ones(self.scales.shape, dtype=mx.float32)
+        indices = mx.dequantize(
+            self.weight, ones, mx.zeros_like(ones), group_size=self.group_size, bits=self.bits
+        ).astype(mx.uint32)
+        rows, groups = self.scales.shape
+        values = self.codebook[indices].reshape(rows, groups, self.group_size)
+        return (values * self.scales[..., None]).reshape(rows, -1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out = x @ self.float_weight().astype(x.dtype).T
+        return out + self.bias if "bias" in self else out

@@ -7,11 +7,10 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import TextConfig
-from .activations import geglu
 from .layers import Linear, on_cpu
+from .moe_kernels import SORT_THRESHOLD, experts_forward
 
-# Below this many (token, expert) pairs the unsorted gather is faster than sorting by expert.
-SORT_THRESHOLD = 64
+__all__ = ["SORT_THRESHOLD", "ExpertLinear", "Experts", "QuantizedExpertLinear", "Router"]
 
 
 class Router(nn.Module):
@@ -118,18 +117,8 @@ class Experts(nn.Module):
         self.down_proj = ExpertLinear(experts, inner, hidden)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        """x: [N, hidden]; indices, weights: [N, k] -> [N, hidden]."""
-        n_tokens, k = indices.shape
-        by_expert = indices.size >= SORT_THRESHOLD
-        if by_expert:
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            inverse = mx.argsort(order)
-            x = x[order // k][:, None, :]
-            indices = flat[order]
-        else:
-            x = x[:, None, None, :]
-        gate, up = mx.split(self.gate_up_proj(x, indices, by_expert), 2, axis=-1)
-        y = self.down_proj(geglu(gate, up), indices, by_expert)
-        y = y[inverse].reshape(n_tokens, k, -1) if by_expert else y.squeeze(-2)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+        """x: [N, hidden]; indices, weights: [N, k] -> [N, hidden].
+
+        Fused Metal kernels for decode on Metal, the pure-MLX twin elsewhere (moe_kernels.py).
+        """
+        return experts_forward(x, indices, weights, self.gate_up_proj, self.down_proj)

@@ -9,8 +9,9 @@ import mlx.nn as nn
 
 from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask, vision_block_mask
 from ..config import FULL, SLIDING, TextConfig
+from ..kv_quant import KVQuantization, QuantizedFullAttentionCache, QuantizedKV, quantized_attention
 from .activations import geglu
-from .layers import Linear
+from .layers import Linear, rotated
 from .moe import Experts, Router
 from .rope import RoPE
 
@@ -34,14 +35,17 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        x = rotated(self, "input_rotation", x)
+        inner = geglu(self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(rotated(self, "inner_rotation", inner))
 
 
 class Attention(nn.Module):
     """Attention with q/k norms, an unscaled v norm, and a scale of 1.0.
 
     KV-shared layers have no key/value weights and attend over their source layer's keys and
-    values; `attention_k_eq_v` layers reuse the raw key projection as values.
+    values (float, or a `QuantizedKV`); `attention_k_eq_v` layers reuse the raw key projection
+    as values.
     """
 
     def __init__(self, config: TextConfig, layer: int):
@@ -70,9 +74,10 @@ class Attention(nn.Module):
         mask: Any,
         cache: Any,
         offset: int,
-        shared_kv: tuple[mx.array, mx.array] | None,
-    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        shared_kv: tuple[mx.array, mx.array] | QuantizedKV | None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array] | QuantizedKV]:
         batch, length, _ = x.shape
+        x = rotated(self, "input_rotation", x)
         queries = self.q_norm(self.q_proj(x).reshape(batch, length, self.n_heads, -1))
         queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
 
@@ -82,14 +87,16 @@ class Attention(nn.Module):
             values = values.reshape(batch, length, self.n_kv_heads, -1)
             keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
             values = self.v_norm(values).transpose(0, 2, 1, 3)
-            if cache is not None:
-                keys, values = cache.update_and_fetch(keys, values)
+            kv = (keys, values) if cache is None else cache.update_and_fetch(keys, values)
         else:
-            keys, values = shared_kv
+            kv = shared_kv
 
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        if isinstance(kv, QuantizedKV):
+            out = quantized_attention(queries, kv, scale=1.0, mask=mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, *kv, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        return self.o_proj(out), (keys, values)
+        return self.o_proj(rotated(self, "output_rotation", out)), kv
 
 
 class DecoderLayer(nn.Module):
@@ -126,7 +133,8 @@ class DecoderLayer(nn.Module):
         # dense MLP and experts run side by side; the router reads the un-normed residual
         flat = h.reshape(-1, h.shape[-1])
         indices, weights = self.router(flat)
-        sparse = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights)
+        expert_input = rotated(self, "expert_rotation", self.pre_feedforward_layernorm_2(flat))
+        sparse = self.experts(expert_input, indices, weights)
         sparse = self.post_feedforward_layernorm_2(sparse.reshape(h.shape))
         return self.post_feedforward_layernorm_1(dense) + sparse
 
@@ -143,7 +151,8 @@ class DecoderLayer(nn.Module):
         h = x + self.post_attention_layernorm(attn)
         h = h + self.post_feedforward_layernorm(self._feed_forward(h))
         if self.has_per_layer_input:
-            gate = geglu(self.per_layer_input_gate(h), per_layer_input)
+            gate = self.per_layer_input_gate(rotated(self, "per_layer_gate_rotation", h))
+            gate = rotated(self, "per_layer_rotation", geglu(gate, per_layer_input))
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
         return h * self.layer_scalar, kv
 
@@ -186,11 +195,17 @@ class TextModel(nn.Module):
         projected = self.per_layer_projection_norm(projected)
         return (projected + table.astype(projected.dtype)) * (2.0**-0.5)
 
-    def make_cache(self) -> list[Any]:
+    def make_cache(self, kv_quantization: KVQuantization | None = None) -> list[Any]:
+        """Caches of the KV-owning layers; `kv_quantization` quantizes the full-attention ones."""
         config = self.config
-        window = config.sliding_window
+
+        def full(layer: int):
+            if kv_quantization is None:
+                return FullAttentionCache()
+            return QuantizedFullAttentionCache(kv_quantization, seed=layer)
+
         return [
-            SlidingWindowCache(window) if config.is_sliding(i) else FullAttentionCache()
+            SlidingWindowCache(config.sliding_window) if config.is_sliding(i) else full(i)
             for i in range(config.first_kv_shared_layer)
         ]
 

@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
-from .activations import geglu
-from .layers import Linear
+from .activations import geglu, softmax
+from .layers import Linear, on_cpu
 from .text import RMSNormNoScale
 
 
@@ -48,6 +48,25 @@ def axial_rope(x: mx.array, positions: mx.array, theta: float) -> mx.array:
     return mx.concatenate(parts, axis=-1)
 
 
+# Score blocks of at most this many elements (1 GB in float32) on the CPU path.
+_MAX_SCORES = 2**28
+
+
+def attention(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+    """Unmasked attention, scale 1. On the CPU, MLX's fused attention falls back to a slow
+    softmax; two matmuls around the fast one do the same work faster (in query blocks)."""
+    if not on_cpu() or queries.shape[1] != keys.shape[1]:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0)
+    heads, n_queries, n_keys = queries.shape[1], queries.shape[2], keys.shape[2]
+    block = max(1, _MAX_SCORES // (heads * n_keys))
+    keys_t, values = keys.swapaxes(-1, -2), values.astype(mx.float32)
+    out = [
+        softmax(queries[:, :, start : start + block] @ keys_t) @ values
+        for start in range(0, n_queries, block)
+    ]
+    return mx.concatenate(out, axis=2).astype(queries.dtype)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -71,7 +90,7 @@ class VisionAttention(nn.Module):
         queries = axial_rope(heads(self.q_proj, self.q_norm, self.n_heads), positions, self.theta)
         keys = axial_rope(heads(self.k_proj, self.k_norm, self.n_kv_heads), positions, self.theta)
         values = heads(self.v_proj, self.v_norm, self.n_kv_heads)
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0)
+        out = attention(queries, keys, values)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -148,7 +167,8 @@ class VisionModel(nn.Module):
         return weights.swapaxes(1, 2) @ h.astype(mx.float32), weights.max(axis=1) > 0
 
     def encode(self, pixels: mx.array, positions: mx.array, length: int) -> mx.array:
-        """One image's real patches [1, n, 3 p^2] -> its soft tokens [tokens, hidden].
+        """Images of one patch layout, real patches only [B, n, 3 p^2] -> soft tokens
+        [B * tokens, hidden].
 
         Padding patches are left out rather than masked: the reference masks them as keys and
         discards their outputs, so this is the same computation, and unmasked attention takes
@@ -159,22 +179,29 @@ class VisionModel(nn.Module):
             h = layer(h, positions)
         pooled, valid = self._pool(h, positions, length)
         keep = mx.array(np.flatnonzero(np.array(valid[0])))
-        pooled = pooled[0][keep] * self.config.hidden_size**0.5
+        pooled = pooled[:, keep].reshape(-1, h.shape[-1]) * self.config.hidden_size**0.5
         if self.config.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(h.dtype)
 
     def __call__(self, pixel_values: mx.array, positions: mx.array) -> mx.array:
         """[B, patches, 3 p^2] pixels and [B, patches, 2] (x, y) positions (-1: padding)
-        -> the soft tokens of every image, padding removed, concatenated: [tokens, hidden]."""
+        -> the soft tokens of every image, padding removed, concatenated: [tokens, hidden].
+
+        Consecutive images with the same patch layout (a video's frames) are encoded together.
+        """
         length = pixel_values.shape[1] // self.config.pooling_kernel_size**2
-        real = np.array((positions >= 0).all(axis=-1))
-        images = []
-        for i in range(pixel_values.shape[0]):
-            patches = mx.array(np.flatnonzero(real[i]))
+        layouts = np.array(positions)
+        images, start = [], 0
+        while start < len(layouts):
+            end = start + 1
+            while end < len(layouts) and np.array_equal(layouts[end], layouts[start]):
+                end += 1
+            patches = mx.array(np.flatnonzero((layouts[start] >= 0).all(axis=-1)))
             images.append(
-                self.encode(pixel_values[i : i + 1, patches], positions[i : i + 1, patches], length)
+                self.encode(pixel_values[start:end, patches], positions[start:end, patches], length)
             )
+            start = end
         return mx.concatenate(images, axis=0)
 
 

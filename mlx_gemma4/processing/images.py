@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -32,6 +33,12 @@ class ImageBatch:
     pixel_values: np.ndarray  # [images, max_patches, 3 * patch^2], float32 in [0, 1]
     position_ids: np.ndarray  # [images, max_patches, 2] (x, y); padding is (-1, -1)
     soft_tokens: list[int]  # soft tokens per image
+
+    def take(self, indices: list[int] | None = None) -> tuple[mx.array, mx.array]:
+        """(pixel_values, position_ids) of the images at `indices` (all by default)."""
+        if indices is None:
+            return mx.array(self.pixel_values), mx.array(self.position_ids)
+        return mx.array(self.pixel_values[indices]), mx.array(self.position_ids[indices])
 
 
 def check_budget(budget: int) -> int:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from ..errors import ConfigError
+from .audio import AudioError, AudioFeatures, extract_features, to_wave
 from .chat_template import BUILTIN_TEMPLATE, drop_thoughts
 from .images import DEFAULT_BUDGET, ImageBatch, ImageError, process_images
+from .video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES, VideoError, load_video
 
 Message = dict[str, Any]
 
@@ -18,12 +21,19 @@ Message = dict[str, Any]
 TURN_END = "<turn|>"
 CHANNEL_OPEN = "<|channel>"
 CHANNEL_CLOSE = "<channel|>"
-IMAGE_TOKEN, IMAGE_START, IMAGE_TOKEN, IMAGE_END = (
-    "<|image|>",
-    "<|image>",
-    "<|image|>",
-    "<image|>",
-)
+# Media placeholders; each expands to start + one soft token (the placeholder) per slot + end.
+IMAGE_TOKEN, IMAGE_START, IMAGE_END = "<|image|>", "<|image>", "<image|>"
+VIDEO_TOKEN = "<|video|>"  # video frames are wrapped in the image start and end tokens
+AUDIO_TOKEN, AUDIO_START, AUDIO_END = "<|audio|>", "<|audio>", "<audio|>"
+
+
+@dataclass
+class Media:
+    """A prompt's processed media, each kind in prompt order."""
+
+    images: ImageBatch | None = None
+    video_frames: ImageBatch | None = None  # the frames of every video, concatenated
+    audio: AudioFeatures | None = None  # every clip's log-mel features
 
 
 def _generation_config_stops(folder: Path) -> list[int]:
@@ -113,58 +123,109 @@ class Processor:
         prompt: str | list[int] | list[Message],
         images: list | None = None,
         max_soft_tokens: int = DEFAULT_BUDGET,
+        *,
+        videos: list | None = None,
+        video_soft_tokens: int = DEFAULT_VIDEO_BUDGET,
+        max_frames: int = MAX_FRAMES,
+        audio: list | None = None,
         **template_kwargs: Any,
-    ) -> tuple[list[int], ImageBatch | None]:
-        """Token ids of a prompt (text, token ids or chat messages) and its processed images.
+    ) -> tuple[list[int], Media]:
+        """Token ids of a prompt (text, token ids or chat messages) and its processed media.
 
         Each `<|image|>` placeholder (chat messages write one per image part) becomes
-        `<|image>` + one image token per soft token + `<image|>`.
+        `<|image>` + one image token per soft token + `<image|>`; each `<|video|>` becomes,
+        per sampled frame, its `mm:ss` timestamp and the frame's tokens wrapped the same way;
+        each `<|audio|>` (audio: a file path or 16 kHz samples) becomes `<|audio>` + one audio
+        token per 40 ms soft token + `<audio|>`.
         """
         if not isinstance(prompt, str):
             if not (prompt and isinstance(prompt[0], dict)):
-                if images:
-                    raise ImageError("images need a text or chat prompt with <|image|> places")
-                return [int(t) for t in prompt], None
+                if images or videos or audio:
+                    raise ImageError("media need a text or chat prompt with placeholders")
+                return [int(t) for t in prompt], Media()
             if images is None:
-                images = [part["image"] for part in _image_parts(prompt)]
+                images = _media_parts(prompt, "image")
+            if videos is None:
+                videos = _media_parts(prompt, "video")
+            if audio is None:
+                audio = _media_parts(prompt, "audio")
             prompt = self.apply_chat_template(prompt, **template_kwargs)
-        images = images or []
-        if prompt.count(IMAGE_TOKEN) != len(images):
-            raise ImageError(
-                f"the prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
-                f"for {len(images)} images"
+        images, videos = images or [], videos or []
+        _check_placeholders(prompt, IMAGE_TOKEN, images, ImageError)
+        _check_placeholders(prompt, VIDEO_TOKEN, videos, VideoError)
+        audio = audio or []
+        _check_placeholders(prompt, AUDIO_TOKEN, audio, AudioError)
+        media = Media()
+        if images:
+            media.images = process_images(images, max_soft_tokens)
+            tokens = iter(media.images.soft_tokens)
+            prompt = _expand(prompt, IMAGE_TOKEN, lambda: self._wrap(IMAGE_TOKEN, next(tokens)))
+        if videos:
+            clips = [load_video(video, max_frames) for video in videos]
+            frames = [frame for clip in clips for frame in clip.frames]
+            media.video_frames = process_images(frames, video_soft_tokens)
+            per_frame = media.video_frames.soft_tokens[0]  # one size for every frame of a clip
+            clip_iter = iter(clips)
+            prompt = _expand(
+                prompt,
+                VIDEO_TOKEN,
+                lambda: next(clip_iter).prompt_text(per_frame, IMAGE_START, VIDEO_TOKEN, IMAGE_END),
             )
-        if not images:
-            return self.encode(prompt), None
-        batch = process_images(images, max_soft_tokens)
-        pieces = prompt.split(IMAGE_TOKEN)
-        expanded = pieces[0] + "".join(
-            IMAGE_START + IMAGE_TOKEN * n + IMAGE_END + piece
-            for n, piece in zip(batch.soft_tokens, pieces[1:], strict=True)
-        )
-        return self.encode(expanded), batch
+        if audio:
+            if self.token_id(AUDIO_TOKEN) is None:
+                raise AudioError(f"the tokenizer has no {AUDIO_TOKEN} token; it cannot take audio")
+            media.audio = extract_features([to_wave(clip) for clip in audio])
+            counts = iter(media.audio.soft_tokens)
+            prompt = _expand(
+                prompt, AUDIO_TOKEN, lambda: AUDIO_START + AUDIO_TOKEN * next(counts) + AUDIO_END
+            )
+        return self.encode(prompt), media
+
+    @staticmethod
+    def _wrap(token: str, count: int) -> str:
+        return IMAGE_START + token * count + IMAGE_END
 
     def __call__(
         self,
         text: str | list[Message],
         images: list | None = None,
         max_soft_tokens: int = DEFAULT_BUDGET,
-        **template_kwargs: Any,
+        **kwargs: Any,
     ) -> dict[str, mx.array]:
-        """`input_ids` [1, T]; with images also `pixel_values` and `image_position_ids`."""
-        ids, batch = self.prepare(text, images, max_soft_tokens, **template_kwargs)
+        """`input_ids` [1, T]; with images `pixel_values` and `image_position_ids`, with
+        videos `pixel_values_videos` and `video_position_ids`, with audio `input_features` and
+        `input_features_mask` (transformers' layouts)."""
+        ids, media = self.prepare(text, images, max_soft_tokens, **kwargs)
         inputs = {"input_ids": mx.array([ids])}
-        if batch is not None:
-            inputs["pixel_values"] = mx.array(batch.pixel_values)
-            inputs["image_position_ids"] = mx.array(batch.position_ids)
+        if media.images is not None:
+            inputs["pixel_values"], inputs["image_position_ids"] = media.images.take()
+        if media.video_frames is not None:
+            inputs["pixel_values_videos"], inputs["video_position_ids"] = media.video_frames.take()
+        if media.audio is not None:
+            inputs["input_features"], inputs["input_features_mask"] = media.audio.take()
         return inputs
 
 
-def _image_parts(messages: list[Message]) -> list[dict]:
+def _check_placeholders(prompt: str, token: str, media: list, error: type[Exception]) -> None:
+    if prompt.count(token) != len(media):
+        kind = token.strip("<|>")
+        raise error(
+            f"the prompt has {prompt.count(token)} {token} placeholders for {len(media)} "
+            f"{kind}s; write one placeholder per {kind}"
+        )
+
+
+def _expand(prompt: str, token: str, replacement) -> str:
+    """Replace each `token` in `prompt` by successive `replacement()` strings."""
+    pieces = prompt.split(token)
+    return pieces[0] + "".join(replacement() + piece for piece in pieces[1:])
+
+
+def _media_parts(messages: list[Message], kind: str) -> list:
     return [
-        part
+        part[kind]
         for message in messages
         if not isinstance(message.get("content"), str)
         for part in message.get("content") or []
-        if part.get("type") == "image"
+        if part.get("type") == kind
     ]

@@ -1,0 +1,197 @@
+"""Weight quantization: affine against TurboQuant-style, on quality and decode speed.
+
+    python benchmarks/quantize.py [--bits 3,4,8] [--prompt 128] [--decode 32] [--rounds 3]
+                                  [--layers 5] [--no-kv] [--bundled-blas]
+
+On an E2B-shaped checkpoint (real layer shapes, few layers) whose projections are made
+LLM-like (heavy-tailed entries, outlier input channels; the rule tests/test_quantize.py uses),
+each method quantizes every linear and embedding at each bit width (group 64). Quality is the
+mean KL divergence of the next-token distributions against the float model and how often the
+top token agrees, over one prompt. Decode speed goes through mlx-gemma4's own generation loop
+(greedy); rounds go round-robin over the two methods and each figure is the best round. Bits
+per weight count the packed weights with their scales, biases and codebooks. Then the KV-cache
+benchmark (benchmarks/kv_cache.py) runs with its defaults, unless --no-kv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common import e2b_shaped_checkpoint, load_ours, print_table, use_openblas
+from generate import timed_generation
+
+METHODS = ("affine", "turboquant")
+GROUP_SIZE = 64
+
+
+def arguments() -> tuple[argparse.Namespace, str]:
+    blas = use_openblas(sys.argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bits", default="3,4,8", help="comma-separated bit widths")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (KL, top-1)")
+    parser.add_argument("--decode", type=int, default=32, help="generated tokens")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions")
+    parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
+    parser.add_argument("--no-kv", action="store_true", help="skip the KV-cache benchmark")
+    parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
+    return parser.parse_args(), blas
+
+
+def engine(model):
+    """(prompt ids, n) -> the first n greedy tokens, through mlx-gemma4's generation loop."""
+    import mlx.core as mx
+
+    from mlx_gemma4 import PromptCache
+    from mlx_gemma4.generation import generate_step, prompt_inputs
+    from mlx_gemma4.processing.processor import Media
+
+    def run(ids, n):
+        cache = PromptCache(model)
+        inputs = prompt_inputs(model, ids, Media(), cache)
+        greedy = lambda x: mx.argmax(x, -1)  # noqa: E731
+        steps = generate_step(model, ids, inputs, cache, greedy, [], normalize=False)
+        return (token for token, _ in zip(steps, range(n), strict=False))
+
+    return run
+
+
+def llm_like_parameters(model, seed: int = 0) -> dict:
+    """The model's tensors that `llm_like_tensor` changes, changed (kept to reapply)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from test_quantize import llm_like_tensor
+
+    rng = np.random.default_rng(seed)
+    changed = {}
+    for key, value in tree_flatten(model.language_model.parameters()):
+        if "embed" in key:  # never changed; skip the 262k-row tables' numpy copies
+            continue
+        new = llm_like_tensor(key, np.array(value), rng)
+        if new is not None:
+            changed[f"language_model.{key}"] = mx.array(new)
+    return changed
+
+
+def quantized_model(folder: Path, llm: dict, method: str, bits: int):
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    from mlx_gemma4.quantize import quantize_model, turboquant_model
+
+    model = load_ours(folder)
+    model.update(tree_unflatten(list(llm.items())))
+    if method == "affine":
+        quantize_model(model, bits=bits, group_size=GROUP_SIZE)
+    elif method == "turboquant":
+        turboquant_model(model, bits=bits, group_size=GROUP_SIZE)
+    mx.eval(model.parameters())
+    return model
+
+
+def bits_per_weight(model) -> float:
+    from mlx.utils import tree_flatten
+
+    stored = weights = 0
+    for _, module in model.named_modules():
+        if hasattr(module, "bits") and hasattr(module, "scales"):
+            params = dict(tree_flatten(module.parameters()))
+            stored += sum(p.nbytes * 8 for key, p in params.items() if key != "bias")
+            weights += module.weight.size * 32 // module.bits
+    return stored / weights
+
+
+def quality(logits, reference) -> tuple[float, float]:
+    """(mean KL(float ‖ quantized), top-1 agreement) over the prompt's positions."""
+    import mlx.core as mx
+
+    log_p = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
+    log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    kl = (mx.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean()
+    agree = (logits.argmax(axis=-1) == reference.argmax(axis=-1)).astype(mx.float32).mean()
+    return kl.item(), agree.item()
+
+
+def main() -> None:
+    args, blas = arguments()
+
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    folder = e2b_shaped_checkpoint(args.layers)
+    ids = [2, *mx.random.randint(5, 262_144, (args.prompt - 1,), key=mx.random.key(0)).tolist()]
+    prompt = mx.array([ids])
+
+    base = load_ours(folder)
+    llm = llm_like_parameters(base)
+    base.update(tree_unflatten(list(llm.items())))
+    reference = base(prompt).astype(mx.float32)
+    mx.eval(reference)
+    float_run = engine(base)
+    timed_generation(float_run, ids[:16], 3)
+    float_step = min(timed_generation(float_run, ids, args.decode)[1] for _ in range(args.rounds))
+    del base, float_run
+    mx.clear_cache()
+
+    rows = [["float32", "-", "32.00", "0", "-", "1.000", f"{1 / float_step:.2f}", "-"]]
+    for bits in (int(b) for b in args.bits.split(",")):
+        models = {m: quantized_model(folder, llm, m, bits) for m in METHODS}
+        runs = {m: engine(model) for m, model in models.items()}
+        for run in runs.values():
+            timed_generation(run, ids[:16], 3)  # warm-up
+        steps = {m: [] for m in METHODS}
+        for _ in range(args.rounds):
+            for method, run in runs.items():
+                steps[method].append(timed_generation(run, ids, args.decode)[1])
+        affine_step = min(steps["affine"])
+        scores = {
+            m: quality(model(prompt).astype(mx.float32), reference) for m, model in models.items()
+        }
+        for method, model in models.items():
+            kl, agree = scores[method]
+            step = min(steps[method])
+            rows.append(
+                [
+                    method,
+                    str(bits),
+                    f"{bits_per_weight(model):.2f}",
+                    f"{kl:.3g}",
+                    f"{kl / scores['affine'][0]:.2f}x",
+                    f"{agree:.3f}",
+                    f"{1 / step:.2f}",
+                    f"{affine_step / step:.2f}x",
+                ]
+            )
+        del models, runs
+        mx.clear_cache()
+
+    print_table(
+        f"quantize: E2B-shaped, {args.layers} layers, LLM-like projections, group {GROUP_SIZE}, "
+        f"prompt {args.prompt}, {args.decode} tokens, best of {args.rounds}; "
+        f"{mx.default_device()}, {blas}",
+        [
+            "method",
+            "bits",
+            "bits/weight",
+            "KL vs float",
+            "KL vs affine",
+            "top-1 agree",
+            "decode tok/s",
+            "decode vs affine",
+        ],
+        rows,
+    )
+
+    if not args.no_kv and (Path(__file__).parent / "kv_cache.py").is_file():
+        import kv_cache
+
+        sys.argv = [sys.argv[0]] + (["--bundled-blas"] if args.bundled_blas else [])
+        kv_cache.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""A TurboQuant-style KV cache for full-attention layers: rotated, then affine-quantized K/V.
+
+Keys and values are rotated over the head dimension by a fixed randomized Hadamard transform
+R = H·diag(signs)/sqrt(D), which spreads outlier channels over all channels, and are then
+stored with MLX affine quantization (separate bit widths for keys and values). Attention never
+dequantizes the cache: R is orthogonal, so q·k = (Rq)·(Rk) and the scores come from
+`quantized_matmul` of the rotated queries against the packed keys; the probabilities times the
+packed values give the output in the rotated space, and R^T brings it back. Both rotations act
+on queries and outputs only, which are short next to the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache
+
+from .errors import Gemma4Error
+
+__all__ = [
+    "KVQuantization",
+    "KVQuantizationError",
+    "QuantizedFullAttentionCache",
+    "QuantizedKV",
+    "quantized_attention",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+QUERY_BLOCK = 512  # queries attended at once in a long prefill chunk
+
+Packed = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales, biases)
+
+
+class KVQuantizationError(Gemma4Error):
+    """An unsupported KV-cache quantization setting."""
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """Bit widths of the cached keys and values of full-attention layers, and their group size.
+
+    The group size shrinks to the head dimension when that is smaller (tiny test models).
+    """
+
+    key_bits: int
+    value_bits: int
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name, bits in (("key", self.key_bits), ("value", self.value_bits)):
+            if bits not in SUPPORTED_BITS:
+                raise KVQuantizationError(
+                    f"KV {name} bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, "
+                    f"not {bits}"
+                )
+        if self.group_size not in GROUP_SIZES:
+            raise KVQuantizationError(f"KV group size must be 32, 64 or 128, not {self.group_size}")
+
+    @classmethod
+    def from_bits(
+        cls, bits: int | None = None, key_bits: int | None = None, value_bits: int | None = None
+    ) -> KVQuantization | None:
+        """`bits` sets both widths, `key_bits` / `value_bits` override one; None when all are."""
+        if bits is None and key_bits is None and value_bits is None:
+            return None
+        key_bits = bits if key_bits is None else key_bits
+        value_bits = bits if value_bits is None else value_bits
+        if key_bits is None or value_bits is None:
+            raise KVQuantizationError(
+                "KV quantization needs both key and value bits (or kv_bits, which sets both)"
+            )
+        return cls(key_bits, value_bits)
+
+    def group_for(self, head_dim: int) -> int:
+        group = min(self.group_size, head_dim)
+        if group not in GROUP_SIZES or head_dim % group:
+            raise KVQuantizationError(f"cannot quantize KV with head dimension {head_dim}")
+        return group
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> KVQuantization | None:
+        return None if text in (None, "null") else cls(**json.loads(text))
+
+    def __str__(self) -> str:
+        return f"{self.key_bits}-bit keys / {self.value_bits}-bit values"
+
+
+def rotation_signs(head_dim: int, seed: int) -> mx.array:
+    """The fixed random ±1 diagonal of a randomized Hadamard rotation."""
+    flips = mx.random.bernoulli(0.5, (head_dim,), key=mx.random.key(seed))
+    return mx.where(flips, 1.0, -1.0)
+
+
+def rotate(x: mx.array, signs: mx.array) -> mx.array:
+    """R x over the last axis: flip signs, then the orthonormal Hadamard transform."""
+    return mx.hadamard_transform(x * signs.astype(x.dtype), scale=x.shape[-1] ** -0.5)
+
+
+def unrotate(x: mx.array, signs: mx.array) -> mx.array:
+    """R^T x: the Hadamard transform is its own inverse, then flip the signs back."""
+    return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5) * signs.astype(x.dtype)
+
+
+@dataclass
+class QuantizedKV:
+    """What a quantized cache hands to attention (and to the layers that share its K/V)."""
+
+    keys: Packed  # rotated keys [B, kv heads, T, D], packed
+    values: Packed  # rotated values, packed
+    signs: mx.array  # the rotation's sign diagonal [D]
+    key_bits: int
+    value_bits: int
+    group_size: int
+
+    def dequantize(self) -> tuple[mx.array, mx.array]:
+        """Float keys and values as stored (un-rotated): the reference for the quantized path."""
+
+        def restore(packed: Packed, bits: int) -> mx.array:
+            rotated = mx.dequantize(*packed, group_size=self.group_size, bits=bits)
+            return unrotate(rotated, self.signs)
+
+        return restore(self.keys, self.key_bits), restore(self.values, self.value_bits)
+
+
+def _causal(n_queries: int, n_keys: int) -> mx.array:
+    queries = mx.arange(n_keys - n_queries, n_keys)
+    return queries[:, None] >= mx.arange(n_keys)[None]
+
+
+def quantized_attention(
+    queries: mx.array, kv: QuantizedKV, *, scale: float, mask: Any = None
+) -> mx.array:
+    """Attention of `queries` [B, H, L, D] over a quantized cache; H may be a multiple of its
+    KV heads (grouped-query attention). `mask`: None, "causal", or a bool / additive array
+    broadcastable to [B, H, L, T].
+
+    Long prefill chunks go `QUERY_BLOCK` queries at a time, so the scores held at once stay
+    [B, H, QUERY_BLOCK, T] however long the chunk is.
+    """
+    length, n_keys = queries.shape[2], kv.keys[0].shape[2]
+    if length <= QUERY_BLOCK:
+        return _attend(queries, kv, scale, mask)
+    if isinstance(mask, str):
+        mask = _causal(length, n_keys)
+    blocks = []
+    for start in range(0, length, QUERY_BLOCK):
+        rows = slice(start, start + QUERY_BLOCK)
+        block_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
+        blocks.append(_attend(queries[:, :, rows], kv, scale, block_mask))
+    return mx.concatenate(blocks, axis=2)
+
+
+def _attend(queries: mx.array, kv: QuantizedKV, scale: float, mask: Any) -> mx.array:
+    batch, n_heads, length, head_dim = queries.shape
+    kv_heads = kv.keys[0].shape[1]
+    per_kv = n_heads // kv_heads
+    if scale != 1.0:
+        queries = queries * scale
+    # the query heads of one KV head become rows of one matrix against that head's keys
+    rows = rotate(queries, kv.signs).reshape(batch, kv_heads, per_kv * length, head_dim)
+    scores = mx.quantized_matmul(
+        rows, *kv.keys, transpose=True, group_size=kv.group_size, bits=kv.key_bits
+    )
+    if mask is not None:
+        n_keys = scores.shape[-1]
+        scores = scores.reshape(batch, kv_heads, per_kv, length, n_keys)
+        if isinstance(mask, str):
+            mask = _causal(length, n_keys)
+        elif mask.ndim == 4:  # [B, H or 1, L, T] -> [B, kv heads or 1, per_kv or 1, L, T]
+            head_groups = 1 if mask.shape[1] == 1 else per_kv
+            mask = mask.reshape(mask.shape[0], -1, head_groups, *mask.shape[2:])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask.astype(scores.dtype)
+        scores = scores.reshape(batch, kv_heads, per_kv * length, n_keys)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(
+        probs, *kv.values, transpose=False, group_size=kv.group_size, bits=kv.value_bits
+    )
+    return unrotate(out.reshape(batch, n_heads, length, head_dim), kv.signs)
+
+
+class QuantizedFullAttentionCache(_BaseCache):
+    """A growing full-attention cache of rotated, quantized keys and values.
+
+    Storage grows in `step`-position blocks; `trim` only moves the end back. Its state is the
+    six packed arrays (keys then values: codes, scales, biases) up to the last position.
+    """
+
+    step = 256
+
+    def __init__(self, quantization: KVQuantization, seed: int = 0):
+        self.quantization = quantization
+        self.seed = seed  # picks the rotation; fixed per layer, kept in meta_state
+        self.keys: Packed | None = None
+        self.values: Packed | None = None
+        self.offset = 0
+        self._signs: mx.array | None = None
+
+    def _rotation(self, head_dim: int) -> mx.array:
+        if self._signs is None or self._signs.shape[0] != head_dim:
+            self._signs = rotation_signs(head_dim, self.seed)
+        return self._signs
+
+    def _quantize(self, x: mx.array, bits: int) -> Packed:
+        rotated = rotate(x, self._rotation(x.shape[-1]))
+        group = self.quantization.group_for(x.shape[-1])
+        return tuple(mx.quantize(rotated, group_size=group, bits=bits))
+
+    def _make_room(self, keys: Packed, values: Packed, n: int) -> None:
+        if self.keys is not None and self.offset + n <= self.keys[0].shape[2]:
+            return
+        grow = (n + self.step - 1) // self.step * self.step
+
+        def extend(stored: Packed | None, new: Packed) -> Packed:
+            blocks = [mx.zeros((*part.shape[:2], grow, part.shape[3]), part.dtype) for part in new]
+            if stored is None:
+                return tuple(blocks)
+            return tuple(
+                mx.concatenate([old[..., : self.offset, :], block], axis=2)
+                for old, block in zip(stored, blocks, strict=True)
+            )
+
+        self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> QuantizedKV:
+        """Rotate, quantize and store new positions; return everything stored, packed."""
+        n = keys.shape[2]
+        new_keys = self._quantize(keys, self.quantization.key_bits)
+        new_values = self._quantize(values, self.quantization.value_bits)
+        self._make_room(new_keys, new_values, n)
+        end = self.offset + n
+        for stored, new in ((self.keys, new_keys), (self.values, new_values)):
+            for buffer, part in zip(stored, new, strict=True):
+                buffer[..., self.offset : end, :] = part
+        self.offset = end
+        return self.fetch()
+
+    def fetch(self) -> QuantizedKV:
+        def visible(stored: Packed) -> Packed:
+            if stored[0].shape[2] == self.offset:
+                return stored
+            return tuple(part[..., : self.offset, :] for part in stored)
+
+        head_dim = self.keys[0].shape[-1] * 32 // self.quantization.key_bits
+        return QuantizedKV(
+            visible(self.keys),
+            visible(self.values),
+            self._rotation(head_dim),
+            self.quantization.key_bits,
+            self.quantization.value_bits,
+            self.quantization.group_for(head_dim),
+        )
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return [part[..., : self.offset, :] for part in (*self.keys, *self.values)]
+
+    @state.setter
+    def state(self, value) -> None:
+        if not value:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        self.keys, self.values = tuple(value[:3]), tuple(value[3:])
+        self.offset = self.keys[0].shape[2]
+
+    @property
+    def meta_state(self):
+        q = self.quantization
+        return tuple(map(str, (q.key_bits, q.value_bits, q.group_size, self.seed)))
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        key_bits, value_bits, group_size, self.seed = map(int, value)
+        self.quantization = KVQuantization(key_bits, value_bits, group_size)
+        self._signs = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(part.nbytes for part in (*self.keys, *self.values))
