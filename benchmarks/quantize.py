@@ -116,6 +116,14 @@ def quality(logits, reference) -> tuple[float, float]:
     return kl.item(), agree.item()
 
 
+# KL values this small are float32 rounding of identical distributions, not quantization error.
+KL_NOISE = 1e-5
+
+
+def _ratio(kl: float, affine_kl: float) -> str:
+    return "-" if abs(affine_kl) < KL_NOISE else f"{kl / affine_kl:.2f}x"
+
+
 def main() -> None:
     args, blas = arguments()
 
@@ -160,7 +168,7 @@ def main() -> None:
                     str(bits),
                     f"{bits_per_weight(model):.2f}",
                     f"{kl:.3g}",
-                    f"{kl / scores['affine'][0]:.2f}x",
+                    _ratio(kl, scores["affine"][0]),
                     f"{agree:.3f}",
                     f"{1 / step:.2f}",
                     f"{affine_step / step:.2f}x",

@@ -2,7 +2,7 @@
 
 MLX's CPU backend evaluates `exp` and `tanh` one scalar at a time, several times slower than
 the fused multiply-adds around them; on the CPU these functions use rational / polynomial forms
-compiled into one pass (float32 error below 1e-6). On a GPU the exact MLX ops are used.
+compiled into one pass (float32 error about 1e-6). On a GPU the exact MLX ops are used.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ _TANH_P = (
 _TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
 _TANH_CLAMP = 7.90531110763549805
 
-# exp(x) for x in [-88, 0] as p(x / 64) ** 64: p is a degree-8 least-squares fit of exp on
+# exp(x) for x in [-80, 0] as p(x / 64) ** 64: p is a degree-8 least-squares fit of exp on
 # [-88/64, 0] (Chebyshev nodes, relative error 7e-10); six squarings bring the float32 error
-# to ~1e-6 relative, and below -88 exp underflows anyway.
+# to ~1e-6 relative. Below -80 the result is 0 (true value < 2e-35): staying clear of float32
+# denormals, whose arithmetic is ~100x slower on x86, matters for masked attention scores.
 _EXP_SQUARINGS = 6
+_EXP_FLOOR = -80.0
 _EXP_P = (
     0.9999999998054048,
     0.9999999768827164,
@@ -62,10 +64,10 @@ def fast_tanh(x: mx.array) -> mx.array:
 
 
 def _exp_nonpositive(x: mx.array) -> mx.array:
-    out = _polynomial(mx.maximum(x, -88.0) * (1.0 / 2**_EXP_SQUARINGS), _EXP_P)
+    out = _polynomial(mx.maximum(x, _EXP_FLOOR) * (1.0 / 2**_EXP_SQUARINGS), _EXP_P)
     for _ in range(_EXP_SQUARINGS):
         out = out * out
-    return out
+    return mx.where(x > _EXP_FLOOR, out, 0.0)
 
 
 @partial(mx.compile, shapeless=True)

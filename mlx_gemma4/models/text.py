@@ -11,6 +11,7 @@ from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask, visi
 from ..config import FULL, SLIDING, TextConfig
 from ..kv_quant import KVQuantization, QuantizedFullAttentionCache, QuantizedKV, quantized_attention
 from .activations import geglu
+from .attention import attention
 from .layers import Linear, rotated
 from .moe import Experts, Router
 from .rope import RoPE
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         if isinstance(kv, QuantizedKV):
             out = quantized_attention(queries, kv, scale=1.0, mask=mask)
         else:
-            out = mx.fast.scaled_dot_product_attention(queries, *kv, scale=1.0, mask=mask)
+            out = attention(queries, *kv, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         return self.o_proj(rotated(self, "output_rotation", out)), kv
 

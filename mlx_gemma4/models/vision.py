@@ -7,8 +7,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
-from .activations import geglu, softmax
-from .layers import Linear, on_cpu
+from .activations import geglu
+from .attention import attention
+from .layers import Linear
 from .text import RMSNormNoScale
 
 
@@ -48,25 +49,6 @@ def axial_rope(x: mx.array, positions: mx.array, theta: float) -> mx.array:
     return mx.concatenate(parts, axis=-1)
 
 
-# Score blocks of at most this many elements (1 GB in float32) on the CPU path.
-_MAX_SCORES = 2**28
-
-
-def attention(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
-    """Unmasked attention, scale 1. On the CPU, MLX's fused attention falls back to a slow
-    softmax; two matmuls around the fast one do the same work faster (in query blocks)."""
-    if not on_cpu() or queries.shape[1] != keys.shape[1]:
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0)
-    heads, n_queries, n_keys = queries.shape[1], queries.shape[2], keys.shape[2]
-    block = max(1, _MAX_SCORES // (heads * n_keys))
-    keys_t, values = keys.swapaxes(-1, -2), values.astype(mx.float32)
-    out = [
-        softmax(queries[:, :, start : start + block] @ keys_t) @ values
-        for start in range(0, n_queries, block)
-    ]
-    return mx.concatenate(out, axis=2).astype(queries.dtype)
-
-
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -90,7 +72,7 @@ class VisionAttention(nn.Module):
         queries = axial_rope(heads(self.q_proj, self.q_norm, self.n_heads), positions, self.theta)
         keys = axial_rope(heads(self.k_proj, self.k_norm, self.n_kv_heads), positions, self.theta)
         values = heads(self.v_proj, self.v_norm, self.n_kv_heads)
-        out = attention(queries, keys, values)
+        out = attention(queries, keys, values, scale=1.0)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 

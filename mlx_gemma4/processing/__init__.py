@@ -1,4 +1,4 @@
-"""Prompt processing: tokenizer, chat template, stop tokens."""
+"""Prompt processing: tokenizer, chat template, stop tokens, images, video and audio."""
 
 from .processor import Processor
 
