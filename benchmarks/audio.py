@@ -12,12 +12,19 @@ tenants stretch wall time but not them.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, arguments, load_mlx_vlm, load_ours, print_table
+from common import (
+    CACHE,
+    TOKEN_VISION,
+    arguments,
+    build_checkpoint,
+    load_mlx_vlm,
+    load_ours,
+    print_table,
+)
 
 FRAMES, MELS, SECONDS = 3000, 128, 30.0
 
@@ -31,17 +38,7 @@ def audio_checkpoint() -> Path:
     folder = CACHE / "e2b-audio-tower"
     if (folder / "config.json").exists():
         return folder
-    import torch
-    from transformers import (
-        Gemma4AudioConfig,
-        Gemma4Config,
-        Gemma4ForConditionalGeneration,
-        Gemma4TextConfig,
-        Gemma4VisionConfig,
-    )
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from checkpoints import jitter, save_reference
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
     text = Gemma4TextConfig(
         vocab_size=1024,
@@ -55,22 +52,9 @@ def audio_checkpoint() -> Path:
         hidden_size_per_layer_input=0,
         layer_types=["full_attention"],
     )
-    vision = Gemma4VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-    )
+    vision = Gemma4VisionConfig(**TOKEN_VISION)
     config = Gemma4Config(text_config=text, vision_config=vision, audio_config=Gemma4AudioConfig())
-    print(f"building {folder} (once) ...", file=sys.stderr)
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Gemma4ForConditionalGeneration(config)
-    jitter(model, 0)
-    save_reference(model.eval(), folder)
-    return folder
+    return build_checkpoint(config, folder, jittered=True)
 
 
 def main() -> None:

@@ -28,19 +28,39 @@ E2B_SHAPED = dict(
     final_logit_softcapping=30.0,
 )
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"]
+# A token vision tower, for checkpoints whose vision is not what they time.
+TOKEN_VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=32,
+)
+
+
+def base_parser(rounds: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark takes: checkpoint depth, rounds, which BLAS."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
+    parser.add_argument("--rounds", type=int, default=rounds, help="round-robin repetitions")
+    parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, str]:
+    """The parsed command line, and which BLAS this run uses (re-executing to preload it)."""
+    blas = use_openblas(sys.argv)
+    return parser.parse_args(), blas
 
 
 def arguments() -> tuple[argparse.Namespace, str]:
-    """The benchmarks' shared command line, and which BLAS this run uses."""
-    blas = use_openblas(sys.argv)
-    parser = argparse.ArgumentParser()
+    """The command line of the engine comparisons (forward, generate, vision, audio, moe)."""
+    parser = base_parser()
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--decode", type=int, default=64, help="generated tokens")
-    parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions")
-    parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
     parser.add_argument("--precision", choices=["float32", "4-bit", "both"], default="both")
-    return parser.parse_args(), blas
+    return parse(parser)
 
 
 def use_openblas(argv: list[str]) -> str:
@@ -63,16 +83,7 @@ def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2, real_vision: bool = 
     folder = CACHE / f"e2b-shaped-{layers}l-{shared}s{'-vision' if real_vision else ''}"
     if (folder / "config.json").exists():
         return folder
-    import torch
-    from transformers import (
-        Gemma4Config,
-        Gemma4ForConditionalGeneration,
-        Gemma4TextConfig,
-        Gemma4VisionConfig,
-    )
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from checkpoints import save_reference
+    from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
     text = Gemma4TextConfig(
         **E2B_SHAPED,
@@ -80,19 +91,24 @@ def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2, real_vision: bool = 
         num_kv_shared_layers=shared,
         layer_types=(LAYER_TYPES * layers)[: layers - 1] + ["full_attention"],
     )
-    tiny = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-    )
-    vision = Gemma4VisionConfig(**({} if real_vision else tiny))
+    vision = Gemma4VisionConfig(**({} if real_vision else TOKEN_VISION))
+    return build_checkpoint(Gemma4Config(text_config=text, vision_config=vision), folder)
+
+
+def build_checkpoint(config, folder: Path, jittered: bool = False) -> Path:
+    """A random transformers Gemma 4 model of `config` (seed 0), saved to `folder`."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from checkpoints import jitter, save_reference
+
     print(f"building {folder} (once) ...", file=sys.stderr)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision))
+        model = Gemma4ForConditionalGeneration(config)
+    if jittered:
+        jitter(model, 0)
     save_reference(model.eval(), folder)
     return folder
 

@@ -20,7 +20,14 @@ import argparse
 import sys
 import time
 
-from common import e2b_shaped_checkpoint, load_mlx_lm, load_ours, print_table, use_openblas
+from common import (
+    base_parser,
+    e2b_shaped_checkpoint,
+    load_mlx_lm,
+    load_ours,
+    parse,
+    print_table,
+)
 
 # (label, key bits, value bits); None: float
 SETTINGS = [("float", None, None), ("8-bit", 8, 8), ("4-bit", 4, 4), ("K8 / V4", 8, 4)]
@@ -28,16 +35,12 @@ MLX_LM_SETTINGS = [("float", None), ("8-bit", 8), ("4-bit", 4)]
 
 
 def arguments() -> tuple[argparse.Namespace, str]:
-    blas = use_openblas(sys.argv)
-    parser = argparse.ArgumentParser()
+    parser = base_parser(rounds=2)
     parser.add_argument("--contexts", default="2048,8192,32768", help="comma-separated")
     parser.add_argument("--decode", type=int, default=16, help="timed decode steps")
-    parser.add_argument("--rounds", type=int, default=2, help="round-robin repetitions")
-    parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
     parser.add_argument("--shared", type=int, default=2, help="KV-shared layers among them")
     parser.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm comparison")
-    parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
-    return parser.parse_args(), blas
+    return parse(parser)
 
 
 def random_contents(config, context: int) -> list[tuple]:

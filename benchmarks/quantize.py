@@ -19,42 +19,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import e2b_shaped_checkpoint, load_ours, print_table, use_openblas
-from generate import timed_generation
+from common import base_parser, e2b_shaped_checkpoint, load_ours, parse, print_table
+from generate import engine, timed_generation
 
 METHODS = ("affine", "turboquant")
 GROUP_SIZE = 64
 
 
 def arguments() -> tuple[argparse.Namespace, str]:
-    blas = use_openblas(sys.argv)
-    parser = argparse.ArgumentParser()
+    parser = base_parser()
     parser.add_argument("--bits", default="3,4,8", help="comma-separated bit widths")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (KL, top-1)")
     parser.add_argument("--decode", type=int, default=32, help="generated tokens")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions")
-    parser.add_argument("--layers", type=int, default=5, help="decoder layers in the checkpoint")
     parser.add_argument("--no-kv", action="store_true", help="skip the KV-cache benchmark")
-    parser.add_argument("--bundled-blas", action="store_true", help="do not preload OpenBLAS")
-    return parser.parse_args(), blas
-
-
-def engine(model):
-    """(prompt ids, n) -> the first n greedy tokens, through mlx-gemma4's generation loop."""
-    import mlx.core as mx
-
-    from mlx_gemma4 import PromptCache
-    from mlx_gemma4.generation import generate_step, prompt_inputs
-    from mlx_gemma4.processing.processor import Media
-
-    def run(ids, n):
-        cache = PromptCache(model)
-        inputs = prompt_inputs(model, ids, Media(), cache)
-        greedy = lambda x: mx.argmax(x, -1)  # noqa: E731
-        steps = generate_step(model, ids, inputs, cache, greedy, [], normalize=False)
-        return (token for token, _ in zip(steps, range(n), strict=False))
-
-    return run
+    return parse(parser)
 
 
 def llm_like_parameters(model, seed: int = 0) -> dict:
@@ -139,7 +117,7 @@ def main() -> None:
     base.update(tree_unflatten(list(llm.items())))
     reference = base(prompt).astype(mx.float32)
     mx.eval(reference)
-    float_run = engine(base)
+    float_run = engine("mlx-gemma4", base)
     timed_generation(float_run, ids[:16], 3)
     float_step = min(timed_generation(float_run, ids, args.decode)[1] for _ in range(args.rounds))
     del base, float_run
@@ -148,7 +126,7 @@ def main() -> None:
     rows = [["float32", "-", "32.00", "0", "-", "1.000", f"{1 / float_step:.2f}", "-"]]
     for bits in (int(b) for b in args.bits.split(",")):
         models = {m: quantized_model(folder, llm, m, bits) for m in METHODS}
-        runs = {m: engine(model) for m, model in models.items()}
+        runs = {m: engine("mlx-gemma4", model) for m, model in models.items()}
         for run in runs.values():
             timed_generation(run, ids[:16], 3)  # warm-up
         steps = {m: [] for m in METHODS}

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
 from .errors import Gemma4Error
+from .packing import AFFINE_BITS, AFFINE_GROUPS
 
 __all__ = [
     "KVQuantization",
@@ -28,8 +29,6 @@ __all__ = [
     "quantized_attention",
 ]
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
 QUERY_BLOCK = 512  # queries attended at once in a long prefill chunk
 
 Packed = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales, biases)
@@ -52,12 +51,11 @@ class KVQuantization:
 
     def __post_init__(self) -> None:
         for name, bits in (("key", self.key_bits), ("value", self.value_bits)):
-            if bits not in SUPPORTED_BITS:
+            if bits not in AFFINE_BITS:
                 raise KVQuantizationError(
-                    f"KV {name} bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, "
-                    f"not {bits}"
+                    f"KV {name} bits must be one of {', '.join(map(str, AFFINE_BITS))}, not {bits}"
                 )
-        if self.group_size not in GROUP_SIZES:
+        if self.group_size not in AFFINE_GROUPS:
             raise KVQuantizationError(f"KV group size must be 32, 64 or 128, not {self.group_size}")
 
     @classmethod
@@ -77,7 +75,7 @@ class KVQuantization:
 
     def group_for(self, head_dim: int) -> int:
         group = min(self.group_size, head_dim)
-        if group not in GROUP_SIZES or head_dim % group:
+        if group not in AFFINE_GROUPS or head_dim % group:
             raise KVQuantizationError(f"cannot quantize KV with head dimension {head_dim}")
         return group
 

@@ -18,15 +18,14 @@ from .config import ModelConfig
 from .errors import ConfigError, ModelNotFoundError, QuantizationError, WeightsError
 from .models.gemma4 import TOWER_PREFIXES, Model
 from .models.layers import CodebookLinear, Rotation
+from .packing import AFFINE_BITS, FLOAT_MODES, MODES
 from .processing import Processor
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # MLX's quantization modes; the float modes each allow one (bits, group size) pair.
-_FLOAT_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
-_MODES = {"affine", *_FLOAT_MODES.values()}
-_AFFINE_BITS = {2, 3, 4, 5, 6, 8}
+_FLOAT_MODE_OF = {spec: mode for mode, spec in FLOAT_MODES.items()}  # (bits, group) -> mode
 _METHODS = ("affine", "turboquant")
 
 
@@ -272,7 +271,7 @@ def _quantization_of(
     group_size = in_dims // scales.shape[-1]
     bits = packed.shape[-1] * 32 // in_dims
     if scales.dtype == mx.uint8:
-        mode = _FLOAT_MODES.get((bits, group_size))
+        mode = _FLOAT_MODE_OF.get((bits, group_size))
         if mode is None:
             raise QuantizationError(
                 f"{path}: {bits}-bit float quantization with group size {group_size} is not a "
@@ -280,7 +279,7 @@ def _quantization_of(
             )
     else:
         mode = "affine"
-        if default_mode != "affine" or bits not in _AFFINE_BITS:
+        if default_mode != "affine" or bits not in AFFINE_BITS:
             raise QuantizationError(
                 f"{path}: cannot read {bits}-bit {default_mode} weights; supported are affine "
                 "2-8 bits and mxfp4 / nvfp4 / mxfp8"
@@ -302,10 +301,10 @@ def quantize_like_checkpoint(
         _install_rotations(model, weights)
     _install_codebooks(model, weights)
     default_mode = quantization.get("mode", "affine")
-    if default_mode not in _MODES:
+    if default_mode not in MODES:
         raise QuantizationError(
             f"quantization mode {default_mode!r} in config.json is unknown; "
-            f"supported: {', '.join(sorted(_MODES))}"
+            f"supported: {', '.join(sorted(MODES))}"
         )
 
     def predicate(path: str, module: nn.Module):

@@ -9,16 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_gemma4.errors import QuantizationError
+from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS, FLOAT_MODES, MODES
 
 # Returns None to use the defaults, False to keep a module in float, or a dict of
 # {"bits", "group_size", "mode"} to quantize it differently.
 Override = Callable[[str, nn.Module], "dict[str, Any] | bool | None"]
-
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
-AFFINE_GROUPS = (32, 64, 128)
-# The float modes each fix their (bits, group size).
-FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
-MODES = ("affine", *FLOAT_MODES)
 
 # Modules whose error moves every token: the MoE router and the per-layer-embedding projection.
 SENSITIVE = ("router.proj", "per_layer_model_projection")

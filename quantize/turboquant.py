@@ -20,15 +20,9 @@ import numpy as np
 
 from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.models.layers import CodebookLinear, Rotation
+from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS
 
-from .affine import (
-    AFFINE_BITS,
-    AFFINE_GROUPS,
-    Override,
-    check_scheme,
-    quantize_model,
-    relative_error,
-)
+from .affine import Override, check_scheme, quantize_model, relative_error
 
 # (module under a decoder layer, its rotation's name, the linears reading that one activation)
 SITES = (

@@ -82,3 +82,25 @@ def token_ids():
 
 def to_numpy(x: mx.array) -> np.ndarray:
     return np.array(x.astype(mx.float32))
+
+
+def first_logits(model, processor, prompt, prompt_cache=None, **kwargs):
+    """The logits the first generated token is sampled from, and the last response."""
+    from mlx_gemma4 import stream_generate
+
+    seen = []
+
+    def record(_history, logits):
+        seen.append(to_numpy(logits))
+        return logits
+
+    *_, last = stream_generate(
+        model,
+        processor,
+        prompt,
+        max_tokens=1,
+        prompt_cache=prompt_cache,
+        logits_processors=[record],
+        **kwargs,
+    )
+    return seen[0], last

@@ -12,12 +12,12 @@ import shutil
 import subprocess
 import sys
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile
 from checkpoints import MM_TOKENS
-from conftest import relative_error
+from conftest import first_logits, relative_error
+from test_generate import reference_greedy
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.generation import prompt_inputs
@@ -97,45 +97,20 @@ def test_processor_rejects_mismatched_and_bad_audio(loaded, tmp_path):
 
 
 def test_greedy_with_audio_equals_transformers(audio_checkpoint, loaded):
-    import torch
-
     _, reference = audio_checkpoint
     model, processor = loaded
     messages = audio_chat(speechlike(1.3, seed=3), speechlike(0.6, seed=4))
     ours = [r.token for r in stream_generate(model, processor, messages, max_tokens=8)]
     inputs = processor(messages)
-    ids = np.array(inputs["input_ids"])
-    with torch.no_grad():
-        out = reference.generate(
-            input_ids=torch.tensor(ids),
-            input_features=torch.tensor(np.array(inputs["input_features"])),
-            input_features_mask=torch.tensor(np.array(inputs["input_features_mask"])),
-            max_new_tokens=8,
-            do_sample=False,
-            eos_token_id=sorted(processor.stop_token_ids),
-        )
-    expected = out[0, ids.shape[1] :].tolist()
+    expected = reference_greedy(
+        reference,
+        np.array(inputs["input_ids"])[0].tolist(),
+        8,
+        processor.stop_token_ids,
+        input_features=inputs["input_features"],
+        input_features_mask=inputs["input_features_mask"],
+    )
     assert ours == expected[: len(ours)]
-
-
-def first_logits(model, processor, messages, prompt_cache):
-    captured = []
-
-    def capture(history, logits):
-        captured.append(np.array(logits.astype(mx.float32)))
-        return logits
-
-    response = list(
-        stream_generate(
-            model,
-            processor,
-            messages,
-            max_tokens=1,
-            prompt_cache=prompt_cache,
-            logits_processors=[capture],
-        )
-    )[-1]
-    return captured[0], response
 
 
 def test_audio_in_history_is_not_encoded_again(loaded):

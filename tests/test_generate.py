@@ -10,12 +10,20 @@ from mlx_gemma4 import generate, load, stream_generate
 from mlx_gemma4.generation import PromptTooLongError
 
 
-def reference_greedy(reference, ids: list[int], n: int, stop_ids: set[int]) -> list[int]:
+def reference_greedy(
+    reference, ids: list[int], n: int, stop_ids: set[int], **media: np.ndarray
+) -> list[int]:
+    """transformers' greedy continuation of `ids`; `media`: its model inputs (pixel values, ...)."""
     import torch
 
+    tensors = {name: torch.tensor(np.asarray(value)) for name, value in media.items()}
     with torch.no_grad():
         out = reference.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=sorted(stop_ids)
+            torch.tensor([ids]),
+            **tensors,
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=sorted(stop_ids),
         )
     return out[0, len(ids) :].tolist()
 

@@ -6,27 +6,24 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
+from test_generate import reference_greedy
 from test_images import random_image
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.generation import prefill_chunks, prompt_inputs
 
 
-def reference_greedy(reference, inputs, n, stop_ids):
-    import torch
-
+def reference_image_greedy(reference, inputs, n, stop_ids):
     ids = np.array(inputs["input_ids"])
-    with torch.no_grad():
-        out = reference.generate(
-            input_ids=torch.tensor(ids),
-            pixel_values=torch.tensor(np.array(inputs["pixel_values"])),
-            image_position_ids=torch.tensor(np.array(inputs["image_position_ids"])),
-            mm_token_type_ids=torch.tensor((ids == MM_TOKENS["image_token_id"]).astype(np.int64)),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=sorted(stop_ids),
-        )
-    return out[0, ids.shape[1] :].tolist()
+    return reference_greedy(
+        reference,
+        ids[0].tolist(),
+        n,
+        stop_ids,
+        pixel_values=inputs["pixel_values"],
+        image_position_ids=inputs["image_position_ids"],
+        mm_token_type_ids=(ids == MM_TOKENS["image_token_id"]).astype(np.int64),
+    )
 
 
 def image_chat(*sizes):
@@ -54,7 +51,7 @@ def test_greedy_with_images_equals_transformers(chat_checkpoint, variant, prefil
         )
     ]
     inputs = processor(messages, max_soft_tokens=70)
-    expected = reference_greedy(reference, inputs, 10, processor.stop_token_ids)
+    expected = reference_image_greedy(reference, inputs, 10, processor.stop_token_ids)
     assert ours == expected[: len(ours)]
 
 

@@ -8,7 +8,7 @@ import subprocess
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import relative_error, to_numpy
+from conftest import first_logits, relative_error, to_numpy
 
 import mlx_gemma4.kv_quant as kv_quant
 import mlx_gemma4.models.text as text_module
@@ -151,25 +151,6 @@ def test_model_with_quantized_kv_tracks_the_float_cache(tiny, token_ids, monkeyp
         expected = SlidingWindowCache if config.is_sliding(layer) else QuantizedFullAttentionCache
         assert type(cache) is expected
     assert FullAttentionCache in {type(c) for c in model.make_cache()}
-
-
-def first_logits(model, processor, prompt, prompt_cache=None, **kwargs):
-    seen = []
-
-    def record(_history, logits):
-        seen.append(np.array(logits))
-        return logits
-
-    *_, last = stream_generate(
-        model,
-        processor,
-        prompt,
-        max_tokens=1,
-        prompt_cache=prompt_cache,
-        logits_processors=[record],
-        **kwargs,
-    )
-    return seen[0], last
 
 
 def test_trim_and_prompt_cache_reuse_match_a_fresh_quantized_run(chat_checkpoint):

@@ -5,29 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import first_logits
 from test_generate import force_tokens
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.prompt_cache import PromptCacheError
-
-
-def first_logits(model, processor, prompt, prompt_cache=None):
-    """The logits the first generated token is sampled from, and the last response."""
-    seen = []
-
-    def record(_history, logits):
-        seen.append(np.array(logits))
-        return logits
-
-    *_, last = stream_generate(
-        model,
-        processor,
-        prompt,
-        max_tokens=1,
-        prompt_cache=prompt_cache,
-        logits_processors=[record],
-    )
-    return seen[0], last
 
 
 @pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v"])

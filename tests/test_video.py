@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
 from conftest import relative_error, to_numpy
+from test_generate import reference_greedy
 from test_images import random_image
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
@@ -130,26 +131,23 @@ def video_chat(frames: int = 3):
 
 
 def test_greedy_with_video_equals_transformers(chat_checkpoint):
-    import torch
-
     folder, reference = chat_checkpoint("multimodal_bidirectional")
     model, processor = load(folder)
     messages = video_chat()
     ours = [r.token for r in stream_generate(model, processor, messages, max_tokens=8)]
     inputs = processor(messages)
     ids = np.array(inputs["input_ids"])
-    with torch.no_grad():
-        out = reference.generate(
-            input_ids=torch.tensor(ids),
-            pixel_values_videos=torch.tensor(np.array(inputs["pixel_values_videos"])),
-            video_position_ids=torch.tensor(np.array(inputs["video_position_ids"])),
-            num_frames_per_video=torch.tensor([3]),
-            mm_token_type_ids=torch.tensor((ids == VIDEO).astype(np.int64) * 2),
-            max_new_tokens=8,
-            do_sample=False,
-            eos_token_id=sorted(processor.stop_token_ids),
-        )
-    assert ours == out[0, ids.shape[1] :].tolist()[: len(ours)]
+    expected = reference_greedy(
+        reference,
+        ids[0].tolist(),
+        8,
+        processor.stop_token_ids,
+        pixel_values_videos=inputs["pixel_values_videos"],
+        video_position_ids=inputs["video_position_ids"],
+        num_frames_per_video=np.array([3]),
+        mm_token_type_ids=(ids == VIDEO).astype(np.int64) * 2,
+    )
+    assert ours == expected[: len(ours)]
 
 
 def test_video_in_history_is_not_encoded_again(chat_checkpoint):

@@ -87,14 +87,14 @@ class Rotation(nn.Module):
     def __init__(self, dims: int, signs: mx.array | None = None):
         super().__init__()
         self.blocks = hadamard_blocks(dims)
+        self.splits = tuple(sum(self.blocks[:i]) for i in range(1, len(self.blocks)))
         self.signs = mx.ones((dims,)) if signs is None else signs
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x * self.signs.astype(x.dtype)
         if len(self.blocks) == 1:
             return mx.hadamard_transform(x, scale=self.blocks[0] ** -0.5)
-        starts = [sum(self.blocks[:i]) for i in range(1, len(self.blocks))]
-        parts = mx.split(x, starts, axis=-1)
+        parts = mx.split(x, self.splits, axis=-1)
         return mx.concatenate(
             [
                 mx.hadamard_transform(part, scale=block**-0.5)

@@ -150,16 +150,17 @@ class Processor:
             if audio is None:
                 audio = _media_parts(prompt, "audio")
             prompt = self.apply_chat_template(prompt, **template_kwargs)
-        images, videos = images or [], videos or []
+        images, videos, audio = images or [], videos or [], audio or []
         _check_placeholders(prompt, IMAGE_TOKEN, images, ImageError)
         _check_placeholders(prompt, VIDEO_TOKEN, videos, VideoError)
-        audio = audio or []
         _check_placeholders(prompt, AUDIO_TOKEN, audio, AudioError)
         media = Media()
         if images:
             media.images = process_images(images, max_soft_tokens)
             tokens = iter(media.images.soft_tokens)
-            prompt = _expand(prompt, IMAGE_TOKEN, lambda: self._wrap(IMAGE_TOKEN, next(tokens)))
+            prompt = _expand(
+                prompt, IMAGE_TOKEN, lambda: IMAGE_START + IMAGE_TOKEN * next(tokens) + IMAGE_END
+            )
         if videos:
             clips = [load_video(video, max_frames) for video in videos]
             frames = [frame for clip in clips for frame in clip.frames]
@@ -180,10 +181,6 @@ class Processor:
                 prompt, AUDIO_TOKEN, lambda: AUDIO_START + AUDIO_TOKEN * next(counts) + AUDIO_END
             )
         return self.encode(prompt), media
-
-    @staticmethod
-    def _wrap(token: str, count: int) -> str:
-        return IMAGE_START + token * count + IMAGE_END
 
     def __call__(
         self,
