@@ -5,12 +5,15 @@
 Each engine's own generation loop (greedy, prefill step 2048) runs on the same prompt ids, in
 float32 and with every linear and embedding quantized to 4-bit affine (group 64). Rounds go
 round-robin over the engines; each figure is the engine's best round. The last columns put a
-decode step beside the sum of its matmuls, each timed alone on a one-token input. Peak memory
+decode step beside its matmuls: every matmul of a step (the LM head included) on a one-token
+input, run back to back in one evaluation. Both are medians (of the step intervals, and of
+repeated runs of the matmuls), so that the machine's noise weighs alike on each. Peak memory
 is the engine's weights plus the most its generation allocated on top.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from common import IMPLEMENTATIONS, arguments, e2b_shaped_checkpoint, print_table
@@ -49,13 +52,15 @@ def engine(name: str, model):
 
 
 def timed_generation(run, ids, n):
-    """(seconds to the first token, seconds per later token, tokens)."""
+    """(seconds to the first token, mean and median seconds per later token, tokens)."""
     start = time.perf_counter()
     tokens, stamps = [], []
     for token in run(ids, n):
         tokens.append(token)
         stamps.append(time.perf_counter())
-    return stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1), tokens
+    intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    mean = (stamps[-1] - stamps[0]) / len(intervals)
+    return stamps[0] - start, mean, statistics.median(intervals), tokens
 
 
 def language_part(name: str, model):
@@ -64,8 +69,9 @@ def language_part(name: str, model):
     return language, embedding
 
 
-def matmul_sum(name: str, model, repeats: int = 7) -> float:
-    """Seconds for every matmul of one decode step, each timed alone (the LM head included)."""
+def matmul_time(name: str, model, repeats: int = 15) -> float:
+    """Median seconds of every matmul of one decode step (the LM head included), run back to
+    back in one evaluation."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -73,23 +79,22 @@ def matmul_sum(name: str, model, repeats: int = 7) -> float:
     linears = [
         m for _, m in language.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)
     ]
-    calls = [(m, None) for m in linears] + [(embedding, "head")]
-    total = 0.0
-    for module, role in calls:
+    calls = []
+    for module in [*linears, embedding]:
         dims = module.weight.shape[-1] * (32 // module.bits if hasattr(module, "bits") else 1)
         x = mx.random.normal((1, 1, dims)).astype(mx.float32)
+        calls.append((module.as_linear if module is embedding else module, x))
 
-        def call(module=module, role=role, x=x):
-            return module.as_linear(x) if role == "head" else module(x)
+    def run():
+        mx.eval([call(x) for call, x in calls])
 
-        mx.eval(call())
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            mx.eval(call())
-            times.append(time.perf_counter() - start)
-        total += min(times)
-    return total
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def weight_bytes(model) -> int:
@@ -141,10 +146,10 @@ def main() -> None:
                 mx.clear_cache()
                 resident = mx.get_active_memory()
                 mx.reset_peak_memory()
-                first, per_token, tokens = timed_generation(run, ids, args.decode)
+                first, per_token, median_step, tokens = timed_generation(run, ids, args.decode)
                 working = mx.get_peak_memory() - resident
                 results[name].append(
-                    (first, per_token, tokens, weight_bytes(models[name]) + working)
+                    (first, per_token, tokens, weight_bytes(models[name]) + working, median_step)
                 )
         report(precision, args, blas, models, results)
         del models, runs
@@ -160,14 +165,15 @@ def report(precision, args, blas, models, results) -> None:
             min(r[1] for r in runs),
             runs[0][2],
             max(r[3] for r in runs),
+            min(r[4] for r in runs),
         )
         for name, runs in results.items()
     }
     peers = [v for k, v in best.items() if k != "mlx-gemma4"]
     best_first, best_step = min(p[0] for p in peers), min(p[1] for p in peers)
     rows = []
-    for name, (first, step, tokens, peak) in best.items():
-        matmuls = matmul_sum(name, models[name])
+    for name, (first, step, tokens, peak, median_step) in best.items():
+        matmuls = matmul_time(name, models[name])
         rows.append(
             [
                 name,
@@ -176,8 +182,9 @@ def report(precision, args, blas, models, results) -> None:
                 f"{peak / 2**30:.2f}",
                 f"{best_first / first:.2f}x",
                 f"{best_step / step:.2f}x",
+                f"{median_step * 1000:.0f}",
                 f"{matmuls * 1000:.0f}",
-                f"{step / matmuls:.3f}",
+                f"{median_step / matmuls:.3f}",
                 "yes" if tokens == best["mlx-gemma4"][2] else "NO",
             ]
         )
@@ -191,7 +198,8 @@ def report(precision, args, blas, models, results) -> None:
             "peak GiB",
             "prefill vs best peer",
             "decode vs best peer",
-            "matmul ms/step",
+            "median step ms",
+            "its matmuls ms",
             "step / matmuls",
             "same tokens",
         ],

@@ -142,7 +142,8 @@ def generate_step(
         if normalize:
             logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = sampler(logits)
-        history = mx.concatenate([history, token])
+        if logits_processors:  # only they read the history
+            history = mx.concatenate([history, token])
         return token
 
     token = step(mx.array(todo))

@@ -7,6 +7,11 @@ dequantizes the cache: R is orthogonal, so q·k = (Rq)·(Rk) and the scores come
 `quantized_matmul` of the rotated queries against the packed keys; the probabilities times the
 packed values give the output in the rotated space, and R^T brings it back. Both rotations act
 on queries and outputs only, which are short next to the cache.
+
+MLX's CPU `quantized_matmul` runs a matrix-vector product per query row, 7x slower than BLAS
+for the 8 rows of an E2B decode step. On the CPU the cache is instead dequantized a block of
+positions at a time, straight from the packed bytes where codes fill whole bytes (2, 4 and 8
+bits), and attended with BLAS; the packed form stays the same on every backend.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
 from .errors import Gemma4Error
+from .models.activations import softmax
+from .models.layers import on_cpu
 from .packing import AFFINE_BITS, AFFINE_GROUPS
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
 ]
 
 QUERY_BLOCK = 512  # queries attended at once in a long prefill chunk
+DEQUANTIZED_BLOCK = 2**21  # cache elements dequantized at once on the CPU (8 MiB in float32)
 
 Packed = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales, biases)
 
@@ -163,9 +171,7 @@ def _attend(queries: mx.array, kv: QuantizedKV, scale: float, mask: Any) -> mx.a
         queries = queries * scale
     # the query heads of one KV head become rows of one matrix against that head's keys
     rows = rotate(queries, kv.signs).reshape(batch, kv_heads, per_kv * length, head_dim)
-    scores = mx.quantized_matmul(
-        rows, *kv.keys, transpose=True, group_size=kv.group_size, bits=kv.key_bits
-    )
+    scores = _scores(rows, kv)
     if mask is not None:
         n_keys = scores.shape[-1]
         scores = scores.reshape(batch, kv_heads, per_kv, length, n_keys)
@@ -179,11 +185,74 @@ def _attend(queries: mx.array, kv: QuantizedKV, scale: float, mask: Any) -> mx.a
         else:
             scores = scores + mask.astype(scores.dtype)
         scores = scores.reshape(batch, kv_heads, per_kv * length, n_keys)
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(
-        probs, *kv.values, transpose=False, group_size=kv.group_size, bits=kv.value_bits
-    )
+    out = _weighted_values(softmax(scores), kv).astype(queries.dtype)
     return unrotate(out.reshape(batch, n_heads, length, head_dim), kv.signs)
+
+
+def _scores(rows: mx.array, kv: QuantizedKV) -> mx.array:
+    """Rotated query rows [B, H_kv, R, D] times the stored keys -> [B, H_kv, R, T]."""
+    if not on_cpu():
+        return mx.quantized_matmul(
+            rows, *kv.keys, transpose=True, group_size=kv.group_size, bits=kv.key_bits
+        )
+    blocks = []
+    for planes in _dequantized_blocks(kv.keys, kv.key_bits, kv.group_size):
+        stride = len(planes)
+        products = [rows[..., k::stride] @ plane.swapaxes(-1, -2) for k, plane in enumerate(planes)]
+        blocks.append(sum(products[1:], products[0]))
+    return mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+
+
+def _weighted_values(probs: mx.array, kv: QuantizedKV) -> mx.array:
+    """Probabilities [B, H_kv, R, T] times the stored values -> rotated outputs [B, H_kv, R, D]."""
+    if not on_cpu():
+        return mx.quantized_matmul(
+            probs, *kv.values, transpose=False, group_size=kv.group_size, bits=kv.value_bits
+        )
+    outputs, start = None, 0
+    for planes in _dequantized_blocks(kv.values, kv.value_bits, kv.group_size):
+        weights = probs[..., start : start + planes[0].shape[-2]]
+        start += planes[0].shape[-2]
+        products = [weights @ plane for plane in planes]
+        outputs = (
+            products if outputs is None else [a + b for a, b in zip(outputs, products, strict=True)]
+        )
+    if len(outputs) == 1:
+        return outputs[0]
+    # plane k holds dimensions k, k + stride, ...: interleave them back
+    return mx.stack(outputs, axis=-1).reshape(*probs.shape[:-1], -1)
+
+
+def _dequantized_blocks(packed: Packed, bits: int, group_size: int):
+    """The stored positions, a block at a time, as float32 planes: plane k of `stride` holds
+    head dimensions k, k + stride, ... (a single plane when codes straddle bytes)."""
+    codes, scales, biases = packed
+    batch, heads, n_keys, words = codes.shape
+    head_dim = words * 32 // bits
+    block = max(1, DEQUANTIZED_BLOCK // (batch * heads * head_dim))
+    for start in range(0, n_keys, block):
+        part = slice(start, start + block)
+        yield _dequantize_planes(
+            codes[..., part, :], scales[..., part, :], biases[..., part, :], bits, group_size
+        )
+
+
+def _dequantize_planes(
+    codes: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
+) -> list[mx.array]:
+    if 8 % bits:
+        return [mx.dequantize(codes, scales, biases, group_size=group_size, bits=bits)]
+    stride = 8 // bits  # codes per byte, lowest bits first (MLX's packing, little-endian)
+    packed_bytes = codes.view(mx.uint8)
+    grouped = (*packed_bytes.shape[:-1], -1, group_size // stride)
+    scales = scales.astype(mx.float32)[..., None]
+    biases = biases.astype(mx.float32)[..., None]
+    planes = []
+    for k in range(stride):
+        plane = packed_bytes if stride == 1 else (packed_bytes >> (k * bits)) & (2**bits - 1)
+        plane = plane.astype(mx.float32).reshape(grouped) * scales + biases
+        planes.append(plane.reshape(packed_bytes.shape))
+    return planes
 
 
 class QuantizedFullAttentionCache(_BaseCache):

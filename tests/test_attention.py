@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import relative_error, to_numpy
 
-from mlx_gemma4.models.activations import geglu, softmax
+from mlx_gemma4.models.activations import geglu, softcap, softmax
 from mlx_gemma4.models.attention import attention
 
 
@@ -34,17 +34,19 @@ def masks(batch, queries, keys):
     }
 
 
+@pytest.mark.parametrize("shape", [(40, 56), (1, 300)], ids=["prefill", "decode step"])
 @pytest.mark.parametrize("mask_name", list(masks(2, 40, 56)))
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_cpu_attention_matches_the_fused_kernel(mask_name, kv_heads):
-    q, k, v = qkv(kv_heads=kv_heads)
-    mask = masks(2, 40, 56)[mask_name]
-    ours = attention(q, k, v, scale=0.25, mask=mask)
+def test_cpu_attention_matches_the_fused_kernel(mask_name, kv_heads, shape, monkeypatch):
+    q, k, v = qkv(kv_heads=kv_heads, queries=shape[0], keys=shape[1])
+    mask = masks(2, *shape)[mask_name]
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", None)  # the CPU path only
+    ours = attention(q, k, v, scale=0.25, mask=mask)
     assert relative_error(to_numpy(ours), to_numpy(expected)) < 1e-5
 
 
-def test_fast_softmax_and_geglu_match_float64():
+def test_fast_softmax_geglu_and_softcap_match_float64():
     rng = np.random.default_rng(0)
     x = rng.normal(scale=8.0, size=(16, 300)).astype(np.float32)
     exact = np.exp(x - x.max(-1, keepdims=True))
@@ -54,3 +56,5 @@ def test_fast_softmax_and_geglu_match_float64():
     g = gate.astype(np.float64)
     gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
     assert relative_error(to_numpy(geglu(mx.array(gate), mx.array(up))), gelu * up) < 1e-6
+    capped = 30.0 * np.tanh(x.astype(np.float64) * 4 / 30.0)  # logits reach well past the cap
+    assert relative_error(to_numpy(softcap(mx.array(x * 4), 30.0)), capped) < 1e-6

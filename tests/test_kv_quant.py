@@ -43,11 +43,17 @@ def fill(cache, k, v, chunks):
     return kv
 
 
+@pytest.mark.parametrize("path", ["packed", "dequantized"])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 2), (3, 6)])
-def test_kernel_path_is_exact_for_the_stored_keys_and_values(bits, monkeypatch):
-    """Scores and output from the packed arrays equal float attention on their dequantization
-    (queries here come 4 at a time, as a long prefill chunk's do 512 at a time)."""
+def test_kernel_path_is_exact_for_the_stored_keys_and_values(bits, path, monkeypatch):
+    """Scores and output equal float attention on the cache's dequantization, both from the
+    packed arrays (`quantized_matmul`, the GPU path) and from blocks dequantized straight from
+    the packed bytes (the CPU path; 2-, 4- and 8-bit codes by byte planes, 3 and 6 bits whole).
+    Queries here come 4 at a time, as a long prefill chunk's do 512 at a time, and the CPU path
+    dequantizes 32 positions at a time."""
     monkeypatch.setattr(kv_quant, "QUERY_BLOCK", 4 if bits == (4, 2) else kv_quant.QUERY_BLOCK)
+    monkeypatch.setattr(kv_quant, "DEQUANTIZED_BLOCK", 32 * 2 * 64)
+    monkeypatch.setattr(kv_quant, "on_cpu", lambda: path == "dequantized")
     q, k, v = random_kv(0, 300)  # past one 256-position growth step
     cache = QuantizedFullAttentionCache(KVQuantization(*bits))
     kv = fill(cache, k, v, [290, 1, 9])

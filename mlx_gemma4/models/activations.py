@@ -3,11 +3,12 @@
 MLX's CPU backend evaluates `exp` and `tanh` one scalar at a time, several times slower than
 the fused multiply-adds around them; on the CPU these functions use rational / polynomial forms
 compiled into one pass (float32 error about 1e-6). On a GPU the exact MLX ops are used.
+
+They are compiled per shape, not shapeless: MLX's shapeless CPU kernels read each constant as a
+broadcast array and run 3-6x slower (25 ms against 5 ms for SiLU over 3M floats).
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,6 +35,7 @@ _TANH_CLAMP = 7.90531110763549805
 # denormals, whose arithmetic is ~100x slower on x86, matters for masked attention scores.
 _EXP_SQUARINGS = 6
 _EXP_FLOOR = -80.0
+_EXP_AT_FLOOR = 1.81e-35  # just above what the polynomial gives at the floor
 _EXP_P = (
     0.9999999998054048,
     0.9999999768827164,
@@ -55,7 +57,7 @@ def _polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
     return out
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def fast_tanh(x: mx.array) -> mx.array:
     """tanh in float32 (whatever the input dtype: the coefficients underflow in float16)."""
     x = mx.clip(x.astype(mx.float32), -_TANH_CLAMP, _TANH_CLAMP)
@@ -63,15 +65,18 @@ def fast_tanh(x: mx.array) -> mx.array:
     return x * _polynomial(squared, _TANH_P) / _polynomial(squared, _TANH_Q)
 
 
+@mx.compile
 def _exp_nonpositive(x: mx.array) -> mx.array:
     out = _polynomial(mx.maximum(x, _EXP_FLOOR) * (1.0 / 2**_EXP_SQUARINGS), _EXP_P)
     for _ in range(_EXP_SQUARINGS):
         out = out * out
-    return mx.where(x > _EXP_FLOOR, out, 0.0)
+    # exactly 0 at and below the floor (where the polynomial gives 1.8048e-35); a select here
+    # would cost as much as the polynomial in MLX's compiled CPU kernels
+    return mx.maximum(out - _EXP_AT_FLOOR, 0.0)
 
 
-@partial(mx.compile, shapeless=True)
 def _fast_softmax(x: mx.array) -> mx.array:
+    # the max and the sum stay outside the compiled exp, whose input is then contiguous
     x = x.astype(mx.float32)
     e = _exp_nonpositive(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -84,12 +89,25 @@ def softmax(x: mx.array) -> mx.array:
     return mx.softmax(x.astype(mx.float32), axis=-1)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
+def _softcap_fast(x: mx.array, cap: mx.array) -> mx.array:
+    return (fast_tanh(x / cap) * cap).astype(x.dtype)
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """cap * tanh(x / cap): one fused pass on the CPU, where `mx.tanh` over a 262k-wide row of
+    logits costs 5 ms of a decode step."""
+    if on_cpu():
+        return _softcap_fast(x, mx.array(cap, dtype=mx.float32))
+    return mx.tanh(x / cap) * cap
+
+
+@mx.compile
 def _geglu_exact(gate: mx.array, up: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * up
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _geglu_fast(gate: mx.array, up: mx.array) -> mx.array:
     g = gate.astype(mx.float32)
     inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
@@ -101,12 +119,12 @@ def geglu(gate: mx.array, up: mx.array) -> mx.array:
     return _geglu_fast(gate, up) if on_cpu() else _geglu_exact(gate, up)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def fast_silu(x: mx.array) -> mx.array:
     return (x * (0.5 + 0.5 * fast_tanh(0.5 * x))).astype(x.dtype)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _gated(values: mx.array, gates: mx.array) -> mx.array:
     return (values * (0.5 + 0.5 * fast_tanh(0.5 * gates))).astype(values.dtype)
 

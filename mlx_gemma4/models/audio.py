@@ -9,7 +9,6 @@ turn four frames (40 ms) into one soft token; the Conformer blocks attend within
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -149,7 +148,7 @@ def _relative_shift(x: mx.array, context: int) -> mx.array:
     return x.reshape(*lead, width, context)
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _capped_logits(logits: mx.array, allowed: mx.array, cap: mx.array, invalid: mx.array):
     return mx.where(allowed, fast_tanh(logits / cap) * cap, invalid)
 

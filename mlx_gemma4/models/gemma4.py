@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from ..kv_quant import KVQuantization
+from .activations import softcap
 from .audio import AudioModel
 from .layers import Linear
 from .text import TextModel
@@ -63,9 +64,7 @@ class Model(nn.Module):
         else:
             out = self.language_model.embed_tokens.as_linear(hidden)
         cap = self.config.text_config.final_logit_softcapping
-        if cap:
-            out = mx.tanh(out / cap) * cap
-        return out
+        return softcap(out, cap) if cap else out
 
     def soft_token_slots(self, input_ids: mx.array) -> mx.array:
         """Placeholders whose embedding comes from a tower rather than the token table."""
