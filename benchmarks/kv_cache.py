@@ -130,7 +130,8 @@ def per_token(stamps: list[float]) -> float:
 
 def attention_step_times(config, contexts: list[int], steps: int, rounds: int) -> list[list]:
     """One full-attention layer's decode step (store one position, attend) in isolation:
-    float, ours quantized, and mlx-lm's quantized attention (no rotation) at the same bits."""
+    float (our attention, and MLX's fused kernel that the peers call), ours quantized, and
+    mlx-lm's quantized attention (no rotation) at the same bits."""
     import mlx.core as mx
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
     from mlx_lm.models.cache import QuantizedKVCache
@@ -138,12 +139,16 @@ def attention_step_times(config, contexts: list[int], steps: int, rounds: int) -
     from mlx_gemma4.cache import FullAttentionCache
     from mlx_gemma4.kv_quant import KVQuantization, QuantizedFullAttentionCache
     from mlx_gemma4.kv_quant import quantized_attention as ours
+    from mlx_gemma4.models.attention import attention as float_attention
 
     layer = config.layer_types.index("full_attention")
     heads, kv_heads = config.num_attention_heads, config.layer_kv_heads(layer)
     head_dim = config.layer_head_dim(layer)
 
     def step_float(cache, q, k):
+        return float_attention(q, *cache.update_and_fetch(k, k), scale=1.0)
+
+    def step_fused(cache, q, k):
         return mx.fast.scaled_dot_product_attention(q, *cache.update_and_fetch(k, k), scale=1.0)
 
     def step_ours(cache, q, k):
@@ -155,7 +160,10 @@ def attention_step_times(config, contexts: list[int], steps: int, rounds: int) -
             q, keys, values, scale=1.0, mask=None, group_size=64, bits=cache.bits
         )
 
-    variants = [("float", FullAttentionCache, step_float)]
+    variants = [
+        ("float", FullAttentionCache, step_float),
+        ("float, mx.fast kernel", FullAttentionCache, step_fused),
+    ]
     for bits in (8, 4):
         variants.append(
             (

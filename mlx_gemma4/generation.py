@@ -15,9 +15,9 @@ from .errors import Gemma4Error
 from .kv_quant import KVQuantization
 from .processing import Processor
 from .processing.audio import AudioError
-from .processing.images import DEFAULT_BUDGET
+from .processing.images import DEFAULT_BUDGET, ImageError
 from .processing.processor import Media
-from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
+from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES, VideoError
 from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
 
@@ -81,6 +81,17 @@ def media_encoders(model, media: Media) -> dict[int, tuple[Any, Callable[..., mx
         config.video_token_id: (media.video_frames, model.vision_features),
         config.audio_token_id: (media.audio, model.audio_features),
     }
+
+
+def refuse_media_without_tower(model, media: Media) -> None:
+    """One clear error when the prompt carries media this checkpoint has no tower for."""
+    if media.audio is not None and "audio_tower" not in model:
+        raise AudioError("this checkpoint has no audio tower; it cannot take audio (E2B/E4B can)")
+    if "vision_tower" not in model:
+        if media.images is not None:
+            raise ImageError("this checkpoint has no vision tower; it cannot take images")
+        if media.video_frames is not None:
+            raise VideoError("this checkpoint has no vision tower; it cannot take video")
 
 
 def prompt_inputs(model, ids: list[int], media: Media, prompt_cache: PromptCache) -> PromptInputs:
@@ -213,8 +224,7 @@ def stream_generate(
         audio=audio,
         enable_thinking=enable_thinking,
     )
-    if media.audio is not None and "audio_tower" not in model:
-        raise AudioError("this checkpoint has no audio tower; it cannot take audio (E2B/E4B can)")
+    refuse_media_without_tower(model, media)
     context = model.config.text_config.max_position_embeddings
     if len(prompt_ids) + max_tokens > context:
         raise PromptTooLongError(

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 QUERY_BLOCK = 512  # queries attended at once in a long prefill chunk
-DEQUANTIZED_BLOCK = 2**21  # cache elements dequantized at once on the CPU (8 MiB in float32)
+DEQUANTIZED_BLOCK = 2**19  # cache elements dequantized at once on the CPU (2 MiB in float32)
 
 Packed = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales, biases)
 
@@ -241,7 +241,8 @@ def _dequantize_planes(
     codes: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
 ) -> list[mx.array]:
     if 8 % bits:
-        return [mx.dequantize(codes, scales, biases, group_size=group_size, bits=bits)]
+        plane = mx.dequantize(codes, scales, biases, group_size=group_size, bits=bits)
+        return [plane.astype(mx.float32)]
     stride = 8 // bits  # codes per byte, lowest bits first (MLX's packing, little-endian)
     packed_bytes = codes.view(mx.uint8)
     grouped = (*packed_bytes.shape[:-1], -1, group_size // stride)

@@ -208,7 +208,11 @@ def canonical_weights(
     )
     audio = model.config.audio_config
     audio_clipped = audio is not None and audio.use_clipped_linears
-    expected = dict(tree_flatten(model.parameters())) if audio is not None else {}
+    audio_shapes = (
+        {f"audio_tower.{k}": v.shape for k, v in tree_flatten(model.audio_tower.parameters())}
+        if "audio_tower" in model
+        else {}
+    )
     for key, value in weights.items():
         new = _rename(key)
         if new.startswith(TOWER_PREFIXES) and new.split(".")[0] not in model:
@@ -221,8 +225,8 @@ def canonical_weights(
                 continue
             if new.endswith(_AUDIO_CONSTANTS):  # computed, not loaded
                 continue
-            if new.endswith(_AUDIO_CONVS) and new in expected:
-                value = _channels_last(value, expected[new].shape)
+            if new.endswith(_AUDIO_CONVS) and new in audio_shapes:
+                value = _channels_last(value, audio_shapes[new])
         if "rotary_emb" in new or (new == "lm_head.weight" and text.tie_word_embeddings):
             continue
         if _is_unused_shared_kv(new, text.first_kv_shared_layer):

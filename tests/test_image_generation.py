@@ -88,3 +88,16 @@ def test_prefill_chunks_keep_blocks_whole():
     assert chunks[0] == (0, 3) and chunks[1] == (3, 9)
     assert chunks[-1][1] == 19
     assert all(not (s < b_start < e < b_end) for s, e in chunks for b_start, b_end in blocks)
+
+
+def test_a_model_without_vision_tower_refuses_images_and_video(chat_checkpoint):
+    from test_video import video_chat
+
+    from mlx_gemma4.processing.images import ImageError
+    from mlx_gemma4.processing.video import VideoError
+
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    with pytest.raises(ImageError, match="no vision tower; it cannot take images"):
+        next(stream_generate(model, processor, image_chat((40, 30)), max_tokens=2))
+    with pytest.raises(VideoError, match="no vision tower; it cannot take video"):
+        next(stream_generate(model, processor, video_chat(), max_tokens=2))
