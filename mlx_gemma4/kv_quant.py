@@ -2,8 +2,8 @@
 
 Keys and values are rotated over the head dimension by a fixed randomized Hadamard transform
 R = H·diag(signs)/sqrt(D), which spreads outlier channels over all channels, and are then
-stored with MLX affine quantization (separate bit widths for keys and values). Attention never
-dequantizes the cache: R is orthogonal, so q·k = (Rq)·(Rk) and the scores come from
+stored with MLX affine quantization (separate bit widths for keys and values). On a GPU,
+attention never dequantizes the cache: R is orthogonal, so q·k = (Rq)·(Rk) and the scores come from
 `quantized_matmul` of the rotated queries against the packed keys; the probabilities times the
 packed values give the output in the rotated space, and R^T brings it back. Both rotations act
 on queries and outputs only, which are short next to the cache.
@@ -11,12 +11,15 @@ on queries and outputs only, which are short next to the cache.
 MLX's CPU `quantized_matmul` runs a matrix-vector product per query row, 7x slower than BLAS
 for the 8 rows of an E2B decode step. On the CPU the cache is instead dequantized a block of
 positions at a time, straight from the packed bytes where codes fill whole bytes (2, 4 and 8
-bits), and attended with BLAS; the packed form stays the same on every backend.
+bits), and attended with BLAS; the packed form stays the same on every backend. A prefill
+chunk longer than `QUERY_BLOCK` dequantizes the cache once per query block: the price of never
+holding all of it in float.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -223,7 +226,7 @@ def _weighted_values(probs: mx.array, kv: QuantizedKV) -> mx.array:
     return mx.stack(outputs, axis=-1).reshape(*probs.shape[:-1], -1)
 
 
-def _dequantized_blocks(packed: Packed, bits: int, group_size: int):
+def _dequantized_blocks(packed: Packed, bits: int, group_size: int) -> Iterator[list[mx.array]]:
     """The stored positions, a block at a time, as float32 planes: plane k of `stride` holds
     head dimensions k, k + stride, ... (a single plane when codes straddle bytes)."""
     codes, scales, biases = packed
