@@ -1,25 +1,30 @@
-"""A TurboQuant-style KV cache for full-attention layers: rotated, then affine-quantized K/V.
+"""A TurboQuant-style KV cache for full-attention layers: rotated vectors, one scale each.
 
 Keys and values are rotated over the head dimension by a fixed randomized Hadamard transform
-R = H·diag(signs)/sqrt(D), which spreads outlier channels over all channels, and are then
-stored with MLX affine quantization (separate bit widths for keys and values). On a GPU,
-attention never dequantizes the cache: R is orthogonal, so q·k = (Rq)·(Rk) and the scores come from
-`quantized_matmul` of the rotated queries against the packed keys; the probabilities times the
-packed values give the output in the rotated space, and R^T brings it back. Both rotations act
-on queries and outputs only, which are short next to the cache.
+R = H·diag(signs)/sqrt(D). The rotation spreads outlier channels over all channels, so the
+coordinates of a rotated vector all follow nearly the same Gaussian and, as in TurboQuant, one
+scale per vector is enough: the step of a uniform quantizer, either the one optimal for a
+Gaussian of the vector's RMS or the one that just spans its largest coordinate, whichever
+reconstructs the vector better. Codes are packed as MLX packs them (a little-endian bitstream
+in uint32 words), next to one float32 scale per position and head: 1/16 of a bit per element
+at head dimension 512, where MLX's group-wise affine quantization spends half a bit on a scale
+and bias per 64 (in bfloat16).
 
-MLX's CPU `quantized_matmul` runs a matrix-vector product per query row, 7x slower than BLAS
-for the 8 rows of an E2B decode step. On the CPU the cache is instead dequantized a block of
-positions at a time, straight from the packed bytes where codes fill whole bytes (2, 4 and 8
-bits), and attended with BLAS; the packed form stays the same on every backend. A prefill
-chunk longer than `QUERY_BLOCK` dequantizes the cache once per query block: the price of never
-holding all of it in float.
+Attention never dequantizes the whole cache. R is orthogonal, so q·k = (Rq)·(Rk): the scores
+are the rotated queries times the codes, scaled per position afterwards; the values' scales
+multiply the probabilities first, and R^T brings the output back. On a GPU the products with
+the codes are `quantized_matmul` with unit scales. MLX's CPU `quantized_matmul` runs a
+matrix-vector product per query row (7x slower than BLAS for the 8 rows of an E2B decode step),
+so on the CPU the codes are unpacked a block of positions at a time, straight from the packed
+bytes where codes fill whole bytes (2, 4 and 8 bits), and multiplied with BLAS. A prefill chunk
+longer than `QUERY_BLOCK` unpacks the cache once per query block: the price of never holding
+all of it in float.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,9 +45,13 @@ __all__ = [
 ]
 
 QUERY_BLOCK = 512  # queries attended at once in a long prefill chunk
-DEQUANTIZED_BLOCK = 2**19  # cache elements dequantized at once on the CPU (2 MiB in float32)
+UNPACKED_BLOCK = 2**19  # cache elements unpacked at once on the CPU (2 MiB in float32)
 
-Packed = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales, biases)
+# The step of the uniform quantizer with 2^bits levels that minimizes the mean squared error on
+# a unit Gaussian (Max, 1960; tests/test_kv_quant.py checks each is the minimum).
+GAUSSIAN_STEP = {2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 8: 0.03076}
+
+Quantized = tuple[mx.array, mx.array]  # (packed uint32 codes, float32 scales [..., 1])
 
 
 class KVQuantizationError(Gemma4Error):
@@ -51,14 +60,10 @@ class KVQuantizationError(Gemma4Error):
 
 @dataclass(frozen=True)
 class KVQuantization:
-    """Bit widths of the cached keys and values of full-attention layers, and their group size.
-
-    The group size shrinks to the head dimension when that is smaller (tiny test models).
-    """
+    """Bit widths of the cached keys and values of full-attention layers."""
 
     key_bits: int
     value_bits: int
-    group_size: int = 64
 
     def __post_init__(self) -> None:
         for name, bits in (("key", self.key_bits), ("value", self.value_bits)):
@@ -66,8 +71,6 @@ class KVQuantization:
                 raise KVQuantizationError(
                     f"KV {name} bits must be one of {', '.join(map(str, AFFINE_BITS))}, not {bits}"
                 )
-        if self.group_size not in AFFINE_GROUPS:
-            raise KVQuantizationError(f"KV group size must be 32, 64 or 128, not {self.group_size}")
 
     @classmethod
     def from_bits(
@@ -83,12 +86,6 @@ class KVQuantization:
                 "KV quantization needs both key and value bits (or kv_bits, which sets both)"
             )
         return cls(key_bits, value_bits)
-
-    def group_for(self, head_dim: int) -> int:
-        group = min(self.group_size, head_dim)
-        if group not in AFFINE_GROUPS or head_dim % group:
-            raise KVQuantizationError(f"cannot quantize KV with head dimension {head_dim}")
-        return group
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -117,23 +114,87 @@ def unrotate(x: mx.array, signs: mx.array) -> mx.array:
     return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5) * signs.astype(x.dtype)
 
 
+def _center(bits: int) -> float:
+    """Code c stands for (c - center) * scale: the levels are symmetric around zero."""
+    return (2**bits - 1) / 2
+
+
+def require_packable(head_dim: int) -> None:
+    """Packed codes fill whole uint32 words at every width only for multiples of 32."""
+    if head_dim % 32:
+        raise KVQuantizationError(
+            f"cannot quantize the KV cache of head dimension {head_dim}: it is not a multiple "
+            "of 32; run without KV quantization"
+        )
+
+
+def quantize_vectors(x: mx.array, bits: int) -> Quantized:
+    """Codes and per-vector scales of `x` over its last axis (a multiple of 32 long).
+
+    Each vector takes whichever step reconstructs it better: the Gaussian-optimal one for its
+    RMS, which clips the rare tails, or the one whose outermost levels reach its largest
+    coordinate, which clips nothing (the better one at high bit widths)."""
+    require_packable(x.shape[-1])
+    x = x.astype(mx.float32)
+    rms = mx.sqrt(mx.mean(x * x, axis=-1, keepdims=True))
+    peak = mx.max(mx.abs(x), axis=-1, keepdims=True)
+    codes, scale, error = _quantize_with(x, GAUSSIAN_STEP[bits] * rms, bits)
+    peak_codes, peak_scale, peak_error = _quantize_with(x, peak / _center(bits), bits)
+    gaussian_wins = error < peak_error
+    codes = mx.where(gaussian_wins, codes, peak_codes)
+    return pack_codes(codes.astype(mx.uint32), bits), mx.where(gaussian_wins, scale, peak_scale)
+
+
+def _quantize_with(x: mx.array, scale: mx.array, bits: int) -> tuple[mx.array, ...]:
+    """Codes of `x` at step `scale`, the step, and the squared error of each vector."""
+    scale = mx.maximum(scale, 1e-30)  # an all-zero vector
+    codes = mx.clip(mx.floor(x / scale) + 2 ** (bits - 1), 0, 2**bits - 1)
+    error = mx.sum(mx.square((codes - _center(bits)) * scale - x), axis=-1, keepdims=True)
+    return codes, scale, error
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """Codes [..., D] as MLX packs them: value i at bit i*bits of a little-endian bitstream."""
+    # 8 codes fill `bits` whole bytes; code i's bits land in byte j shifted by i*bits - 8j
+    # (clamped to [-8, 8], which keeps every shift defined and still leaves 0 for no overlap)
+    offsets = [[min(max(i * bits - 8 * j, -8), 8) for j in range(bits)] for i in range(8)]
+    left = mx.array([[max(o, 0) for o in row] for row in offsets], dtype=mx.uint32)
+    right = mx.array([[max(-o, 0) for o in row] for row in offsets], dtype=mx.uint32)
+    octets = codes.astype(mx.uint32).reshape(*codes.shape[:-1], -1, 8, 1)
+    packed = (((octets << left) >> right) & 0xFF).sum(axis=-2)  # disjoint bits: sum is OR
+    return packed.astype(mx.uint8).reshape(*codes.shape[:-1], -1).view(mx.uint32)
+
+
+def _unit_affine(codes: mx.array, bits: int, dtype: mx.Dtype) -> dict[str, Any]:
+    """MLX affine arguments that read packed `codes` as centered codes c - center."""
+    head_dim = codes.shape[-1] * 32 // bits
+    group = next(g for g in reversed(AFFINE_GROUPS) if head_dim % g == 0)
+    shape = (*codes.shape[:-1], head_dim // group)
+    return dict(
+        scales=mx.broadcast_to(mx.array(1, dtype), shape),
+        biases=mx.broadcast_to(mx.array(-_center(bits), dtype), shape),
+        group_size=group,
+        bits=bits,
+    )
+
+
 @dataclass
 class QuantizedKV:
     """What a quantized cache hands to attention (and to the layers that share its K/V)."""
 
-    keys: Packed  # rotated keys [B, kv heads, T, D], packed
-    values: Packed  # rotated values, packed
+    keys: Quantized  # rotated keys [B, kv heads, T, D]: packed codes, scales [B, kv heads, T, 1]
+    values: Quantized  # rotated values, the same way
     signs: mx.array  # the rotation's sign diagonal [D]
     key_bits: int
     value_bits: int
-    group_size: int
 
     def dequantize(self) -> tuple[mx.array, mx.array]:
         """Float keys and values as stored (un-rotated): the reference for the quantized path."""
 
-        def restore(packed: Packed, bits: int) -> mx.array:
-            rotated = mx.dequantize(*packed, group_size=self.group_size, bits=bits)
-            return unrotate(rotated, self.signs)
+        def restore(quantized: Quantized, bits: int) -> mx.array:
+            codes, scales = quantized
+            centered = mx.dequantize(codes, **_unit_affine(codes, bits, mx.float32))
+            return unrotate(centered * scales, self.signs)
 
         return restore(self.keys, self.key_bits), restore(self.values, self.value_bits)
 
@@ -174,7 +235,8 @@ def _attend(queries: mx.array, kv: QuantizedKV, scale: float, mask: Any) -> mx.a
         queries = queries * scale
     # the query heads of one KV head become rows of one matrix against that head's keys
     rows = rotate(queries, kv.signs).reshape(batch, kv_heads, per_kv * length, head_dim)
-    scores = _scores(rows, kv)
+    key_codes, key_scales = kv.keys
+    scores = _times_codes_transposed(rows, key_codes, kv.key_bits) * key_scales.swapaxes(-1, -2)
     if mask is not None:
         n_keys = scores.shape[-1]
         scores = scores.reshape(batch, kv_heads, per_kv, length, n_keys)
@@ -188,82 +250,92 @@ def _attend(queries: mx.array, kv: QuantizedKV, scale: float, mask: Any) -> mx.a
         else:
             scores = scores + mask.astype(scores.dtype)
         scores = scores.reshape(batch, kv_heads, per_kv * length, n_keys)
-    out = _weighted_values(softmax(scores), kv).astype(queries.dtype)
+    value_codes, value_scales = kv.values
+    weights = softmax(scores) * value_scales.swapaxes(-1, -2)
+    out = _times_codes(weights, value_codes, kv.value_bits).astype(queries.dtype)
     return unrotate(out.reshape(batch, n_heads, length, head_dim), kv.signs)
 
 
-def _scores(rows: mx.array, kv: QuantizedKV) -> mx.array:
-    """Rotated query rows [B, H_kv, R, D] times the stored keys -> [B, H_kv, R, T]."""
+def _times_codes_transposed(rows: mx.array, codes: mx.array, bits: int) -> mx.array:
+    """Rows [B, H_kv, R, D] times the centered codes [B, H_kv, T, D], transposed -> [..., R, T]."""
     if not on_cpu():
         return mx.quantized_matmul(
-            rows, *kv.keys, transpose=True, group_size=kv.group_size, bits=kv.key_bits
+            rows, codes, transpose=True, **_unit_affine(codes, bits, rows.dtype)
         )
     blocks = []
-    for planes in _dequantized_blocks(kv.keys, kv.key_bits, kv.group_size):
+    for planes in _unpacked_blocks(codes, bits):
         stride = len(planes)
         products = [rows[..., k::stride] @ plane.swapaxes(-1, -2) for k, plane in enumerate(planes)]
         blocks.append(sum(products[1:], products[0]))
-    return mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+    raw = mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+    return raw - _plane_offset(bits) * rows.sum(axis=-1, keepdims=True)
 
 
-def _weighted_values(probs: mx.array, kv: QuantizedKV) -> mx.array:
-    """Probabilities [B, H_kv, R, T] times the stored values -> rotated outputs [B, H_kv, R, D]."""
+def _times_codes(weights: mx.array, codes: mx.array, bits: int) -> mx.array:
+    """Weights [B, H_kv, R, T] times the centered codes [B, H_kv, T, D] -> [B, H_kv, R, D]."""
     if not on_cpu():
         return mx.quantized_matmul(
-            probs, *kv.values, transpose=False, group_size=kv.group_size, bits=kv.value_bits
+            weights, codes, transpose=False, **_unit_affine(codes, bits, weights.dtype)
         )
     outputs, start = None, 0
-    for planes in _dequantized_blocks(kv.values, kv.value_bits, kv.group_size):
-        weights = probs[..., start : start + planes[0].shape[-2]]
+    for planes in _unpacked_blocks(codes, bits):
+        block = weights[..., start : start + planes[0].shape[-2]]
         start += planes[0].shape[-2]
-        products = [weights @ plane for plane in planes]
+        products = [block @ plane for plane in planes]
         outputs = (
             products if outputs is None else [a + b for a, b in zip(outputs, products, strict=True)]
         )
-    if len(outputs) == 1:
-        return outputs[0]
     # plane k holds dimensions k, k + stride, ...: interleave them back
-    return mx.stack(outputs, axis=-1).reshape(*probs.shape[:-1], -1)
+    raw = (
+        outputs[0]
+        if len(outputs) == 1
+        else mx.stack(outputs, axis=-1).reshape(*weights.shape[:-1], -1)
+    )
+    return raw - _plane_offset(bits) * weights.sum(axis=-1, keepdims=True)
 
 
-def _dequantized_blocks(packed: Packed, bits: int, group_size: int) -> Iterator[list[mx.array]]:
-    """The stored positions, a block at a time, as float32 planes: plane k of `stride` holds
-    head dimensions k, k + stride, ... (a single plane when codes straddle bytes)."""
-    codes, scales, biases = packed
+def _unpacked_blocks(codes: mx.array, bits: int) -> Iterator[list[mx.array]]:
+    """The stored codes, a block of positions at a time, as float32 planes: plane k of `stride`
+    holds head dimensions k, k + stride, ... (a single plane when codes straddle bytes)."""
     batch, heads, n_keys, words = codes.shape
     head_dim = words * 32 // bits
-    block = max(1, DEQUANTIZED_BLOCK // (batch * heads * head_dim))
+    block = max(1, UNPACKED_BLOCK // (batch * heads * head_dim))
     for start in range(0, n_keys, block):
-        part = slice(start, start + block)
-        yield _dequantize_planes(
-            codes[..., part, :], scales[..., part, :], biases[..., part, :], bits, group_size
-        )
+        yield _code_planes(codes[..., start : start + block, :], bits)
 
 
-def _dequantize_planes(
-    codes: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
-) -> list[mx.array]:
+def _code_planes(codes: mx.array, bits: int) -> list[mx.array]:
+    """Float32 planes whose entries minus `_plane_offset(bits)` are the centered codes."""
     if 8 % bits:
-        plane = mx.dequantize(codes, scales, biases, group_size=group_size, bits=bits)
-        return [plane.astype(mx.float32)]
-    stride = 8 // bits  # codes per byte, lowest bits first (MLX's packing, little-endian)
-    packed_bytes = codes.view(mx.uint8)
-    grouped = (*packed_bytes.shape[:-1], -1, group_size // stride)
-    scales = scales.astype(mx.float32)[..., None]
-    biases = biases.astype(mx.float32)[..., None]
-    planes = []
-    for k in range(stride):
-        plane = packed_bytes if stride == 1 else (packed_bytes >> (k * bits)) & (2**bits - 1)
-        plane = plane.astype(mx.float32).reshape(grouped) * scales + biases
-        planes.append(plane.reshape(packed_bytes.shape))
-    return planes
+        return [mx.dequantize(codes, **_unit_affine(codes, bits, mx.float32))]
+    return _BYTE_PLANES[bits](codes.view(mx.uint8))
+
+
+def _byte_plane_unpacker(bits: int) -> Callable[[mx.array], list[mx.array]]:
+    """One fused kernel from packed bytes to planes of c - 2^(bits-1): nearly centered, so the
+    products' sums stay small and lose nothing to the correction that finishes centering."""
+    stride, mask, half = 8 // bits, 2**bits - 1, 2 ** (bits - 1)
+
+    def unpack(packed_bytes: mx.array) -> list[mx.array]:
+        # codes sit lowest bits first (MLX's packing, little-endian)
+        planes = [(packed_bytes >> (bits * k)) & mask for k in range(stride)]
+        return [plane.astype(mx.float32) - half for plane in planes]
+
+    return mx.compile(unpack, shapeless=True)
+
+
+_BYTE_PLANES = {bits: _byte_plane_unpacker(bits) for bits in (2, 4, 8)}
+
+
+def _plane_offset(bits: int) -> float:
+    return 0.0 if 8 % bits else -0.5
 
 
 class QuantizedFullAttentionCache(_BaseCache):
     """A growing full-attention cache of rotated, quantized keys and values.
 
     Storage grows in `step`-position blocks; `trim` only moves the end back. Its state is the
-    six packed arrays (keys then values: codes, scales, biases) up to the last position.
+    four arrays (keys then values: packed codes, scales) up to the last position.
     """
 
     step = 256
@@ -271,8 +343,8 @@ class QuantizedFullAttentionCache(_BaseCache):
     def __init__(self, quantization: KVQuantization, seed: int = 0):
         self.quantization = quantization
         self.seed = seed  # picks the rotation; fixed per layer, kept in meta_state
-        self.keys: Packed | None = None
-        self.values: Packed | None = None
+        self.keys: Quantized | None = None
+        self.values: Quantized | None = None
         self.offset = 0
         self._signs: mx.array | None = None
 
@@ -281,17 +353,15 @@ class QuantizedFullAttentionCache(_BaseCache):
             self._signs = rotation_signs(head_dim, self.seed)
         return self._signs
 
-    def _quantize(self, x: mx.array, bits: int) -> Packed:
-        rotated = rotate(x, self._rotation(x.shape[-1]))
-        group = self.quantization.group_for(x.shape[-1])
-        return tuple(mx.quantize(rotated, group_size=group, bits=bits))
+    def _quantize(self, x: mx.array, bits: int) -> Quantized:
+        return quantize_vectors(rotate(x, self._rotation(x.shape[-1])), bits)
 
-    def _make_room(self, keys: Packed, values: Packed, n: int) -> None:
+    def _make_room(self, keys: Quantized, values: Quantized, n: int) -> None:
         if self.keys is not None and self.offset + n <= self.keys[0].shape[2]:
             return
         grow = (n + self.step - 1) // self.step * self.step
 
-        def extend(stored: Packed | None, new: Packed) -> Packed:
+        def extend(stored: Quantized | None, new: Quantized) -> Quantized:
             blocks = [mx.zeros((*part.shape[:2], grow, part.shape[3]), part.dtype) for part in new]
             if stored is None:
                 return tuple(blocks)
@@ -316,7 +386,7 @@ class QuantizedFullAttentionCache(_BaseCache):
         return self.fetch()
 
     def fetch(self) -> QuantizedKV:
-        def visible(stored: Packed) -> Packed:
+        def visible(stored: Quantized) -> Quantized:
             if stored[0].shape[2] == self.offset:
                 return stored
             return tuple(part[..., : self.offset, :] for part in stored)
@@ -328,7 +398,6 @@ class QuantizedFullAttentionCache(_BaseCache):
             self._rotation(head_dim),
             self.quantization.key_bits,
             self.quantization.value_bits,
-            self.quantization.group_for(head_dim),
         )
 
     def size(self) -> int:
@@ -357,18 +426,18 @@ class QuantizedFullAttentionCache(_BaseCache):
             self.keys = self.values = None
             self.offset = 0
             return
-        self.keys, self.values = tuple(value[:3]), tuple(value[3:])
+        self.keys, self.values = tuple(value[:2]), tuple(value[2:])
         self.offset = self.keys[0].shape[2]
 
     @property
     def meta_state(self):
         q = self.quantization
-        return tuple(map(str, (q.key_bits, q.value_bits, q.group_size, self.seed)))
+        return tuple(map(str, (q.key_bits, q.value_bits, self.seed)))
 
     @meta_state.setter
     def meta_state(self, value) -> None:
-        key_bits, value_bits, group_size, self.seed = map(int, value)
-        self.quantization = KVQuantization(key_bits, value_bits, group_size)
+        key_bits, value_bits, self.seed = map(int, value)
+        self.quantization = KVQuantization(key_bits, value_bits)
         self._signs = None
 
     @property

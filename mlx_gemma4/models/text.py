@@ -9,7 +9,13 @@ import mlx.nn as nn
 
 from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask, vision_block_mask
 from ..config import FULL, SLIDING, TextConfig
-from ..kv_quant import KVQuantization, QuantizedFullAttentionCache, QuantizedKV, quantized_attention
+from ..kv_quant import (
+    KVQuantization,
+    QuantizedFullAttentionCache,
+    QuantizedKV,
+    quantized_attention,
+    require_packable,
+)
 from .activations import geglu
 from .attention import attention
 from .layers import Linear, rotated
@@ -203,6 +209,7 @@ class TextModel(nn.Module):
         def full(layer: int):
             if kv_quantization is None:
                 return FullAttentionCache()
+            require_packable(config.layer_head_dim(layer))
             return QuantizedFullAttentionCache(kv_quantization, seed=layer)
 
         return [
