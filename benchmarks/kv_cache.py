@@ -12,7 +12,9 @@ rounds go round-robin over the settings and each figure is the median step over 
 (robust to the bursts of load that shared machines have). mlx-lm runs its
 gemma4 model with its QuantizedKVCache (one width for keys and values, no rotation) in place
 of the full-attention caches, as its `kv_bits` option does. KV bytes count the full-attention
-layers' caches (sliding-window caches stay float and are the same in every setting).
+layers' caches (sliding-window caches stay float and are the same in every setting). Two more
+tables: one full-attention layer's decode step alone, and the attention error of both
+libraries' quantized caches on LLM-like keys and values.
 """
 
 from __future__ import annotations

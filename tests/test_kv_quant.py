@@ -56,24 +56,23 @@ def test_codes_are_packed_as_mlx_reads_them(bits):
     np.testing.assert_array_equal(to_numpy(mx.dequantize(packed, **unit)), codes)
 
 
+def reconstruct(x: np.ndarray, step: np.ndarray | float, bits: int) -> np.ndarray:
+    """The stored quantizer's levels for `x`: (c - center) * step."""
+    codes = np.clip(np.floor(x / step) + 2 ** (bits - 1), 0, 2**bits - 1)
+    return (codes - (2**bits - 1) / 2) * step
+
+
 def gaussian_mse(step: float, bits: int) -> float:
-    """Mean squared error of the stored quantizer (levels (c - center) * step) on N(0, 1)."""
+    """Mean squared error of the stored quantizer on N(0, 1)."""
     x = np.linspace(-12, 12, 480_001)
     density = np.exp(-(x**2) / 2) / np.sqrt(2 * np.pi)
-    codes = np.clip(np.floor(x / step) + 2 ** (bits - 1), 0, 2**bits - 1)
-    levels = (codes - (2**bits - 1) / 2) * step
-    return float(((x - levels) ** 2 * density).sum() * (x[1] - x[0]))
+    return float(((x - reconstruct(x, step, bits)) ** 2 * density).sum() * (x[1] - x[0]))
 
 
 @pytest.mark.parametrize("bits", AFFINE_BITS)
 def test_gaussian_steps_minimize_the_squared_error(bits):
     step = GAUSSIAN_STEP[bits]
     assert gaussian_mse(step, bits) < min(gaussian_mse(step * f, bits) for f in (0.99, 1.01))
-
-
-def reconstruct(x: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
-    codes = np.clip(np.floor(x / step) + 2 ** (bits - 1), 0, 2**bits - 1)
-    return (codes - (2**bits - 1) / 2) * step
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -98,7 +97,7 @@ def test_each_vector_takes_the_better_of_the_gaussian_and_the_unclipped_step(bit
     assert relative.mean() < 1.05 * gaussian_mse(GAUSSIAN_STEP[bits], bits)
 
 
-@pytest.mark.parametrize("path", ["packed", "dequantized"])
+@pytest.mark.parametrize("path", ["packed", "unpacked"])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 2), (3, 6)])
 def test_kernel_path_is_exact_for_the_stored_keys_and_values(bits, path, monkeypatch):
     """Scores and output equal float attention on the cache's dequantization, both from the
@@ -108,7 +107,7 @@ def test_kernel_path_is_exact_for_the_stored_keys_and_values(bits, path, monkeyp
     unpacks 32 positions at a time."""
     monkeypatch.setattr(kv_quant, "QUERY_BLOCK", 4 if bits == (4, 2) else kv_quant.QUERY_BLOCK)
     monkeypatch.setattr(kv_quant, "UNPACKED_BLOCK", 32 * 2 * 64)
-    monkeypatch.setattr(kv_quant, "on_cpu", lambda: path == "dequantized")
+    monkeypatch.setattr(kv_quant, "on_cpu", lambda: path == "unpacked")
     q, k, v = random_kv(0, 300)  # past one 256-position growth step
     cache = QuantizedFullAttentionCache(KVQuantization(*bits))
     kv = fill(cache, k, v, [290, 1, 9])
