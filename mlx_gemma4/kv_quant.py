@@ -321,6 +321,8 @@ def _byte_plane_unpacker(bits: int) -> Callable[[mx.array], list[mx.array]]:
         planes = [(packed_bytes >> (bits * k)) & mask for k in range(stride)]
         return [plane.astype(mx.float32) - half for plane in planes]
 
+    # shapeless: the last block's length changes every decode step, and these integer constants
+    # do not suffer the broadcast slowdown that keeps `activations` compiled per shape
     return mx.compile(unpack, shapeless=True)
 
 
@@ -328,7 +330,10 @@ _BYTE_PLANES = {bits: _byte_plane_unpacker(bits) for bits in (2, 4, 8)}
 
 
 def _plane_offset(bits: int) -> float:
-    return 0.0 if 8 % bits else -0.5
+    """What `_code_planes` entries exceed the centered codes by."""
+    if 8 % bits:
+        return 0.0  # mx.dequantize centered them
+    return _center(bits) - 2 ** (bits - 1)  # byte planes hold c - 2^(bits-1)
 
 
 class QuantizedFullAttentionCache(_BaseCache):
