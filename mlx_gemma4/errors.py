@@ -21,3 +21,35 @@ class WeightsError(Gemma4Error):
 
 class QuantizationError(Gemma4Error):
     """A quantization scheme the package does not know or cannot apply."""
+
+
+class PromptTooLongError(Gemma4Error):
+    """The prompt plus the tokens to generate exceed the model's context."""
+
+
+class PromptCacheError(Gemma4Error):
+    """A prompt-cache file that is unreadable or was made for another model."""
+
+
+class AudioError(Gemma4Error):
+    """An audio input that is missing, undecodable, empty, silent or too short."""
+
+
+class ImageError(Gemma4Error):
+    """An image that is missing, unreadable, empty or of an unsupported kind."""
+
+
+class VideoError(Gemma4Error):
+    """A video that is missing, unreadable or empty, or PyAV not installed."""
+
+
+class MoEKernelError(Gemma4Error):
+    """The MoE kernel path asked for cannot run here."""
+
+
+class KVQuantizationError(Gemma4Error):
+    """An unsupported KV-cache quantization setting."""
+
+
+class FileAccessError(Gemma4Error):
+    """A path that cannot be read or written: missing, not a folder, or not permitted."""

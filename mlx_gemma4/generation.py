@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import Gemma4Error
+from .errors import PromptTooLongError
 from .kv_quant import KVQuantization
 from .processing import Processor
 from .processing.audio import AudioError
@@ -22,10 +22,6 @@ from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-
-class PromptTooLongError(Gemma4Error):
-    """The prompt plus the tokens to generate exceed the model's context."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
-from .errors import Gemma4Error
+from .errors import KVQuantizationError
 from .models.activations import softmax
 from .models.layers import on_cpu
 from .packing import AFFINE_BITS, AFFINE_GROUPS
@@ -52,10 +52,6 @@ UNPACKED_BLOCK = 2**19  # cache elements unpacked at once on the CPU (2 MiB in f
 GAUSSIAN_STEP = {2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 8: 0.03076}
 
 Quantized = tuple[mx.array, mx.array]  # (packed uint32 codes, float32 scales [..., 1])
-
-
-class KVQuantizationError(Gemma4Error):
-    """An unsupported KV-cache quantization setting."""
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .errors import Gemma4Error
+from .errors import PromptCacheError
 from .kv_quant import KVQuantization
-
-
-class PromptCacheError(Gemma4Error):
-    """A prompt-cache file that is unreadable or was made for another model."""
 
 
 def _model_fingerprint(model) -> str:

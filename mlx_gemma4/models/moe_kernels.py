@@ -42,7 +42,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import Gemma4Error
+from ..errors import MoEKernelError
 from .activations import geglu
 
 KERNEL_ENV = "MLX_GEMMA4_MOE_KERNEL"
@@ -62,10 +62,6 @@ SIMDGROUPS = 2
 ROWS = 4
 # Unquantized weights are read DENSE_CHUNK values per lane per step.
 DENSE_CHUNK = 4
-
-
-class MoEKernelError(Gemma4Error):
-    """The MoE kernel path asked for cannot run here."""
 
 
 # ----------------------------------------------------------------------------- dispatch

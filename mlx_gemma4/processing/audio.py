@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import Gemma4Error
+from ..errors import AudioError
 
 SAMPLE_RATE = 16_000
 MEL_BINS = 128
@@ -30,10 +30,6 @@ MAX_SAMPLES = 30 * SAMPLE_RATE  # one clip; longer audio is truncated
 PAD_TO_MULTIPLE = 128  # samples; batches are padded to a multiple of this
 MIN_SECONDS = 0.1
 SILENCE_RMS = 1e-5  # about -100 dBFS
-
-
-class AudioError(Gemma4Error):
-    """An audio input that is missing, undecodable, empty, silent or too short."""
 
 
 # ----------------------------------------------------------------------------- files

@@ -15,17 +15,13 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import Gemma4Error
+from ..errors import ImageError
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
 PATCH_SIZE = 16
 POOLING = 3
 MAX_PIXELS = 64_000_000  # larger images are refused (decompression bombs)
-
-
-class ImageError(Gemma4Error):
-    """An image that is missing, unreadable, empty or of an unsupported kind."""
 
 
 @dataclass

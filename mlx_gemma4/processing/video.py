@@ -13,16 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import Gemma4Error
+from ..errors import VideoError
 
 MAX_FRAMES = 32
 DEFAULT_VIDEO_BUDGET = 70
 FALLBACK_FPS = 24.0  # what transformers assumes when a video does not say
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"})
-
-
-class VideoError(Gemma4Error):
-    """A video that is missing, unreadable or empty, or PyAV not installed."""
 
 
 @dataclass
