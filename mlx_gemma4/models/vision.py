@@ -125,8 +125,8 @@ class PatchEmbedder(nn.Module):
         )
 
     def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
-        h = self.input_proj((2 * (pixels - 0.5)).astype(self.input_proj.weight.dtype))
-        table = self.position_embedding_table
+        table = self.position_embedding_table  # float even when input_proj is packed
+        h = self.input_proj((2 * (pixels - 0.5)).astype(table.dtype))
         return h + (table[0][positions[..., 0]] + table[1][positions[..., 1]]).astype(h.dtype)
 
 

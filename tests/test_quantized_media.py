@@ -1,0 +1,137 @@
+"""Images, video and audio on quantized multimodal checkpoints: ours (affine, turboquant,
+codebook; from Python and from `gemma4 quantize`) and mlx-vlm's converter's (mlx-community)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import to_numpy
+from PIL import Image
+from typer.testing import CliRunner
+
+from mlx_gemma4 import load, load_model
+from mlx_gemma4.cli.app import app
+from mlx_gemma4.processing.audio import SAMPLE_RATE
+from mlx_gemma4.processing.video import Video
+from mlx_gemma4.quantize import quantize_model, turboquant_model
+from mlx_gemma4.saving import save_model
+
+# 8 bits keeps a tiny random model within a few percent of its float logits (4 bits moves
+# them by tens of percent), so a broken media path stands out against quantization noise.
+BITS, GROUP = 8, 32
+MAKERS = ["affine", "turboquant", "codebook", "cli-affine", "mlx-vlm"]
+# Mean |difference| / mean |logit| against the float model: measured 0.06-0.07 at 8 bits with
+# media (0.04-0.05 on text alone); over 1.0 when the media's soft tokens are missing or garbage.
+CLOSE, FAR = 0.12, 0.5
+
+
+def mean_relative_error(ours: mx.array, reference: mx.array) -> float:
+    ours, reference = to_numpy(ours), to_numpy(reference)
+    return float(np.abs(ours - reference).mean() / np.abs(reference).mean())
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def tones(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.1 * (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 1250 * t))).astype(np.float32)
+
+
+def media_messages(modality: str) -> list[dict]:
+    if modality == "image":
+        part = {"type": "image", "image": picture(96, 64, seed=1)}
+    elif modality == "video":
+        frames = [picture(96, 48, seed=i) for i in range(3)]
+        part = {"type": "video", "video": Video(frames, [0.0, 0.5, 1.0])}
+    else:
+        part = {"type": "audio", "audio": tones(1.5)}
+    return [{"role": "user", "content": [part, {"type": "text", "text": "what is this?"}]}]
+
+
+def quantize_into(maker: str, source, target) -> None:
+    if maker == "mlx-vlm":
+        pytest.importorskip("mlx_vlm")
+        args = ["--hf-path", str(source), "--mlx-path", str(target), "-q"]
+        args += ["--q-bits", str(BITS), "--q-group-size", str(GROUP)]
+        run = subprocess.run(
+            [sys.executable, "-m", "mlx_vlm", "convert", *args], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # as the Hub repos ship them
+            if not (target / name).exists():
+                shutil.copy2(source / name, target / name)
+        return
+    if maker == "cli-affine":
+        args = ["--model", str(source), "--out", str(target), "-b", str(BITS), "-g", str(GROUP)]
+        result = CliRunner().invoke(app, ["quantize", *args])
+        assert result.exit_code == 0, result.output
+        return
+    model = load_model(source)
+    if maker == "affine":
+        entry = quantize_model(model, bits=BITS, group_size=GROUP)
+    else:
+        entry = turboquant_model(model, bits=BITS, group_size=GROUP, codebook=maker == "codebook")
+    save_model(model, target, quantization=entry)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(chat_checkpoint, tmp_path_factory):
+    """`checkpoints(maker)` -> (float model, quantized model, processor), built once each."""
+    source = chat_checkpoint("multimodal")[0]
+    reference = load(source)
+    built = {}
+
+    def get(maker: str):
+        if maker not in built:
+            target = tmp_path_factory.mktemp(f"mm-{maker}") / "q"
+            quantize_into(maker, source, target)
+            built[maker] = (reference[0], load_model(target), reference[1])
+        return built[maker]
+
+    return get
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+@pytest.mark.parametrize("maker", MAKERS)
+def test_media_on_quantized_checkpoints(checkpoints, maker, modality):
+    reference, quantized, processor = checkpoints(maker)
+    packed = quantized.language_model.layers[0].self_attn.q_proj
+    assert packed.bits == BITS
+    inputs = processor(media_messages(modality), max_soft_tokens=70)
+    expected = reference(**inputs)
+    assert mean_relative_error(quantized(**inputs), expected) < CLOSE
+    # the media count: the same prompt without its soft tokens is far off
+    assert mean_relative_error(quantized(inputs["input_ids"]), expected) > FAR
+
+
+def test_ask_about_an_image_with_a_quantized_model(checkpoints, tmp_path):
+    quantized = checkpoints("affine")[1]
+    image = tmp_path / "img.png"
+    picture(80, 60, seed=3).save(image)
+    args = ["ask", str(image), "what is this?", "--model", str(quantized.path)]
+    result = CliRunner().invoke(app, [*args, "--max-tokens", "3"])
+    assert result.exit_code == 0, result.output
+
+
+def test_image_through_a_packed_patch_embedder(checkpoints):
+    """Checkpoints written before the patch embedder was kept in float have it packed."""
+    reference, _, processor = checkpoints("affine")
+    model = load_model(reference.path)
+    eight_bits = {"bits": BITS, "group_size": GROUP, "mode": "affine"}
+    quantize_model(
+        model,
+        bits=BITS,
+        group_size=GROUP,
+        override=lambda path, _: dict(eight_bits) if path.endswith("input_proj") else None,
+    )
+    assert model.vision_tower.patch_embedder.input_proj.weight.dtype == mx.uint32
+    inputs = processor(media_messages("image"), max_soft_tokens=70)
+    assert mean_relative_error(model(**inputs), reference(**inputs)) < CLOSE
