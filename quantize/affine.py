@@ -19,6 +19,9 @@ Override = Callable[[str, nn.Module], "dict[str, Any] | bool | None"]
 SENSITIVE = ("router.proj", "per_layer_model_projection")
 EMBEDDINGS = ("embed_tokens", "embed_tokens_per_layer", "lm_head")
 SENSITIVE_BITS = 8
+# Modules whose input mlx-vlm casts to the weight's dtype (uint32 once packed): left in float
+# unless an override asks, so that our checkpoints read right there too. Both are small.
+PEER_FLOAT = ("patch_embedder.input_proj", "relative_k_proj")
 
 
 def check_scheme(bits: int, group_size: int, mode: str = "affine") -> None:
@@ -91,6 +94,16 @@ def affine_error(weight: mx.array, group_size: int, bits: int, mode: str) -> flo
     return relative_error(weight, restored)
 
 
+def require_float_model(model: nn.Module) -> None:
+    """Refuse a model that is quantized already: packing packed weights again does nothing."""
+    packed = next((path for path, m in model.named_modules() if hasattr(m, "scales")), None)
+    if packed is not None:
+        raise QuantizationError(
+            f"the model is quantized already ({packed} and others are packed); quantize its "
+            "float (unquantized) checkpoint instead"
+        )
+
+
 def quantize_model(
     model: nn.Module,
     *,
@@ -100,12 +113,31 @@ def quantize_model(
     override: Override | None = None,
     errors: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Quantize every quantizable module; return the config.json `quantization` entry.
+    """Quantize every quantizable module of a float model; return the config.json
+    `quantization` entry.
 
     Modules whose input dimension is not a multiple of the group size stay in float and are
     listed as `false` in the returned entry, as are the ones `override` keeps in float.
-    `errors`, when given, receives each quantized module's relative weight error.
+    `errors`, when given, receives each quantized module's relative weight error. A model
+    that is quantized already is refused (QuantizationError).
     """
+    check_scheme(bits, group_size, mode)
+    require_float_model(model)
+    return quantize_float_modules(
+        model, bits=bits, group_size=group_size, mode=mode, override=override, errors=errors
+    )
+
+
+def quantize_float_modules(
+    model: nn.Module,
+    *,
+    bits: int,
+    group_size: int,
+    mode: str,
+    override: Override | None = None,
+    errors: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """`quantize_model` on the modules still in float (turboquant packs some first)."""
     check_scheme(bits, group_size, mode)
     entry: dict[str, Any] = {
         "method": "affine",
@@ -119,6 +151,8 @@ def quantize_model(
             return False
         params = {"group_size": group_size, "bits": bits, "mode": mode}
         choice = override(path, module) if override else None
+        if choice is None and path.endswith(PEER_FLOAT):
+            choice = False
         if choice is False:
             entry[path] = False
             return False

@@ -22,7 +22,13 @@ from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.models.layers import CodebookLinear, Rotation
 from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS
 
-from .affine import Override, check_scheme, quantize_model, relative_error
+from .affine import (
+    Override,
+    check_scheme,
+    quantize_float_modules,
+    relative_error,
+    require_float_model,
+)
 
 # (module under a decoder layer, its rotation's name, the linears reading that one activation)
 SITES = (
@@ -283,6 +289,7 @@ def turboquant_model(
     `quantization` entry, with the method recorded.
     """
     check_turboquant(bits, group_size, mode, codebook)
+    require_float_model(model)
     defaults = {"bits": bits, "group_size": group_size, "mode": mode}
     entry: dict[str, Any] = {}
 
@@ -301,7 +308,7 @@ def turboquant_model(
             errors[path] = error
         if params != defaults:
             entry[path] = params
-    rest = quantize_model(
+    rest = quantize_float_modules(
         model, bits=bits, group_size=group_size, mode=mode, override=override, errors=errors
     )
     return {**rest, **entry, "method": "turboquant", "rotation_seed": seed, "codebook": codebook}

@@ -15,6 +15,7 @@ from conftest import relative_error, to_numpy
 from typer.testing import CliRunner
 
 from mlx_gemma4 import load_model
+from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.cli.app import app
 from mlx_gemma4.models.layers import CodebookLinear, Rotation, hadamard_blocks, is_hadamard_size
 from mlx_gemma4.models.moe import QuantizedExpertLinear
@@ -321,3 +322,18 @@ def test_mixed_recipe_keeps_router_and_ple_projection_at_8_bits(tiny, quantize):
         if variant == "moe_k_eq_v":
             experts = modules["language_model.layers.0.experts.gate_up_proj"]
             assert isinstance(experts, QuantizedExpertLinear) and experts.bits == 3
+
+
+@pytest.mark.parametrize("method", ["affine", "turboquant"])
+def test_quantizing_a_quantized_checkpoint_is_refused(tiny, tmp_path, method):
+    source, _ = tiny("dense")
+    first = tmp_path / "q4"
+    assert gemma4("--model", str(source), "--out", str(first), "-g", "32").exit_code == 0
+    again = tmp_path / "q8"
+    args = ["--model", str(first), "--out", str(again), "-b", "8", "-g", "32", "--method", method]
+    result = gemma4(*args)
+    assert isinstance(result.exception, QuantizationError) and not again.exists()
+    assert "quantized already" in str(result.exception)
+    quantize = quantize_model if method == "affine" else turboquant_model
+    with pytest.raises(QuantizationError, match="quantized already"):
+        quantize(load_model(first), bits=8, group_size=32)
