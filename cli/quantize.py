@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mlx_gemma4.errors import Gemma4Error, QuantizationError
+from mlx_gemma4.quantize.summary import QuantizationSummary
 
 METHODS = ("affine", "turboquant")
-WORST_SHOWN = 5
 
 Source = Annotated[
     str, typer.Option("--model", "-m", help="Checkpoint to quantize: local folder or Hub repo id.")
@@ -70,6 +68,7 @@ def quantize(
     """Quantize a checkpoint's weights (affine groups or TurboQuant-style) into a new folder."""
     from mlx_gemma4.quantize.affine import check_scheme, default_group_size, recipe_override
     from mlx_gemma4.quantize.turboquant import check_turboquant
+    from mlx_gemma4.saving import require_writable_folder
 
     if method not in METHODS:
         raise QuantizationError(f"method {method!r} is unknown; supported: {', '.join(METHODS)}")
@@ -86,20 +85,39 @@ def quantize(
         raise Gemma4Error(f"--out {out} is the source checkpoint; write somewhere else")
     if out.exists() and not force:
         raise Gemma4Error(f"{out} already exists; pass --force to replace it")
+    require_writable_folder(out)
 
-    loaded, entry, errors, n_weights = _run(
-        Console(stderr=True), model, out, method, bits, group_size, mode, override, codebook, seed
-    )
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = _run(
+            Console(stderr=True),
+            model,
+            out,
+            method,
+            bits,
+            group_size,
+            mode,
+            override,
+            codebook,
+            seed,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     scheme = "codebook" if codebook else mode
     title = f"{method} {bits}-bit {scheme}, group {group_size}, recipe {recipe}"
-    Console().print(summary(title, loaded, entry, errors, n_weights, out))
+    Console().print(summary_table(title, result))
+
+
+def _interrupt(signum, _frame) -> None:
+    """SIGTERM ends the run as Ctrl-C does, so the half-written folder is removed."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _run(console, source, out, method, bits, group_size, mode, override, codebook, seed):
-    from mlx.utils import tree_flatten
-
     from mlx_gemma4 import load_model
     from mlx_gemma4.quantize import quantize_model, turboquant_model
+    from mlx_gemma4.quantize.summary import summarize
+    from mlx_gemma4.saving import save_model, stored_dtype
 
     columns = (
         TextColumn("{task.fields[stage]:<10}"),
@@ -111,8 +129,6 @@ def _run(console, source, out, method, bits, group_size, mode, override, codeboo
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("", total=None, stage="loading")
         loaded = load_model(source)
-        n_weights = sum(p.size for _, p in tree_flatten(loaded.parameters()))
-        stored_dtype = _stored_dtype(loaded.config.raw)
         total = sum(1 for _, m in loaded.named_modules() if hasattr(m, "to_quantized"))
         progress.update(task, total=total, stage="quantizing")
         errors = _Ticking(progress, task)
@@ -122,100 +138,31 @@ def _run(console, source, out, method, bits, group_size, mode, override, codeboo
         else:
             entry = quantize_model(loaded, errors=errors, **common)
         progress.update(task, total=None, stage="writing", description=str(out))
-        if stored_dtype is not None:
-            _cast_floats(loaded, stored_dtype)
-        write_atomically(loaded, out, entry)
-    return loaded, entry, dict(errors), n_weights
-
-
-def _stored_dtype(raw: dict):
-    """The dtype the source checkpoint was saved in (scales are written in it), if it says."""
-    import mlx.core as mx
-
-    text = raw.get("text_config", raw)
-    name = raw.get("dtype") or raw.get("torch_dtype") or text.get("dtype")
-    return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}.get(name)
-
-
-def _cast_floats(model, dtype) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    model.update(
-        tree_map(
-            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
-
-
-def write_atomically(model, out: Path, entry: dict) -> None:
-    """Save into a temporary folder beside `out`, then move it into place: an interrupted run
-    leaves `out` as it was (absent, or the old checkpoint), never half-written."""
-    from mlx_gemma4.saving import save_model
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-    old = None
-    try:
-        save_model(model, staging, quantization=entry)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old / out.name, out)  # put the previous checkpoint back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        save_model(loaded, out, quantization=entry)
+    return summarize(loaded, entry, out, dict(errors), stored_dtype(loaded.config.raw))
 
 
 def _short(path: str) -> str:
     return path.removeprefix("language_model.")
 
 
-def _is_packed(module) -> bool:
-    return hasattr(module, "bits") and hasattr(module, "scales")
-
-
-def summary(title, model, entry, errors, n_weights, folder: Path) -> Table:
+def summary_table(title: str, result: QuantizationSummary) -> Table:
     """Bits per weight, size on disk, the worst and mean relative weight errors, float layers."""
-    from mlx.utils import tree_flatten
-
-    packed_bits = packed_weights = 0
-    for _, module in model.named_modules():
-        if _is_packed(module):
-            params = dict(tree_flatten(module.parameters()))
-            packed_bits += sum(p.nbytes * 8 for k, p in params.items() if k != "bias")
-            packed_weights += module.weight.size * 32 // module.bits
-    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    kept = [path for path, value in entry.items() if value is False]
-
     table = Table(title=title, show_header=False)
     table.add_column("", no_wrap=True)
     table.add_column("", justify="right")
-    if packed_weights:
-        table.add_row("bits / weight, quantized modules", f"{packed_bits / packed_weights:.2f}")
-    table.add_row("bits / weight, whole checkpoint", f"{on_disk * 8 / n_weights:.2f}")
-    table.add_row("size on disk", f"{on_disk / 2**20:.1f} MiB")
-    if errors:
-        table.add_row("relative weight error, mean", f"{sum(errors.values()) / len(errors):.4f}")
-        worst = sorted(errors.items(), key=lambda item: -item[1])[:WORST_SHOWN]
-        for path, error in worst:
+    if result.bits_per_quantized_weight is not None:
+        table.add_row("bits / weight, quantized modules", f"{result.bits_per_quantized_weight:.2f}")
+    table.add_row("bits / weight, whole checkpoint", f"{result.bits_per_weight:.2f}")
+    table.add_row("size on disk", f"{result.bytes_on_disk / 2**20:.1f} MiB")
+    if result.mean_error is not None:
+        table.add_row("relative weight error, mean", f"{result.mean_error:.4f}")
+        for path, error in result.worst:
             table.add_row(f"  worst: {_short(path)}", f"{error:.4f}")
+    kept = result.kept_in_float
     if kept:
         table.add_row(f"kept in float ({len(kept)})", ", ".join(map(_short, kept[:3])))
         if len(kept) > 3:
             table.add_row("", f"and {len(kept) - 3} more")
-    table.add_row("written to", str(folder))
+    table.add_row("written to", str(result.folder))
     return table

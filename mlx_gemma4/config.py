@@ -18,6 +18,9 @@ FULL = "full_attention"
 
 TEXT_MODEL_TYPE = "gemma4_text"
 MULTIMODAL_MODEL_TYPE = "gemma4"
+# A turboquant checkpoint's model_type: its weights are rotated, which only this package
+# undoes, so peers (mlx-lm, mlx-vlm) must refuse it by name; `base_model_type` holds the real one.
+TURBOQUANT_MODEL_TYPE = "mlx_gemma4_turboquant"
 
 _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -259,6 +262,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
+        if model_type == TURBOQUANT_MODEL_TYPE:
+            model_type = raw.get("base_model_type")
         if model_type == MULTIMODAL_MODEL_TYPE:
             text_raw = dict(raw.get("text_config") or {})
             if "vocab_size" in raw and "vocab_size" not in text_raw:

@@ -98,29 +98,14 @@ def dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
-def to_community_layout(folder: Path) -> None:
-    """Rewrite our saved keys the way mlx-vlm's converter lays out Gemma 4 (experts split)."""
-    weights = mx.load(str(folder / "model.safetensors"))
-    out = {}
-    for key, value in weights.items():
-        key = key.replace("language_model.", "language_model.model.", 1)
-        key = key.replace("lm_head.", "language_model.lm_head.", 1)
-        if ".experts.gate_up_proj." in key:
-            gate, up = mx.split(value, 2, axis=-2)
-            out[key.replace(".gate_up_proj.", ".switch_glu.gate_proj.")] = gate
-            out[key.replace(".gate_up_proj.", ".switch_glu.up_proj.")] = up
-            continue
-        out[key.replace(".experts.down_proj.", ".experts.switch_glu.down_proj.")] = value
-    mx.save_safetensors(str(folder / "model.safetensors"), out)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization"] = {
-        k.replace("language_model.", "language_model.model.", 1): v
-        for k, v in config["quantization"].items()
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+def to_earlier_layout(folder: Path) -> None:
+    """Rewrite a checkpoint in the layout this package wrote before it wrote mlx-community's:
+    our own module paths (`language_model.*`, fused expert gate/up)."""
+    model = load_model(folder)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
 
 
-@pytest.mark.parametrize("layout", ["ours", "community"])
+@pytest.mark.parametrize("layout", ["community", "earlier"])
 @pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v"])
 def test_prequantized_checkpoint_matches_dequantized_model(
     tiny, tmp_path, token_ids, variant, layout
@@ -129,8 +114,10 @@ def test_prequantized_checkpoint_matches_dequantized_model(
     model = load_model(folder)
     entry = quantize_model(model, bits=4, group_size=32, override=mixed_recipe)
     target = save_model(model, tmp_path / "q", quantization=entry)
-    if layout == "community":
-        to_community_layout(target)
+    if layout == "earlier":
+        to_earlier_layout(target)
+    else:
+        assert "model.layers.0.mlp.gate_proj.scales" in mx.load(str(target / "model.safetensors"))
 
     quantized = load_model(target)
     modules = dict(quantized.named_modules())

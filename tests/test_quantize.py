@@ -216,7 +216,7 @@ def test_quantize_command_end_to_end(llm_checkpoint, tmp_path, token_ids, method
     config = json.loads((target / "config.json").read_text())["quantization"]
     assert config["method"] == method and config["bits"] == bits and config["group_size"] == 32
     # PLE projections (16 wide) do not fit a group of 32: float, and said so
-    assert config["language_model.layers.0.per_layer_projection"] is False
+    assert config["model.layers.0.per_layer_projection"] is False  # mlx-lm's module path
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (target / name).is_file()
     assert not [p for p in tmp_path.iterdir() if p.name != "q"]  # no staging folder left
@@ -275,11 +275,11 @@ def test_interrupted_write_leaves_nothing_half_written(tiny, tmp_path, monkeypat
         target.mkdir()
         (target / "keep.txt").write_text("mine")
 
-    def interrupted(model, folder, quantization=None):
+    def interrupted(folder, weights, config, source):
         (Path(folder) / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_gemma4.saving, "save_model", interrupted)
+    monkeypatch.setattr(mlx_gemma4.saving, "write_checkpoint", interrupted)
     args = ["--model", str(source), "--out", str(target), "-g", "32", "--force"]
     result = gemma4(*args)
     assert result.exit_code != 0
