@@ -219,3 +219,23 @@ def save_tokenizer(folder: Path, chat_template: str | None = None) -> None:
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """`command` run without the power to override file modes when the tests run as root (root
+    reads and writes whatever the modes say), so that permission errors are real ones: the
+    same user, minus the capabilities that bypass permission checks."""
+    import os
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv is missing: no way to drop privileges")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]

@@ -5,18 +5,22 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from checkpoints import as_unprivileged
 from conftest import relative_error, to_numpy
 from typer.testing import CliRunner
 
 from mlx_gemma4 import load_model
-from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.cli.app import app
+from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.models.layers import CodebookLinear, Rotation, hadamard_blocks, is_hadamard_size
 from mlx_gemma4.models.moe import QuantizedExpertLinear
 from mlx_gemma4.quantize import (
@@ -26,6 +30,7 @@ from mlx_gemma4.quantize import (
     turboquant_model,
 )
 from mlx_gemma4.quantize.turboquant import fit_affine, fit_codebook, rotate_model, rotation_signs
+from mlx_gemma4.saving import save_model
 
 # ----------------------------------------------------------------------------- test data
 
@@ -337,3 +342,72 @@ def test_quantizing_a_quantized_checkpoint_is_refused(tiny, tmp_path, method):
     quantize = quantize_model if method == "affine" else turboquant_model
     with pytest.raises(QuantizationError, match="quantized already"):
         quantize(load_model(first), bits=8, group_size=32)
+
+
+def test_python_api_writes_the_same_checkpoint_as_the_cli(tiny, tmp_path):
+    source, _ = tiny("ple_kv_shared")
+    assert gemma4("--model", str(source), "--out", str(tmp_path / "cli"), "-g", "32").exit_code == 0
+    model = load_model(source)
+    save_model(model, tmp_path / "api", quantization=quantize_model(model, group_size=32))
+    for name in ("config.json",):
+        assert (tmp_path / "api" / name).read_text() == (tmp_path / "cli" / name).read_text()
+    cli = mx.load(str(tmp_path / "cli" / "model.safetensors"))
+    api = mx.load(str(tmp_path / "api" / "model.safetensors"))
+    assert cli.keys() == api.keys()
+    assert all(cli[k].dtype == api[k].dtype and mx.array_equal(cli[k], api[k]) for k in cli)
+
+
+def test_unwritable_out_is_one_line_before_any_work(tiny, tmp_path):
+    source, _ = tiny("dense")
+    (tmp_path / "file").write_text("")
+    result = gemma4("--model", str(source), "--out", str(tmp_path / "file" / "q"))
+    assert "cannot write" in str(result.exception) and "not a folder" in str(result.exception)
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    missing = tmp_path / "missing"  # reading it would fail: the target is checked first
+    command = [sys.executable, "-m", "mlx_gemma4.cli", "quantize", "--model", str(missing)]
+    run = subprocess.run(
+        as_unprivileged([*command, "--out", str(locked / "q")]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"cannot write {locked / 'q'}: permission denied" in run.stderr
+
+
+SLOW_WRITE = """
+import sys, time
+import mlx_gemma4.saving as saving
+write = saving.write_checkpoint
+def slow(folder, *args):
+    write(folder, *args)
+    print("written", flush=True)
+    time.sleep(60)
+saving.write_checkpoint = slow
+from mlx_gemma4.cli.app import main
+sys.argv = ["gemma4", "quantize", "--model", sys.argv[1], "--out", sys.argv[2], "-g", "32"]
+main()
+"""
+
+
+def test_sigterm_during_quantize_removes_the_partial_folder(tiny, tmp_path):
+    source, _ = tiny("dense")
+    target = tmp_path / "out" / "q"
+    target.parent.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITE, str(source), str(target)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "written"  # the write is under way
+        assert [p.suffix for p in target.parent.iterdir()] == [".partial"]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert list(target.parent.iterdir()) == []
