@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from .errors import ConfigError
 
 SLIDING = "sliding_attention"
@@ -21,6 +23,8 @@ MULTIMODAL_MODEL_TYPE = "gemma4"
 # A turboquant checkpoint's model_type: its weights are rotated, which only this package
 # undoes, so peers (mlx-lm, mlx-vlm) must refuse it by name; `base_model_type` holds the real one.
 TURBOQUANT_MODEL_TYPE = "mlx_gemma4_turboquant"
+# The float dtypes weights are stored and computed in, by the names config.json gives them
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},

@@ -53,3 +53,7 @@ class KVQuantizationError(Gemma4Error):
 
 class FileAccessError(Gemma4Error):
     """A path that cannot be read or written: missing, not a folder, or not permitted."""
+
+
+class UnsupportedDtypeError(Gemma4Error, ValueError):
+    """A compute dtype the package does not run in (float32, bfloat16 and float16 it does)."""

@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import TURBOQUANT_MODEL_TYPE
+from .config import DTYPES, TURBOQUANT_MODEL_TYPE
 from .errors import FileAccessError
 from .files import atomic_directory
 from .models.gemma4 import TOWER_PREFIXES, Model
@@ -28,7 +28,6 @@ COMPANION_FILES = (
     "processor_config.json",
     "preprocessor_config.json",
 )
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _GATE_UP = ".experts.gate_up_proj"
 _DOWN = ".experts.down_proj"
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
+from checkpoints import as_unprivileged
 from test_loading import make_hub_cache, run_python
 
 from mlx_gemma4 import load_model
@@ -15,6 +19,7 @@ from mlx_gemma4.errors import (
     Gemma4Error,
     ModelNotFoundError,
     QuantizationError,
+    UnsupportedDtypeError,
     WeightsError,
 )
 
@@ -145,8 +150,14 @@ def test_quantized_weights_without_quantization_entry(checkpoint):
 
 
 def test_unknown_dtype(checkpoint):
-    with pytest.raises(ValueError, match="dtype 'int8'"):
+    with pytest.raises(UnsupportedDtypeError, match="dtype 'int8'"):
         load_model(checkpoint, dtype="int8")
+    with pytest.raises(UnsupportedDtypeError, match="float64"):
+        load_model(checkpoint, dtype=mx.float64)
+    result = cli("generate", "-p", "hi", "--model", str(checkpoint), "--dtype", "float64")
+    assert result.returncode == 1 and one_line(result) == (
+        "error: dtype 'float64' is not one of float32, bfloat16, float16"
+    )
 
 
 def test_uncached_repo_offline_says_how_to_pass_a_local_path(tmp_path):
@@ -157,7 +168,7 @@ def test_uncached_repo_offline_says_how_to_pass_a_local_path(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert "ModelNotFoundError" in last_line
     assert "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in last_line
-    assert "pass a local folder" in last_line
+    assert "pass a local folder (--model PATH in the CLI)" in last_line
 
 
 def test_cached_repo_offline_with_unknown_revision(tiny, tmp_path):
@@ -168,3 +179,67 @@ def test_cached_repo_offline_with_unknown_revision(tiny, tmp_path):
         {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
     )
     assert "ModelNotFoundError" in result.stderr
+
+
+# ----------------------------------------------------------------------------- from the CLI
+
+
+def cli(*args: str, unprivileged: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mlx_gemma4.cli", *args]
+    return subprocess.run(
+        as_unprivileged(command) if unprivileged else command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The CLI's whole complaint, which must be a single line and no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["./missing-folder", "../x", "a/b/c", "some/folder/", "~/nope"])
+def test_a_path_that_does_not_exist_is_a_missing_folder(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=f"^{name}: no such folder$"):
+        load_model(name)
+    if name == "../x":
+        result = cli("info", name)
+        assert result.returncode == 1 and one_line(result) == "error: ../x: no such folder"
+
+
+@pytest.fixture
+def readable(chat_checkpoint, tmp_path):
+    """A copy of a checkpoint with its tokenizer, to make parts of unreadable."""
+    return shutil.copytree(chat_checkpoint("dense")[0], tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "part", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "."]
+)
+def test_unreadable_files_are_one_line(readable, part):
+    path = (readable / part).resolve()
+    path.chmod(0)
+    code = (
+        "import sys\nfrom mlx_gemma4 import load\nfrom mlx_gemma4.errors import Gemma4Error\n"
+        "try:\n    load(sys.argv[1])\nexcept Gemma4Error as e:\n    sys.exit(f'error: {e}')\n"
+    )
+    try:
+        run = subprocess.run(
+            as_unprivileged([sys.executable, "-c", code, str(readable)]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (
+            run.returncode == 1 and one_line(run) == f"error: cannot read {path}: permission denied"
+        )
+        if part == "config.json":  # and the CLI says the same
+            result = cli("info", str(readable), unprivileged=True)
+            assert result.returncode == 1 and one_line(result) == one_line(run)
+    finally:
+        path.chmod(0o755 if path.is_dir() else 0o644)
