@@ -31,10 +31,22 @@ def _heads(text) -> str:
     return heads
 
 
-def describe(model: nn.Module) -> dict[str, str]:
-    """The facts `gemma4 info` prints, as label -> text."""
+def _parameters(model: nn.Module) -> str:
+    """Millions of weights (packed ones counted unpacked): the text decoder, then each tower."""
     from mlx_lm.utils import get_total_parameters
 
+    parts = {"text decoder": [model.language_model]}
+    if "lm_head" in model:
+        parts["text decoder"].append(model.lm_head)
+    for name in ("vision", "audio"):
+        if f"{name}_tower" in model:
+            parts[name] = [model[f"{name}_tower"], model[f"embed_{name}"]]
+    counts = {name: sum(map(get_total_parameters, modules)) for name, modules in parts.items()}
+    return ", ".join(f"{count / 1e6:,.2f} M {name}" for name, count in counts.items())
+
+
+def describe(model: nn.Module) -> dict[str, str]:
+    """The facts `gemma4 info` prints, as label -> text."""
     text = model.config.text_config
     kinds = Counter(text.layer_types)
     params = tree_flatten(model.parameters())
@@ -43,7 +55,8 @@ def describe(model: nn.Module) -> dict[str, str]:
     modalities = ["text"] + [name for name, tower in towers.items() if tower in model.towers]
     return {
         "variant": text.variant,
-        "parameters": f"{get_total_parameters(model) / 1e6:,.2f} M (text decoder)",
+        "parameters": _parameters(model),
+        "context length": f"{text.max_position_embeddings:,} tokens",
         "layers": str(text.num_hidden_layers),
         "layer types": f"{kinds[SLIDING]} sliding (window {text.sliding_window}), "
         f"{kinds[FULL]} full",
