@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -12,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mlx_gemma4.errors import Gemma4Error, QuantizationError
-from mlx_gemma4.quantize.summary import QuantizationSummary
+
+if TYPE_CHECKING:
+    from mlx_gemma4.quantize.summary import QuantizationSummary
 
 METHODS = ("affine", "turboquant")
 
