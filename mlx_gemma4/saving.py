@@ -162,8 +162,9 @@ def save_model(
     quantization: dict[str, Any] | None = None,
     dtype: mx.Dtype | None = None,
 ) -> Path:
-    """Write `model` as a checkpoint folder, atomically: an interrupted or failed write (Ctrl-C,
-    SIGTERM turned into an exception) leaves `folder` as it was.
+    """Write `model` as a checkpoint folder, atomically: the complete folder replaces `folder`
+    (and whatever it held) in one rename, and an interrupted or failed write (Ctrl-C, SIGTERM
+    turned into an exception) leaves `folder` as it was.
 
     `quantization` is the entry `quantize_model` / `turboquant_model` returned. Weights are
     stored in the mlx-community layout, floats in `dtype` (default: the source checkpoint's
