@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,13 +42,6 @@ def read_message(read_line: Callable[[str], str]) -> str:
     while line.endswith("\\"):
         line = line[:-1] + "\n" + read_line("... ")
     return line.strip()
-
-
-def _write_atomically(file: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, file)
 
 
 MEDIA = ("image", "video", "audio")
@@ -194,10 +185,20 @@ class Chat:
         typer.echo(f"attached {path} ({count} {kind} file(s) for your next message)")
 
     def save(self, file: Path) -> None:
+        """Write the conversation and its KV cache; a file-system refusal is one line and the
+        chat goes on."""
+        from mlx_gemma4.files import require_writable_target, write_text_atomically
+
         state = {"system": self.system, "think": self.think, "messages": self.messages}
         text = json.dumps(state, indent=2, ensure_ascii=False, default=_source_path)
-        _write_atomically(file, text)
-        self.prompt_cache.save(file.with_name(file.name + ".kv.safetensors"))
+        kv = file.with_name(file.name + ".kv.safetensors")
+        try:
+            require_writable_target(kv)  # both files or neither
+            write_text_atomically(file, text)
+            self.prompt_cache.save(kv)
+        except Gemma4Error as e:
+            typer.echo(f"error: {e}; the conversation is kept", err=True)
+            return
         typer.echo(f"saved {len(self.messages)} messages to {file}")
 
     def load(self, file: Path) -> None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -104,3 +108,51 @@ def first_logits(model, processor, prompt, prompt_cache=None, **kwargs):
         **kwargs,
     )
     return seen[0], last
+
+
+# --------------------------------------------------------------------------- the gemma4 command
+
+
+def gemma4_command() -> list[str]:
+    """The console script when it is on PATH, else the same app through `python -m`."""
+    executable = shutil.which("gemma4")
+    return [executable] if executable else [sys.executable, "-m", "mlx_gemma4.cli"]
+
+
+def run_gemma4(
+    *args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`gemma4 ARGS` in a child process, as a user runs it (for terminals, signals, exit codes
+    of the real entry point)."""
+    return subprocess.run(
+        [*gemma4_command(), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def gemma4():
+    """`gemma4(*args, stdin=None, env=None)` runs the app in this process (faster than a child:
+    no new interpreter, MLX already imported) and returns a `CliResult`."""
+    from typer.testing import CliRunner
+
+    from mlx_gemma4.cli.app import app
+
+    def run(*args: str, stdin: str | None = None, env: dict | None = None) -> CliResult:
+        result = CliRunner().invoke(app, list(map(str, args)), input=stdin, env=env)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception  # a bug, not bad input: show its traceback
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run

@@ -191,7 +191,7 @@ def _seconds(h, m, s, ms) -> float:
 
 
 def test_transcribe_long_audio_in_every_format(audio_checkpoint, long_recording, tmp_path):
-    from mlx_gemma4.cli.transcribe import Cue, Format, Transcript, render
+    from mlx_gemma4.transcription import Cue, Format, Transcript, render
 
     folder, _ = audio_checkpoint
     file, chunks = long_recording
@@ -241,7 +241,7 @@ def test_transcribe_long_audio_in_every_format(audio_checkpoint, long_recording,
 
 
 def test_subtitle_cues_follow_the_chunks():
-    from mlx_gemma4.cli.transcribe import Cue, Format, Transcript, render
+    from mlx_gemma4.transcription import Cue, Format, Transcript, render
 
     cues = [Cue(0.0, 25.35, "one two"), Cue(25.35, 53.9, ""), Cue(52.9, 3725.5, "three")]
     transcript = Transcript("x.wav", 3725.5, "transcribe", None, None, cues)
@@ -268,6 +268,19 @@ def test_transcribe_several_files_into_a_folder(audio_checkpoint, tmp_path):
     assert all(p.read_text().startswith("WEBVTT\n") for p in out.iterdir())
 
 
+def test_transcribe_never_overwrites_an_output_of_the_same_run(audio_checkpoint, tmp_path):
+    folder, _ = audio_checkpoint
+    files = [tmp_path / "a.wav", tmp_path / "a.flac", tmp_path / "b.wav"]
+    for seed, file in enumerate(files):
+        soundfile.write(file, speechlike(1.5, seed=seed), SAMPLE_RATE)
+    out = tmp_path / "out"
+    result = run_cli("transcribe", *map(str, files), "-m", str(folder), "-n", "2", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.flac.txt", "a.wav.txt", "b.txt"]
+    twice = run_cli("transcribe", str(files[2]), str(files[2]), "-m", str(folder), "-o", str(out))
+    assert twice.exit_code == 1 and "is given twice" in twice.stderr
+
+
 def test_transcribe_errors_are_one_line_and_write_nothing(
     audio_checkpoint, chat_checkpoint, tmp_path
 ):
@@ -285,7 +298,8 @@ def test_transcribe_errors_are_one_line_and_write_nothing(
     ]
     for files, model, message in cases:
         result = run_cli("transcribe", *files, "-m", str(model), "-o", str(out))
-        assert result.exit_code != 0 and message in str(result.exception)
+        assert result.exit_code == 1 and message in result.stderr
+        assert result.stderr.strip().count("\n") == 0
         assert not out.exists() and list(tmp_path.glob(".t.txt*")) == []
     result = gemma4("transcribe", str(silent), "-m", str(folder))
     lines = result.stderr.strip().splitlines()
