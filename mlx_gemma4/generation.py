@@ -284,9 +284,9 @@ def stream_generate(
             )
             if finish:
                 break
-    except BaseException as e:
-        if not isinstance(e, GeneratorExit):
-            prompt_cache.reset()  # interrupted mid-step: the caches may be half-updated
+    except BaseException:
+        # interrupted (Ctrl-C, an error) or closed early: keep what the finished steps cached
+        prompt_cache.roll_back_to_tokens()
         raise
 
 

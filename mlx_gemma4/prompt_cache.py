@@ -51,6 +51,22 @@ class PromptCache:
             self.kv_quantization = kv_quantization
             self.reset()
 
+    def roll_back_to_tokens(self) -> None:
+        """Cut every cache back to `tokens`, the positions known to be complete.
+
+        Building a step's graph advances each layer's cache as it goes, before the step is
+        evaluated and its tokens recorded; a step interrupted on the way (Ctrl-C during prefill
+        or decode) leaves some layers ahead of `tokens`. Their extra positions are dropped so the
+        next call reuses everything before the interrupted step; a cache that cannot be cut back
+        is rebuilt (and its tokens processed again).
+        """
+        held = len(self.tokens)
+        for layer in self.cache:
+            extra = layer.offset - held
+            if extra < 0 or (extra and not (layer.is_trimmable() and layer.trim(extra) == extra)):
+                self.reset()
+                return
+
     def _trim(self, n: int) -> bool:
         if not all(c.is_trimmable() for c in self.cache):
             return False

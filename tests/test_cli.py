@@ -181,6 +181,40 @@ def test_chat_under_a_terminal_ctrl_c_stops_the_answer_not_the_chat(endless_chec
     assert child.exitstatus == 0
 
 
+def test_chat_ctrl_c_keeps_the_prompt_cache_for_the_next_turn(endless_checkpoint):
+    import re
+
+    import pexpect
+    from conftest import gemma4_command
+
+    executable, *arguments = gemma4_command()
+    child = pexpect.spawn(
+        executable,
+        [*arguments, "chat", "--model", str(endless_checkpoint), "-n", "300", "--temp", "0"],
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect_exact(">>> ")
+    child.sendline("tell me everything you know")
+    child.expect_exact("know\r\n")
+    child.expect(r"\S\S\S")  # the answer is streaming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect(r"prompt (\d+) tokens \((\d+) cached\)")
+    first_prompt = int(child.match.group(1))
+    child.expect_exact(">>> ")
+    child.sendline("go on")
+    child.expect(r"prompt (\d+) tokens \((\d+) cached\)")
+    cached = int(child.match.group(2))
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    # the first turn's prompt, at least, is served from the cache: only new tokens are read
+    assert cached >= first_prompt, re.sub(r"\s+", " ", child.before or "")
+
+
 def test_chat_says_when_a_message_outgrows_the_context_and_goes_on(chat_checkpoint):
     folder, _ = chat_checkpoint()
     result = chat(folder, "a " * 5000 + "\nshort one\n")
