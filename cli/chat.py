@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from mlx_gemma4.errors import Gemma4Error
+from mlx_gemma4.errors import Gemma4Error, PromptTooLongError
 
 from . import options
 
@@ -126,7 +126,12 @@ class Chat:
             sys.stdout.write(" [stopped]")
         except Gemma4Error as e:  # e.g. the conversation outgrew the context: say so, go on
             self.messages.pop()
-            typer.echo(f"error: {e}", err=True)
+            advice = (
+                "; or /reset to start a new conversation"
+                if isinstance(e, PromptTooLongError)
+                else ""
+            )
+            typer.echo(f"error: {e}{advice}", err=True)
             return
         # even a stopped answer stays in the history, as far as it got
         self.messages.append({"role": "assistant", "content": "".join(parts)})
@@ -142,11 +147,11 @@ class Chat:
         if name == "exit":
             return False
         if name == "reset":
-            self.messages = []
-            typer.echo("conversation cleared")
+            self.messages, self.attachments = [], []
+            typer.echo("conversation and attachments cleared")
         elif name == "system":
-            self.system, self.messages = argument or None, []
-            typer.echo("system instructions set; conversation cleared")
+            self.system, self.messages, self.attachments = argument or None, [], []
+            typer.echo("system instructions set; conversation and attachments cleared")
         elif name == "think":
             self.think = not self.think
             typer.echo(f"thinking {'on' if self.think else 'off'}")
@@ -277,6 +282,8 @@ def chat(
     interactive = sys.stdin.isatty()
     check_budget(budget)
     kv_quantization = options.kv_quantization(kv_bits, kv_key_bits, kv_value_bits)
+    if interactive:  # loading takes seconds: say what is happening
+        typer.echo(f"loading {model} ...", err=True)
     loaded_model, processor = load(model, dtype=dtype)
     sampling = options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
     sampling["max_soft_tokens"] = budget

@@ -16,7 +16,7 @@ def generate(
     system: options.System = None,
     think: options.Think = False,
     raw: Annotated[
-        bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")
+        bool, typer.Option("--raw", metavar="", help="Send the prompt as is, no chat template.")
     ] = False,
     max_tokens: options.MaxTokens = 512,
     temp: options.Temperature = 0.0,

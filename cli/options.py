@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 DEFAULT_MODEL = "google/gemma-4-e2b-it"
+# Flags carry metavar="": without it the help shows them as taking a <bool> value.
 
 Model = Annotated[
     str,
@@ -21,7 +22,10 @@ Model = Annotated[
     ),
 ]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System instructions.")]
-Think = Annotated[bool, typer.Option("--think", help="Let the model think before answering.")]
+Think = Annotated[
+    bool,
+    typer.Option("--think/--no-think", metavar="", help="Let the model think before answering."),
+]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")]
 Temperature = Annotated[float, typer.Option("--temp", min=0.0, help="0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus mass (0: off).")]
@@ -37,7 +41,10 @@ Dtype = Annotated[
 Budget = Annotated[
     int, typer.Option("--budget", help="Soft tokens per image: 70, 140, 280, 560 or 1120.")
 ]
-Stats = Annotated[bool, typer.Option("--stats/--no-stats", help="Print tokens/s after answers.")]
+Stats = Annotated[
+    bool,
+    typer.Option("--stats/--no-stats", metavar="", help="Print tokens/s after answers."),
+]
 KVBits = Annotated[
     int | None,
     typer.Option("--kv-bits", help="Quantize full-attention KV caches: 2-6 or 8 bits (rotated)."),

@@ -194,6 +194,7 @@ def test_chat_ctrl_c_keeps_the_prompt_cache_for_the_next_turn(endless_checkpoint
         encoding="utf-8",
         timeout=120,
     )
+    child.expect_exact(f"loading {endless_checkpoint}")  # said at once, on stderr
     child.expect_exact(">>> ")
     child.sendline("tell me everything you know")
     child.expect_exact("know\r\n")

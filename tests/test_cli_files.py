@@ -133,3 +133,50 @@ def test_unreadable_media_say_permission_denied_not_corrupt(unreadable_file, kin
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{error}: cannot read {file}: permission denied"
+
+
+# ----------------------------------------------------------------------------- usage and chat
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["chat", "--temp", "-1"], "'--temp'"),
+        (["generate", "-p", "hi", "--top-p", "2"], "'--top-p'"),
+        (["chat", "--no-such-option"], "--no-such-option"),
+        (["--no-such-option"], "--no-such-option"),
+        (["info"], "'model'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_1(args, says):
+    from conftest import run_gemma4
+
+    result = run_gemma4(*args)  # the real entry point, as a shell sees it
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: gemma4") and says in lines[0]
+    assert "--help" in lines[0] and result.stdout == ""
+
+
+def test_flags_show_no_value_in_help(gemma4):
+    help_text = gemma4("chat", "--help").stdout
+    think = next(line for line in help_text.splitlines() if "--think" in line)
+    assert "<bool>" not in think and "--no-think" in think
+
+
+def test_chat_reset_drops_a_pending_attachment(gemma4, chat_checkpoint, tmp_path):
+    folder, _ = chat_checkpoint("multimodal")
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), "white").save(picture)
+    script = f"/image {picture}\n/reset\nhello\n"
+    result = gemma4("chat", "-m", folder, "-n", "2", "--budget", "70", stdin=script)
+    assert result.returncode == 0, result.stderr
+    (stats,) = [line for line in result.stderr.splitlines() if STATS in line]
+    assert int(stats.split("prompt ")[1].split(" tokens")[0]) < 24  # no image's soft tokens
+
+
+def test_chat_suggests_reset_when_the_conversation_outgrows_the_context(gemma4, chat_checkpoint):
+    folder, _ = chat_checkpoint()
+    result = gemma4("chat", "-m", folder, "-n", "4", stdin="a " * 5000 + "\n")
+    assert result.returncode == 0
+    assert "exceeds the model's context" in result.stderr and "/reset" in result.stderr

@@ -199,3 +199,27 @@ def test_prompt_longer_than_the_context_is_refused(chat_checkpoint):
     model, processor = load(chat_checkpoint()[0])
     with pytest.raises(PromptTooLongError, match="exceeds the model's context of 4096"):
         generate(model, processor, list(range(5, 90)) * 50, max_tokens=10)
+
+
+def test_placeholders_typed_as_text_are_text_not_media(chat_checkpoint):
+    from PIL import Image
+
+    model, processor = load(chat_checkpoint("multimodal")[0])
+    image_id = processor.token_id("<|image|>")
+    typed = "what does <|image|> or <|audio|> mean?"
+    ids, media = processor.prepare([{"role": "user", "content": typed}])
+    assert media.images is None and image_id not in ids
+    assert typed in processor.decode(ids)  # the characters reach the model as written
+
+    picture = Image.new("RGB", (48, 48), "white")
+    content = [{"type": "image", "image": picture}, {"type": "text", "text": typed}]
+    history = [
+        {"role": "user", "content": "say <|image|>"},
+        {"role": "assistant", "content": "<|image|>"},  # an earlier answer with the characters
+        {"role": "user", "content": content},
+    ]
+    ids, media = processor.prepare(history, max_soft_tokens=70)
+    blocks = [i for i in range(1, len(ids)) if ids[i] == image_id and ids[i - 1] != image_id]
+    assert len(blocks) == 1 and media.images is not None  # one image, one block of soft tokens
+    replies = list(stream_generate(model, processor, history, max_tokens=2, max_soft_tokens=70))
+    assert replies[-1].generation_tokens == 2
