@@ -86,5 +86,6 @@ def _root(
 
 
 def main() -> None:
-    """Console entry point: bad input ends in one line on stderr, never a traceback."""
-    app()
+    """Console entry point (also `python -m mlx_gemma4.cli`, under the same name): bad input
+    ends in one line on stderr, never a traceback."""
+    app(prog_name="gemma4")

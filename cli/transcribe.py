@@ -11,6 +11,7 @@ import typer
 
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.files import access_error, require_writable_target, write_text_atomically
+from mlx_gemma4.options import SamplingOptions
 from mlx_gemma4.transcription import (
     Format,
     as_json,
@@ -83,7 +84,7 @@ def transcribe(
     loaded_model, processor = load(model, dtype=dtype)
     if "audio_tower" not in loaded_model:
         raise Gemma4Error(f"{model}: this checkpoint has no audio tower (E2B and E4B have one)")
-    sampling = options.sampling(max_tokens, temp, 0.0, 0, 0.0, None, seed)
+    sampling = SamplingOptions(max_tokens=max_tokens, temperature=temp, seed=seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     console = Console(stderr=True)
     transcripts = []

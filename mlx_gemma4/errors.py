@@ -53,3 +53,7 @@ class KVQuantizationError(Gemma4Error):
 
 class FileAccessError(Gemma4Error):
     """A path that cannot be read or written: missing, not a folder, or not permitted."""
+
+
+class ConversationError(Gemma4Error):
+    """A saved-conversation file that is unreadable or not one."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioError
-from .generation import generate
+from .options import SamplingOptions
 from .processing.audio import MIN_SECONDS, SAMPLE_RATE, SILENCE_RMS, seam_pieces, split_audio
 
 
@@ -128,13 +128,15 @@ def transcribe_wave(
     name: str,
     language: str | None = None,
     translate_to: str | None = None,
-    generate_options: dict | None = None,
+    sampling: SamplingOptions | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> Transcript:
     """Split 16 kHz `wave`, ask the model about each chunk in turn, join the seams.
 
-    `generate_options` go to `generate` (sampling, `max_tokens`); `on_chunk(done, total)` is
-    called after each chunk (a progress bar)."""
+    `sampling` is how each chunk's answer is generated (greedy by default); `on_chunk(done,
+    total)` is called after each chunk (a progress bar)."""
+    from .generation import generate  # imports mlx-lm (seconds): only when there is work
+
     chunks = split_audio(wave)
     request = instruction(language, translate_to)
     texts = []
@@ -143,7 +145,7 @@ def transcribe_wave(
         if loud and len(chunk.wave) >= MIN_SECONDS * SAMPLE_RATE:
             content = [{"type": "audio", "audio": chunk.wave}, {"type": "text", "text": request}]
             messages = [{"role": "user", "content": content}]
-            texts.append(generate(model, processor, messages, **(generate_options or {})).strip())
+            texts.append(generate(model, processor, messages, sampling=sampling).strip())
         else:
             texts.append("")  # nothing to hear in this stretch
         if on_chunk is not None:

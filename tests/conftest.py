@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -156,3 +157,54 @@ def gemma4():
         return CliResult(result.exit_code, result.stdout, result.stderr)
 
     return run
+
+
+def run_chat(
+    folder, stdin: str, *args: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`gemma4 chat` on `folder` over a pipe, greedy, at most 6 tokens an answer."""
+    return run_gemma4(
+        "chat", "--model", folder, "--max-tokens", "6", "--temp", "0", *args, stdin=stdin, env=env
+    )
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def reference_greedy(
+    reference, ids: list[int], n: int, stop_ids: set[int], **media: np.ndarray
+) -> list[int]:
+    """transformers' greedy continuation of `ids`; `media`: its model inputs (pixel values, ...)."""
+    import torch
+
+    tensors = {name: torch.tensor(np.asarray(value)) for name, value in media.items()}
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([ids]),
+            **tensors,
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=sorted(stop_ids),
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def force_tokens(sequence: list[int]):
+    """A logits processor that makes the model emit `sequence`, then the end of turn."""
+    position = {"i": 0}
+
+    def processor(_history, logits):
+        i = position["i"]
+        position["i"] += 1
+        token = sequence[i] if i < len(sequence) else 106
+        return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -mx.inf)[None]
+
+    return processor
+
+
+def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    # smooth it a little so bicubic resampling is exercised on image-like content
+    pixels = ((pixels.astype(np.int32) + np.roll(pixels, 1, axis=0)) // 2).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)

@@ -5,40 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import force_tokens, reference_greedy
 
 from mlx_gemma4 import generate, load, stream_generate
 from mlx_gemma4.generation import PromptTooLongError
-
-
-def reference_greedy(
-    reference, ids: list[int], n: int, stop_ids: set[int], **media: np.ndarray
-) -> list[int]:
-    """transformers' greedy continuation of `ids`; `media`: its model inputs (pixel values, ...)."""
-    import torch
-
-    tensors = {name: torch.tensor(np.asarray(value)) for name, value in media.items()}
-    with torch.no_grad():
-        out = reference.generate(
-            torch.tensor([ids]),
-            **tensors,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=sorted(stop_ids),
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def force_tokens(sequence: list[int]):
-    """A logits processor that makes the model emit `sequence`, then the end of turn."""
-    position = {"i": 0}
-
-    def processor(_history, logits):
-        i = position["i"]
-        position["i"] += 1
-        token = sequence[i] if i < len(sequence) else 106
-        return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -mx.inf)[None]
-
-    return processor
 
 
 @pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v", "dense"])
@@ -223,3 +193,24 @@ def test_placeholders_typed_as_text_are_text_not_media(chat_checkpoint):
     assert len(blocks) == 1 and media.images is not None  # one image, one block of soft tokens
     replies = list(stream_generate(model, processor, history, max_tokens=2, max_soft_tokens=70))
     assert replies[-1].generation_tokens == 2
+
+
+def test_sampling_options_stand_for_the_keyword_arguments(chat_checkpoint):
+    from mlx_gemma4 import MediaOptions, SamplingOptions
+
+    model, processor = load(chat_checkpoint()[0])
+    prompt = [{"role": "user", "content": "tell me a story"}]
+    keywords = dict(max_tokens=12, temperature=0.9, top_k=20, min_p=0.05, seed=3)
+    by_keyword = [r.token for r in stream_generate(model, processor, prompt, **keywords)]
+    sampling = SamplingOptions(**{**keywords, "temperature": 0.9})
+    by_object = [
+        r.token
+        for r in stream_generate(
+            model, processor, prompt, sampling=sampling, media_options=MediaOptions()
+        )
+    ]
+    assert by_object == by_keyword and len(by_keyword) == 12
+    other_seed = SamplingOptions(**{**keywords, "seed": 4})
+    assert [r.token for r in stream_generate(model, processor, prompt, sampling=other_seed)] != (
+        by_keyword
+    )

@@ -6,8 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
-from test_generate import reference_greedy
-from test_images import random_image
+from conftest import random_image, reference_greedy
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.generation import prefill_chunks, prompt_inputs

@@ -5,8 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import first_logits
-from test_generate import force_tokens
+from conftest import first_logits, force_tokens
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.prompt_cache import PromptCacheError
