@@ -219,3 +219,15 @@ def save_tokenizer(folder: Path, chat_template: str | None = None) -> None:
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
+
+
+def make_hub_cache(home: Path, repo_id: str, source: Path) -> None:
+    """Lay out `source` as huggingface_hub caches a downloaded snapshot."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)

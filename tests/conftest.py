@@ -208,3 +208,23 @@ def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> I
     # smooth it a little so bicubic resampling is exercised on image-like content
     pixels = ((pixels.astype(np.int32) + np.roll(pixels, 1, axis=0)) // 2).astype(np.uint8)
     return Image.fromarray(pixels).convert(mode)
+
+
+def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    """`python -c CODE` in a child process with `env` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
+def video_chat(frames: int = 3) -> list[dict]:
+    """A chat message with a decoded video of `frames` random frames."""
+    from mlx_gemma4.processing.video import Video
+
+    clip = Video([random_image(96, 48, seed=i) for i in range(frames)], [0.0, 0.5, 1.0][:frames])
+    content = [{"type": "video", "video": clip}, {"type": "text", "text": "what happens"}]
+    return [{"role": "user", "content": content}]

@@ -7,7 +7,8 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from test_loading import make_hub_cache, run_python
+from checkpoints import make_hub_cache
+from conftest import run_python
 
 from mlx_gemma4 import load_model
 from mlx_gemma4.errors import (

@@ -90,7 +90,7 @@ def test_prefill_chunks_keep_blocks_whole():
 
 
 def test_a_model_without_vision_tower_refuses_images_and_video(chat_checkpoint):
-    from test_video import video_chat
+    from conftest import video_chat
 
     from mlx_gemma4.processing.images import ImageError
     from mlx_gemma4.processing.video import VideoError

@@ -10,7 +10,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
-from conftest import gemma4_command, random_image, reference_greedy, relative_error, to_numpy
+from conftest import (
+    gemma4_command,
+    random_image,
+    reference_greedy,
+    relative_error,
+    to_numpy,
+    video_chat,
+)
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
 from mlx_gemma4.generation import prompt_inputs
@@ -120,12 +127,6 @@ def test_video_logits_match_transformers(tiny, variant):
             mm_token_type_ids=torch.tensor((ids == VIDEO).astype(np.int64) * 2),
         ).logits.numpy()
     assert relative_error(to_numpy(ours), expected) < 1e-4
-
-
-def video_chat(frames: int = 3):
-    clip = Video([random_image(96, 48, seed=i) for i in range(frames)], [0.0, 0.5, 1.0][:frames])
-    content = [{"type": "video", "video": clip}, {"type": "text", "text": "what happens"}]
-    return [{"role": "user", "content": content}]
 
 
 def test_greedy_with_video_equals_transformers(chat_checkpoint):
