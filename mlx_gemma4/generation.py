@@ -218,18 +218,22 @@ def stream_generate(
     kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
     if sampling is None:
         sampling = SamplingOptions(
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            min_p,
-            repetition_penalty,
-            repetition_context_size,
-            seed,
-            tuple(stop or ()),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            repetition_context_size=repetition_context_size,
+            seed=seed,
+            stop=tuple(stop or ()),
         )
     if media_options is None:
-        media_options = MediaOptions(max_soft_tokens, video_soft_tokens, max_frames)
+        media_options = MediaOptions(
+            max_soft_tokens=max_soft_tokens,
+            video_soft_tokens=video_soft_tokens,
+            max_frames=max_frames,
+        )
     prompt_ids, media = processor.prepare(
         prompt,
         images,

@@ -180,3 +180,24 @@ def test_chat_suggests_reset_when_the_conversation_outgrows_the_context(gemma4, 
     result = gemma4("chat", "-m", folder, "-n", "4", stdin="a " * 5000 + "\n")
     assert result.returncode == 0
     assert "exceeds the model's context" in result.stderr and "/reset" in result.stderr
+
+
+def test_conversation_round_trip_and_bad_files(chat_checkpoint, tmp_path):
+    from mlx_gemma4 import PromptCache, load
+    from mlx_gemma4.conversation import Conversation, load_conversation, save_conversation
+    from mlx_gemma4.errors import ConversationError, FileAccessError
+
+    model, _ = load(chat_checkpoint()[0])
+    conversation = Conversation("be brief", True, [{"role": "user", "content": "hi"}])
+    cache = PromptCache(model)  # empty: nothing generated yet
+    save_conversation(tmp_path / "c.json", conversation, cache)
+    loaded, loaded_cache = load_conversation(tmp_path / "c.json", model)
+    assert loaded == conversation and loaded_cache is not None
+
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(ConversationError, match="junk.json: not a saved conversation"):
+        load_conversation(tmp_path / "junk.json", model)
+    with pytest.raises(FileAccessError, match="cannot read .*nowhere.json: no such file"):
+        load_conversation(tmp_path / "nowhere.json", model)
+    with pytest.raises(FileAccessError, match="does not exist"):
+        save_conversation(tmp_path / "no" / "c.json", conversation, cache)
