@@ -34,7 +34,8 @@ class _OneLineErrors(TyperGroup):
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent, **extra)
-        except click_errors.NoArgsIsHelpError:
+        except click_errors.NoArgsIsHelpError as e:  # a bare `gemma4` asks for the help
+            e.exit_code = 0
             raise
         except click_errors.UsageError as e:
             _say_error(_usage_line(e))

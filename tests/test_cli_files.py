@@ -201,3 +201,10 @@ def test_conversation_round_trip_and_bad_files(chat_checkpoint, tmp_path):
         load_conversation(tmp_path / "nowhere.json", model)
     with pytest.raises(FileAccessError, match="does not exist"):
         save_conversation(tmp_path / "no" / "c.json", conversation, cache)
+
+
+def test_a_bare_gemma4_prints_the_help_and_exits_0():
+    from conftest import run_gemma4
+
+    result = run_gemma4()
+    assert result.returncode == 0 and "Usage: gemma4" in result.stdout
