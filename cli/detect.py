@@ -27,7 +27,7 @@ def detect(
     dtype: options.Dtype = None,
 ) -> None:
     """Ask for bounding boxes of WHAT in IMAGE; print them as JSON (pixels and 0-1000)."""
-    from mlx_gemma4 import generate, load
+    from mlx_gemma4 import MediaOptions, SamplingOptions, generate, load
     from mlx_gemma4.detection import PROMPT, draw_boxes, parse_boxes
     from mlx_gemma4.files import atomic_file, require_writable_target
     from mlx_gemma4.processing.images import check_budget, open_image
@@ -47,7 +47,11 @@ def detect(
         }
     ]
     answer = generate(
-        loaded_model, processor, messages, max_tokens=max_tokens, max_soft_tokens=budget
+        loaded_model,
+        processor,
+        messages,
+        sampling=SamplingOptions(max_tokens=max_tokens),
+        media_options=MediaOptions(max_soft_tokens=budget),
     )
     boxes = parse_boxes(answer)
     found = [box.as_dict(*picture.size) for box in boxes]
