@@ -11,6 +11,7 @@ from mlx_gemma4.errors import Gemma4Error
 from . import options
 
 
+@options.with_generation_flags(max_tokens=512)
 def ask(
     items: Annotated[
         list[str],
@@ -19,24 +20,12 @@ def ask(
             help="Images or videos (.mp4, .mov, .mkv, .webm, ...), then the question.",
         ),
     ],
+    flags: options.GenerationFlags,
     model: options.Model = options.DEFAULT_MODEL,
     budget: options.Budget = 280,
-    think: options.Think = False,
-    max_tokens: options.MaxTokens = 512,
-    temp: options.Temperature = 0.0,
-    top_p: options.TopP = 0.0,
-    top_k: options.TopK = 0,
-    min_p: options.MinP = 0.0,
-    repetition_penalty: options.RepetitionPenalty = None,
-    seed: options.Seed = None,
-    dtype: options.Dtype = None,
-    stats: options.Stats = True,
-    kv_bits: options.KVBits = None,
-    kv_key_bits: options.KVKeyBits = None,
-    kv_value_bits: options.KVValueBits = None,
 ) -> None:
     """Answer QUESTION about one or more images or videos (sampled frames, 70 tokens each)."""
-    from mlx_gemma4 import PromptCache, load, stream_generate
+    from mlx_gemma4 import MediaOptions, PromptCache, load, stream_generate
     from mlx_gemma4.processing.images import check_budget, open_image
     from mlx_gemma4.processing.video import is_video_file, load_video
 
@@ -44,22 +33,21 @@ def ask(
         raise Gemma4Error("give at least one image or video and then the question")
     *media, question = items
     check_budget(budget)
-    kv_quantization = options.kv_quantization(kv_bits, kv_key_bits, kv_value_bits)
     content = []  # bad media fail here, before the model loads
     for item in media:
         if is_video_file(item):
             content.append({"type": "video", "video": load_video(item)})
         else:
             content.append({"type": "image", "image": open_image(item)})
-    loaded_model, processor = load(model, dtype=dtype)
+    loaded_model, processor = load(model, dtype=flags.dtype)
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     responses = stream_generate(
         loaded_model,
         processor,
         messages,
-        max_soft_tokens=budget,
-        enable_thinking=think,
-        **options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed),
-        prompt_cache=PromptCache(loaded_model, kv_quantization),
+        media_options=MediaOptions(max_soft_tokens=budget),
+        enable_thinking=flags.think,
+        sampling=flags.sampling,
+        prompt_cache=PromptCache(loaded_model, flags.kv_quantization),
     )
-    options.print_answer(responses, stats)
+    options.print_answer(responses, flags.stats)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from mlx_gemma4.errors import Gemma4Error
+from mlx_gemma4.conversation import Conversation, load_conversation, save_conversation
+from mlx_gemma4.errors import Gemma4Error, PromptTooLongError
+from mlx_gemma4.options import MediaOptions, SamplingOptions
 
 from . import options
 
@@ -46,13 +45,6 @@ def read_message(read_line: Callable[[str], str]) -> str:
     return line.strip()
 
 
-def _write_atomically(file: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, file)
-
-
 MEDIA = ("image", "video", "audio")
 
 
@@ -75,25 +67,26 @@ def _note_long_audio(wave) -> None:
         )
 
 
-def _source_path(value):
-    """JSON for a decoded video in the history: the file it came from."""
-    source = getattr(value, "source", None)
-    if source is None:
-        raise TypeError(f"cannot save {type(value).__name__}")
-    return str(source)
-
-
 class Chat:
     """A conversation with one model: history, settings and the reusable prompt cache."""
 
-    def __init__(self, model, processor, system, think, sampling, stats, interactive):
+    def __init__(
+        self,
+        model,
+        processor,
+        conversation: Conversation,
+        sampling: SamplingOptions,
+        media_options: MediaOptions,
+        stats: bool,
+        interactive: bool,
+    ):
         from mlx_gemma4 import PromptCache, stream_generate
 
         self._stream_generate = stream_generate
         self.model, self.processor = model, processor
-        self.system, self.think = system, think
-        self.sampling, self.stats, self.interactive = sampling, stats, interactive
-        self.messages: list[dict] = []
+        self.conversation = conversation
+        self.sampling, self.media_options = sampling, media_options
+        self.stats, self.interactive = stats, interactive
         self.attachments: list[dict] = []  # content parts for the next user message
         self.prompt_cache = PromptCache(model)
         self.kv_quantization = None  # float KV caches unless use_kv_quantization says otherwise
@@ -101,10 +94,6 @@ class Chat:
     def use_kv_quantization(self, kv_quantization) -> None:
         self.kv_quantization = kv_quantization
         self.prompt_cache.use_kv_quantization(kv_quantization)
-
-    def conversation(self) -> list[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
 
     def _thought(self, text: str) -> None:
         if self.interactive:
@@ -115,16 +104,18 @@ class Chat:
     def answer(self, text: str) -> None:
         content = [*self.attachments, {"type": "text", "text": text}] if self.attachments else text
         self.attachments = []
-        self.messages.append({"role": "user", "content": content})
+        messages = self.conversation.messages
+        messages.append({"role": "user", "content": content})
         parts, last = [], None
         try:
             for last in self._stream_generate(
                 self.model,
                 self.processor,
-                self.conversation(),
+                self.conversation.chat_messages(),
                 prompt_cache=self.prompt_cache,
-                enable_thinking=self.think,
-                **self.sampling,
+                enable_thinking=self.conversation.think,
+                sampling=self.sampling,
+                media_options=self.media_options,
             ):
                 if last.thought:
                     self._thought(last.thought)
@@ -134,11 +125,12 @@ class Chat:
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         except Gemma4Error as e:  # e.g. the conversation outgrew the context: say so, go on
-            self.messages.pop()
-            typer.echo(f"error: {e}", err=True)
+            messages.pop()
+            advice = "; or /reset to start a new conversation"
+            typer.echo(f"error: {e}{advice if isinstance(e, PromptTooLongError) else ''}", err=True)
             return
         # even a stopped answer stays in the history, as far as it got
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        messages.append({"role": "assistant", "content": "".join(parts)})
         sys.stdout.write("\n")
         sys.stdout.flush()
         if self.stats and last is not None:
@@ -151,14 +143,15 @@ class Chat:
         if name == "exit":
             return False
         if name == "reset":
-            self.messages = []
-            typer.echo("conversation cleared")
+            self.conversation.messages, self.attachments = [], []
+            typer.echo("conversation and attachments cleared")
         elif name == "system":
-            self.system, self.messages = argument or None, []
-            typer.echo("system instructions set; conversation cleared")
+            self.conversation.system = argument or None
+            self.conversation.messages, self.attachments = [], []
+            typer.echo("system instructions set; conversation and attachments cleared")
         elif name == "think":
-            self.think = not self.think
-            typer.echo(f"thinking {'on' if self.think else 'off'}")
+            self.conversation.think = not self.conversation.think
+            typer.echo(f"thinking {'on' if self.conversation.think else 'off'}")
         elif name in ("save", "load", *MEDIA) and not argument:
             typer.echo(f"/{name} needs a file name", err=True)
         elif name in MEDIA:
@@ -194,29 +187,28 @@ class Chat:
         typer.echo(f"attached {path} ({count} {kind} file(s) for your next message)")
 
     def save(self, file: Path) -> None:
-        state = {"system": self.system, "think": self.think, "messages": self.messages}
-        text = json.dumps(state, indent=2, ensure_ascii=False, default=_source_path)
-        _write_atomically(file, text)
-        self.prompt_cache.save(file.with_name(file.name + ".kv.safetensors"))
-        typer.echo(f"saved {len(self.messages)} messages to {file}")
+        """Write the conversation and its KV cache; a file-system refusal is one line and the
+        chat goes on."""
+        try:
+            save_conversation(file, self.conversation, self.prompt_cache)
+        except Gemma4Error as e:
+            typer.echo(f"error: {e}; the conversation is kept", err=True)
+            return
+        typer.echo(f"saved {len(self.conversation.messages)} messages to {file}")
 
     def load(self, file: Path) -> None:
-        from mlx_gemma4 import Gemma4Error, PromptCache
+        from mlx_gemma4 import PromptCache
 
         try:
-            state = json.loads(file.read_text(encoding="utf-8"))
-            system, think, messages = state["system"], state["think"], state["messages"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            typer.echo(f"{file}: not a saved conversation ({e})", err=True)
+            conversation, prompt_cache = load_conversation(file, self.model)
+        except Gemma4Error as e:
+            typer.echo(f"error: {e}", err=True)
             return
-        self.system, self.think, self.messages = system, think, messages
-        kv = file.with_name(file.name + ".kv.safetensors")
-        try:
-            self.prompt_cache = PromptCache.load(self.model, kv)
-        except Gemma4Error:
-            self.prompt_cache = PromptCache(self.model)  # the history is re-read on the next turn
+        self.conversation, self.attachments = conversation, []
+        # without a usable cache file, the history is processed again on the next turn
+        self.prompt_cache = prompt_cache or PromptCache(self.model)
         self.prompt_cache.use_kv_quantization(self.kv_quantization)  # another setting: re-read
-        typer.echo(f"loaded {len(messages)} messages from {file}")
+        typer.echo(f"loaded {len(conversation.messages)} messages from {file}")
 
     def run(self, read_line: Callable[[str], str]) -> None:
         while True:
@@ -251,23 +243,12 @@ def _pipe_reader() -> Callable[[str], str]:
     return read_line
 
 
+@options.with_generation_flags(max_tokens=1024)
 def chat(
+    flags: options.GenerationFlags,
     model: options.Model = options.DEFAULT_MODEL,
     system: options.System = None,
-    think: options.Think = False,
     budget: options.Budget = 280,
-    max_tokens: options.MaxTokens = 1024,
-    temp: options.Temperature = 0.0,
-    top_p: options.TopP = 0.0,
-    top_k: options.TopK = 0,
-    min_p: options.MinP = 0.0,
-    repetition_penalty: options.RepetitionPenalty = None,
-    seed: options.Seed = None,
-    dtype: options.Dtype = None,
-    stats: options.Stats = True,
-    kv_bits: options.KVBits = None,
-    kv_key_bits: options.KVKeyBits = None,
-    kv_value_bits: options.KVValueBits = None,
 ) -> None:
     """Chat in the terminal; reads the conversation from stdin when it is not a terminal."""
     from mlx_gemma4 import load
@@ -275,12 +256,21 @@ def chat(
 
     interactive = sys.stdin.isatty()
     check_budget(budget)
-    kv_quantization = options.kv_quantization(kv_bits, kv_key_bits, kv_value_bits)
-    loaded_model, processor = load(model, dtype=dtype)
-    sampling = options.sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
-    sampling["max_soft_tokens"] = budget
-    session = Chat(loaded_model, processor, system, think, sampling, stats, interactive)
-    session.use_kv_quantization(kv_quantization)
+    if interactive:  # loading takes seconds: say what is happening
+        typer.echo(f"loading {model} ...", err=True)
+    loaded_model, processor = load(model, dtype=flags.dtype)
+    conversation = Conversation(system=system, think=flags.think)
+    media_options = MediaOptions(max_soft_tokens=budget)
+    session = Chat(
+        loaded_model,
+        processor,
+        conversation,
+        flags.sampling,
+        media_options,
+        flags.stats,
+        interactive,
+    )
+    session.use_kv_quantization(flags.kv_quantization)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 

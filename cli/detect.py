@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +11,8 @@ import typer
 from mlx_gemma4.errors import Gemma4Error
 
 from . import options
+
+_IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def detect(
@@ -27,14 +27,17 @@ def detect(
     dtype: options.Dtype = None,
 ) -> None:
     """Ask for bounding boxes of WHAT in IMAGE; print them as JSON (pixels and 0-1000)."""
-    from mlx_gemma4 import generate, load
+    from mlx_gemma4 import MediaOptions, SamplingOptions, generate, load
     from mlx_gemma4.detection import PROMPT, draw_boxes, parse_boxes
+    from mlx_gemma4.files import atomic_file, require_writable_target
     from mlx_gemma4.processing.images import check_budget, open_image
 
     picture = open_image(image)
     check_budget(budget)
-    if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    if out is not None and out.suffix.lower() not in _IMAGE_FORMATS:
         raise Gemma4Error(f"{out}: use a .png, .jpg or .webp file name for --out")
+    if out is not None:
+        require_writable_target(out)  # before the model runs, not after
     loaded_model, processor = load(model, dtype=dtype)
     question = PROMPT.format(what=what)
     messages = [
@@ -44,7 +47,11 @@ def detect(
         }
     ]
     answer = generate(
-        loaded_model, processor, messages, max_tokens=max_tokens, max_soft_tokens=budget
+        loaded_model,
+        processor,
+        messages,
+        sampling=SamplingOptions(max_tokens=max_tokens),
+        media_options=MediaOptions(max_soft_tokens=budget),
     )
     boxes = parse_boxes(answer)
     found = [box.as_dict(*picture.size) for box in boxes]
@@ -52,12 +59,6 @@ def detect(
     if not boxes:
         typer.echo(f"no boxes found in the answer: {answer.strip()[:200]!r}", err=True)
     if out is not None:
-        handle, temporary = tempfile.mkstemp(suffix=out.suffix, dir=out.parent or ".")
-        os.close(handle)
-        try:
-            draw_boxes(picture, boxes).save(temporary)
-            os.replace(temporary, out)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        with atomic_file(out) as temporary:
+            draw_boxes(picture, boxes).save(temporary, format=_IMAGE_FORMATS[out.suffix.lower()])
         typer.echo(f"wrote {out}", err=True)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from collections.abc import Iterable
-from typing import Annotated
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlx_gemma4.options import SamplingOptions
+
+if TYPE_CHECKING:
+    from mlx_gemma4.kv_quant import KVQuantization  # imports mlx-lm: seconds, so lazily
+
 DEFAULT_MODEL = "google/gemma-4-e2b-it"
+# Flags carry metavar="": without it the help shows them as taking a <bool> value.
 
 Model = Annotated[
     str,
@@ -21,7 +30,10 @@ Model = Annotated[
     ),
 ]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System instructions.")]
-Think = Annotated[bool, typer.Option("--think", help="Let the model think before answering.")]
+Think = Annotated[
+    bool,
+    typer.Option("--think/--no-think", metavar="", help="Let the model think before answering."),
+]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer.")]
 Temperature = Annotated[float, typer.Option("--temp", min=0.0, help="0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus mass (0: off).")]
@@ -37,7 +49,10 @@ Dtype = Annotated[
 Budget = Annotated[
     int, typer.Option("--budget", help="Soft tokens per image: 70, 140, 280, 560 or 1120.")
 ]
-Stats = Annotated[bool, typer.Option("--stats/--no-stats", help="Print tokens/s after answers.")]
+Stats = Annotated[
+    bool,
+    typer.Option("--stats/--no-stats", metavar="", help="Print tokens/s after answers."),
+]
 KVBits = Annotated[
     int | None,
     typer.Option("--kv-bits", help="Quantize full-attention KV caches: 2-6 or 8 bits (rotated)."),
@@ -51,17 +66,35 @@ KVValueBits = Annotated[
 ]
 
 
-def sampling(
-    max_tokens: int,
-    temp: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float | None,
-    seed: int | None,
-) -> dict:
-    """`stream_generate` keyword arguments from the command-line options."""
-    return dict(
+@dataclass(frozen=True)
+class GenerationFlags:
+    """The flags `chat`, `generate` and `ask` share, checked and grouped."""
+
+    sampling: SamplingOptions
+    think: bool
+    dtype: str | None
+    stats: bool
+    kv_quantization: KVQuantization | None  # None: float KV caches
+
+
+def _generation_flags(
+    think: Think = False,
+    max_tokens: MaxTokens = 512,
+    temp: Temperature = 0.0,
+    top_p: TopP = 0.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
+    dtype: Dtype = None,
+    stats: Stats = True,
+    kv_bits: KVBits = None,
+    kv_key_bits: KVKeyBits = None,
+    kv_value_bits: KVValueBits = None,
+) -> GenerationFlags:
+    from mlx_gemma4.kv_quant import KVQuantization
+
+    sampling = SamplingOptions(
         max_tokens=max_tokens,
         temperature=temp,
         top_p=top_p,
@@ -70,14 +103,34 @@ def sampling(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
+    kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+    return GenerationFlags(sampling, think, dtype, stats, kv_quantization)
 
 
-def kv_quantization(kv_bits: int | None, kv_key_bits: int | None, kv_value_bits: int | None):
-    """The KV-cache setting of `--kv-bits` / `--kv-key-bits` / `--kv-value-bits` (None: float),
-    checked before the model loads."""
-    from mlx_gemma4.kv_quant import KVQuantization
+_SHARED = inspect.signature(_generation_flags, eval_str=True).parameters
 
-    return KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+
+def with_generation_flags(max_tokens: int) -> Callable:
+    """Give a command the flags of `_generation_flags` (`max_tokens` as its default); the
+    command declares `flags: GenerationFlags` and receives them checked (before any loading)."""
+
+    def decorate(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True)
+        params = [p for p in own.parameters.values() if p.name != "flags"]
+        shared = [
+            p.replace(default=max_tokens) if p.name == "max_tokens" else p for p in _SHARED.values()
+        ]
+
+        @functools.wraps(command)
+        def run(**values):
+            flags = _generation_flags(**{name: values.pop(name) for name in _SHARED})
+            return command(**values, flags=flags)
+
+        run.__signature__ = own.replace(parameters=[*params, *shared])  # what Typer reads
+        run.__annotations__ = {p.name: p.annotation for p in (*params, *shared)}
+        return run
+
+    return decorate
 
 
 def stats_line(response) -> str:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .generation import GenerationResponse, generate, stream_generate
     from .kv_quant import KVQuantization
     from .loading import load, load_model
+    from .options import MediaOptions, SamplingOptions
     from .prompt_cache import PromptCache
 
 try:
@@ -22,7 +23,9 @@ __all__ = [
     "Gemma4Error",
     "GenerationResponse",
     "KVQuantization",
+    "MediaOptions",
     "PromptCache",
+    "SamplingOptions",
     "__version__",
     "generate",
     "load",
@@ -38,6 +41,8 @@ _LAZY = {
     "GenerationResponse": "generation",
     "PromptCache": "prompt_cache",
     "KVQuantization": "kv_quant",
+    "SamplingOptions": "options",
+    "MediaOptions": "options",
 }
 
 

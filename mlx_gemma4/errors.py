@@ -57,3 +57,7 @@ class FileAccessError(Gemma4Error):
 
 class UnsupportedDtypeError(Gemma4Error, ValueError):
     """A compute dtype the package does not run in (float32, bfloat16 and float16 it does)."""
+
+
+class ConversationError(Gemma4Error):
+    """A saved-conversation file that is unreadable or not one."""

@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import PromptTooLongError
 from .kv_quant import KVQuantization
+from .options import MediaOptions, SamplingOptions
 from .processing import Processor
 from .processing.audio import AudioError
 from .processing.images import DEFAULT_BUDGET, ImageError
@@ -192,6 +193,8 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_key_bits: int | None = None,
     kv_value_bits: int | None = None,
+    sampling: SamplingOptions | None = None,
+    media_options: MediaOptions | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from text, token ids or chat messages, one response per token.
 
@@ -208,36 +211,61 @@ def stream_generate(
     `kv_bits` (or `kv_key_bits` and `kv_value_bits` apart) stores the full-attention layers'
     keys and values rotated and quantized (2-6 or 8 bits). A `prompt_cache` made with another
     setting is rebuilt; with none of the three it keeps its own setting.
+
+    `sampling` (a `SamplingOptions`) and `media_options` (a `MediaOptions`), when given, stand
+    for the keyword arguments of the same names, which are then ignored.
     """
     kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+    if sampling is None:
+        sampling = SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            repetition_context_size=repetition_context_size,
+            seed=seed,
+            stop=tuple(stop or ()),
+        )
+    if media_options is None:
+        media_options = MediaOptions(
+            max_soft_tokens=max_soft_tokens,
+            video_soft_tokens=video_soft_tokens,
+            max_frames=max_frames,
+        )
     prompt_ids, media = processor.prepare(
         prompt,
         images,
-        max_soft_tokens,
+        media_options.max_soft_tokens,
         videos=videos,
-        video_soft_tokens=video_soft_tokens,
-        max_frames=max_frames,
+        video_soft_tokens=media_options.video_soft_tokens,
+        max_frames=media_options.max_frames,
         audio=audio,
         enable_thinking=enable_thinking,
     )
     refuse_media_without_tower(model, media)
     context = model.config.text_config.max_position_embeddings
+    max_tokens = sampling.max_tokens
     if len(prompt_ids) + max_tokens > context:
         raise PromptTooLongError(
             f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
             f"model's context of {context} tokens; shorten the prompt or lower max_tokens"
         )
-    if seed is not None:
-        mx.random.seed(seed)
-    sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    sampler = make_sampler(
+        sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=sampling.top_k
+    )
     processors = list(logits_processors or []) + make_logits_processors(
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        repetition_penalty=sampling.repetition_penalty,
+        repetition_context_size=sampling.repetition_context_size,
     )
     if prompt_cache is None:
         prompt_cache = PromptCache(model, kv_quantization)
     elif kv_quantization is not None:
         prompt_cache.use_kv_quantization(kv_quantization)
-    text, stops = TextStream(processor), StopStrings(stop or [])
+    text, stops = TextStream(processor), StopStrings(list(sampling.stop))
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -251,7 +279,7 @@ def stream_generate(
         sampler,
         processors,
         prefill_step_size,
-        normalize=temperature > 0,
+        normalize=sampling.temperature > 0,
     )
     try:
         for n, token in enumerate(tokens, start=1):
@@ -284,9 +312,9 @@ def stream_generate(
             )
             if finish:
                 break
-    except BaseException as e:
-        if not isinstance(e, GeneratorExit):
-            prompt_cache.reset()  # interrupted mid-step: the caches may be half-updated
+    except BaseException:
+        # interrupted (Ctrl-C, an error) or closed early: keep what the finished steps cached
+        prompt_cache.roll_back_to_tokens()
         raise
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from .errors import PromptCacheError
+from .files import atomic_file
 from .kv_quant import KVQuantization
 
 
@@ -52,6 +51,22 @@ class PromptCache:
             self.kv_quantization = kv_quantization
             self.reset()
 
+    def roll_back_to_tokens(self) -> None:
+        """Cut every cache back to `tokens`, the positions known to be complete.
+
+        Building a step's graph advances each layer's cache as it goes, before the step is
+        evaluated and its tokens recorded; a step interrupted on the way (Ctrl-C during prefill
+        or decode) leaves some layers ahead of `tokens`. Their extra positions are dropped so the
+        next call reuses everything before the interrupted step; a cache that cannot be cut back
+        is rebuilt (and its tokens processed again).
+        """
+        held = len(self.tokens)
+        for layer in self.cache:
+            extra = layer.offset - held
+            if extra < 0 or (extra and not (layer.is_trimmable() and layer.trim(extra) == extra)):
+                self.reset()
+                return
+
     def _trim(self, n: int) -> bool:
         if not all(c.is_trimmable() for c in self.cache):
             return False
@@ -88,21 +103,15 @@ class PromptCache:
             "meta": json.dumps([list(c.meta_state) for c in self.cache]),
             "tokens": json.dumps(self.tokens),
         }
-        file = Path(file)
-        handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=file.parent or ".")
-        os.close(handle)
-        try:
-            mx.save_safetensors(temporary, arrays, metadata=metadata)
-            os.replace(temporary, file)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        with atomic_file(file) as temporary, temporary.open("wb") as handle:
+            # a handle, not a name: mx.save_safetensors appends ".safetensors" to a name
+            mx.save_safetensors(handle, arrays, metadata=metadata)
 
     @classmethod
     def load(cls, model, file: str | Path) -> PromptCache:
         """Read a file written by `save` for the same model."""
         try:
-            arrays, metadata = mx.load(str(file), return_metadata=True)
+            arrays, metadata = mx.load(str(file), format="safetensors", return_metadata=True)
             types, meta = json.loads(metadata["types"]), json.loads(metadata["meta"])
             tokens = json.loads(metadata["tokens"])
             kv_quantization = KVQuantization.from_json(metadata.get("kv_quantization"))

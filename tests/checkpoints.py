@@ -239,3 +239,15 @@ def as_unprivileged(command: list[str]) -> list[str]:
     if setpriv is None:
         pytest.skip("running as root and setpriv is missing: no way to drop privileges")
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def make_hub_cache(home: Path, repo_id: str, source: Path) -> None:
+    """Lay out `source` as huggingface_hub caches a downloaded snapshot."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile
 from checkpoints import MM_TOKENS
-from conftest import first_logits, relative_error
-from test_generate import reference_greedy
+from conftest import first_logits, reference_greedy, relative_error, run_gemma4
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.generation import prompt_inputs
@@ -157,22 +153,6 @@ def test_a_model_without_audio_tower_refuses_audio(chat_checkpoint):
 # ----------------------------------------------------------------------------- CLI
 
 
-def gemma4(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    executable = shutil.which("gemma4")
-    command = [executable] if executable else [sys.executable, "-m", "mlx_gemma4.cli"]
-    return subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=300, input=stdin
-    )
-
-
-def run_cli(*args: str):
-    from typer.testing import CliRunner
-
-    from mlx_gemma4.cli.app import app
-
-    return CliRunner().invoke(app, list(args))
-
-
 @pytest.fixture(scope="module")
 def long_recording(tmp_path_factory):
     """65 s of loud sound with one pause at 25-25.8 s: one quiet cut, then one overlapping."""
@@ -190,18 +170,18 @@ def _seconds(h, m, s, ms) -> float:
     return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
 
 
-def test_transcribe_long_audio_in_every_format(audio_checkpoint, long_recording, tmp_path):
-    from mlx_gemma4.cli.transcribe import Cue, Format, Transcript, render
+def test_transcribe_long_audio_in_every_format(gemma4, audio_checkpoint, long_recording, tmp_path):
+    from mlx_gemma4.transcription import Cue, Format, Transcript, render
 
     folder, _ = audio_checkpoint
     file, chunks = long_recording
     assert len(chunks) == 3 and 25.0 <= chunks[0].end <= 25.8 and chunks[2].overlaps_previous
     common = ["transcribe", str(file), "-m", str(folder), "-n", "2"]
 
-    result = run_cli(
+    result = gemma4(
         *common, "-l", "German", "-t", "French", "-f", "json", "-o", str(tmp_path / "t.json")
     )
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "t.json").read_text())
     assert (data["file"], data["task"], data["duration"]) == (str(file), "translate", 65.0)
     assert (data["language"], data["target_language"]) == ("German", "French")
@@ -210,8 +190,8 @@ def test_transcribe_long_audio_in_every_format(audio_checkpoint, long_recording,
     ]
     assert data["text"] == " ".join(c["text"] for c in data["chunks"] if c["text"])
 
-    srt = run_cli(*common, "-f", "srt")
-    assert srt.exit_code == 0, srt.output
+    srt = gemma4(*common, "-f", "srt")
+    assert srt.returncode == 0, srt.stderr
     transcript = Transcript(
         str(file),
         65.0,
@@ -241,7 +221,7 @@ def test_transcribe_long_audio_in_every_format(audio_checkpoint, long_recording,
 
 
 def test_subtitle_cues_follow_the_chunks():
-    from mlx_gemma4.cli.transcribe import Cue, Format, Transcript, render
+    from mlx_gemma4.transcription import Cue, Format, Transcript, render
 
     cues = [Cue(0.0, 25.35, "one two"), Cue(25.35, 53.9, ""), Cue(52.9, 3725.5, "three")]
     transcript = Transcript("x.wav", 3725.5, "transcribe", None, None, cues)
@@ -252,7 +232,7 @@ def test_subtitle_cues_follow_the_chunks():
     assert render(transcript, Format.txt) == "one two three\n"
 
 
-def test_transcribe_several_files_into_a_folder(audio_checkpoint, tmp_path):
+def test_transcribe_several_files_into_a_folder(gemma4, audio_checkpoint, tmp_path):
     folder, _ = audio_checkpoint
     files = []
     for name, seconds in (("a.ogg", 1.5), ("b.mp3", 2.5)):
@@ -260,16 +240,29 @@ def test_transcribe_several_files_into_a_folder(audio_checkpoint, tmp_path):
         soundfile.write(files[-1], speechlike(seconds, seed=len(files)), 44_100)
     out = tmp_path / "out"
     out.mkdir()
-    result = run_cli(
+    result = gemma4(
         "transcribe", *map(str, files), "-m", str(folder), "-n", "2", "-f", "vtt", "-o", str(out)
     )
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.vtt", "b.vtt"]
     assert all(p.read_text().startswith("WEBVTT\n") for p in out.iterdir())
 
 
+def test_transcribe_never_overwrites_an_output_of_the_same_run(gemma4, audio_checkpoint, tmp_path):
+    folder, _ = audio_checkpoint
+    files = [tmp_path / "a.wav", tmp_path / "a.flac", tmp_path / "b.wav"]
+    for seed, file in enumerate(files):
+        soundfile.write(file, speechlike(1.5, seed=seed), SAMPLE_RATE)
+    out = tmp_path / "out"
+    result = gemma4("transcribe", *map(str, files), "-m", str(folder), "-n", "2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.flac.txt", "a.wav.txt", "b.txt"]
+    twice = gemma4("transcribe", str(files[2]), str(files[2]), "-m", str(folder), "-o", str(out))
+    assert twice.returncode == 1 and "is given twice" in twice.stderr
+
+
 def test_transcribe_errors_are_one_line_and_write_nothing(
-    audio_checkpoint, chat_checkpoint, tmp_path
+    gemma4, audio_checkpoint, chat_checkpoint, tmp_path
 ):
     folder, _ = audio_checkpoint
     silent, notes, good = tmp_path / "silent.wav", tmp_path / "notes.mp3", tmp_path / "ok.wav"
@@ -284,10 +277,11 @@ def test_transcribe_errors_are_one_line_and_write_nothing(
         ([str(good)], chat_checkpoint("ple_kv_shared")[0], "no audio tower"),
     ]
     for files, model, message in cases:
-        result = run_cli("transcribe", *files, "-m", str(model), "-o", str(out))
-        assert result.exit_code != 0 and message in str(result.exception)
+        result = gemma4("transcribe", *files, "-m", str(model), "-o", str(out))
+        assert result.returncode == 1 and message in result.stderr
+        assert result.stderr.strip().count("\n") == 0
         assert not out.exists() and list(tmp_path.glob(".t.txt*")) == []
-    result = gemma4("transcribe", str(silent), "-m", str(folder))
+    result = run_gemma4("transcribe", str(silent), "-m", str(folder))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "silent" in lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -298,7 +292,7 @@ def test_chat_attaches_audio(audio_checkpoint, tmp_path):
     clip = tmp_path / "clip.wav"
     soundfile.write(clip, speechlike(1.2), 22_050)
     script = f"/audio {tmp_path / 'none.wav'}\n/audio {clip}\nwhat do you hear?\nand now?\n"
-    result = gemma4("chat", "-m", str(folder), "-n", "3", stdin=script)
+    result = run_gemma4("chat", "-m", str(folder), "-n", "3", stdin=script)
     assert result.returncode == 0, result.stderr
     assert "no such audio file" in result.stderr
     assert f"attached {clip}" in result.stdout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import pytest
 from PIL import Image
@@ -61,50 +59,20 @@ def test_pixels_and_drawing():
     assert box.as_dict(200, 100)["pixels"] == {"left": 20, "top": 25, "right": 100, "bottom": 75}
 
 
-def test_detect_command_prints_json_and_writes_the_picture(chat_checkpoint, tmp_path):
-    from test_images import random_image
+def test_detect_command_prints_json_and_writes_the_picture(gemma4, chat_checkpoint, tmp_path):
+    from conftest import random_image
 
     folder, _ = chat_checkpoint("multimodal")
     picture = tmp_path / "in.png"
     random_image(96, 64).save(picture)
     out = tmp_path / "boxes.png"
-    result = subprocess.run(
-        [
-            shutil.which("gemma4"),
-            "detect",
-            str(picture),
-            "cats",
-            "--out",
-            str(out),
-            "--model",
-            str(folder),
-            "--budget",
-            "70",
-            "-n",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = gemma4(
+        "detect", picture, "cats", "--out", out, "--model", folder, "--budget", "70", "-n", "8"
     )
     assert result.returncode == 0, result.stderr
     assert isinstance(json.loads(result.stdout), list)  # a random model finds nothing parseable
     assert Image.open(out).size == (96, 64)
-    bad = subprocess.run(
-        [
-            shutil.which("gemma4"),
-            "detect",
-            str(picture),
-            "cats",
-            "--out",
-            str(tmp_path / "x.gif"),
-            "--model",
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = gemma4("detect", picture, "cats", "--out", tmp_path / "x.gif", "--model", folder)
     assert bad.returncode == 1 and "use a .png, .jpg or .webp" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
     assert not (tmp_path / "x.gif").exists()

@@ -10,8 +10,8 @@ import sys
 
 import mlx.core as mx
 import pytest
-from checkpoints import as_unprivileged
-from test_loading import make_hub_cache, run_python
+from checkpoints import as_unprivileged, make_hub_cache
+from conftest import run_python
 
 from mlx_gemma4 import load_model
 from mlx_gemma4.errors import (

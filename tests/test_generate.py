@@ -5,40 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import force_tokens, reference_greedy
 
 from mlx_gemma4 import generate, load, stream_generate
 from mlx_gemma4.generation import PromptTooLongError
-
-
-def reference_greedy(
-    reference, ids: list[int], n: int, stop_ids: set[int], **media: np.ndarray
-) -> list[int]:
-    """transformers' greedy continuation of `ids`; `media`: its model inputs (pixel values, ...)."""
-    import torch
-
-    tensors = {name: torch.tensor(np.asarray(value)) for name, value in media.items()}
-    with torch.no_grad():
-        out = reference.generate(
-            torch.tensor([ids]),
-            **tensors,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=sorted(stop_ids),
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def force_tokens(sequence: list[int]):
-    """A logits processor that makes the model emit `sequence`, then the end of turn."""
-    position = {"i": 0}
-
-    def processor(_history, logits):
-        i = position["i"]
-        position["i"] += 1
-        token = sequence[i] if i < len(sequence) else 106
-        return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -mx.inf)[None]
-
-    return processor
 
 
 @pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v", "dense"])
@@ -199,3 +169,48 @@ def test_prompt_longer_than_the_context_is_refused(chat_checkpoint):
     model, processor = load(chat_checkpoint()[0])
     with pytest.raises(PromptTooLongError, match="exceeds the model's context of 4096"):
         generate(model, processor, list(range(5, 90)) * 50, max_tokens=10)
+
+
+def test_placeholders_typed_as_text_are_text_not_media(chat_checkpoint):
+    from PIL import Image
+
+    model, processor = load(chat_checkpoint("multimodal")[0])
+    image_id = processor.token_id("<|image|>")
+    typed = "what does <|image|> or <|audio|> mean?"
+    ids, media = processor.prepare([{"role": "user", "content": typed}])
+    assert media.images is None and image_id not in ids
+    assert typed in processor.decode(ids)  # the characters reach the model as written
+
+    picture = Image.new("RGB", (48, 48), "white")
+    content = [{"type": "image", "image": picture}, {"type": "text", "text": typed}]
+    history = [
+        {"role": "user", "content": "say <|image|>"},
+        {"role": "assistant", "content": "<|image|>"},  # an earlier answer with the characters
+        {"role": "user", "content": content},
+    ]
+    ids, media = processor.prepare(history, max_soft_tokens=70)
+    blocks = [i for i in range(1, len(ids)) if ids[i] == image_id and ids[i - 1] != image_id]
+    assert len(blocks) == 1 and media.images is not None  # one image, one block of soft tokens
+    replies = list(stream_generate(model, processor, history, max_tokens=2, max_soft_tokens=70))
+    assert replies[-1].generation_tokens == 2
+
+
+def test_sampling_options_stand_for_the_keyword_arguments(chat_checkpoint):
+    from mlx_gemma4 import MediaOptions, SamplingOptions
+
+    model, processor = load(chat_checkpoint()[0])
+    prompt = [{"role": "user", "content": "tell me a story"}]
+    keywords = dict(max_tokens=12, temperature=0.9, top_k=20, min_p=0.05, seed=3)
+    by_keyword = [r.token for r in stream_generate(model, processor, prompt, **keywords)]
+    sampling = SamplingOptions(**{**keywords, "temperature": 0.9})
+    by_object = [
+        r.token
+        for r in stream_generate(
+            model, processor, prompt, sampling=sampling, media_options=MediaOptions()
+        )
+    ]
+    assert by_object == by_keyword and len(by_keyword) == 12
+    other_seed = SamplingOptions(**{**keywords, "seed": 4})
+    assert [r.token for r in stream_generate(model, processor, prompt, sampling=other_seed)] != (
+        by_keyword
+    )

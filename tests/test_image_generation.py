@@ -6,8 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
-from test_generate import reference_greedy
-from test_images import random_image
+from conftest import random_image, reference_greedy
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.generation import prefill_chunks, prompt_inputs
@@ -91,7 +90,7 @@ def test_prefill_chunks_keep_blocks_whole():
 
 
 def test_a_model_without_vision_tower_refuses_images_and_video(chat_checkpoint):
-    from test_video import video_chat
+    from conftest import video_chat
 
     from mlx_gemma4.processing.images import ImageError
     from mlx_gemma4.processing.video import VideoError

@@ -6,20 +6,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
-from conftest import relative_error, to_numpy
+from conftest import random_image, relative_error, to_numpy
 from PIL import Image
 
 from mlx_gemma4 import load
 from mlx_gemma4.processing import images as image_processing
 from mlx_gemma4.processing.images import ImageError, process_images
-
-
-def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    # smooth it a little so bicubic resampling is exercised on image-like content
-    pixels = ((pixels.astype(np.int32) + np.roll(pixels, 1, axis=0)) // 2).astype(np.uint8)
-    return Image.fromarray(pixels).convert(mode)
 
 
 def reference(images, budget):

@@ -8,8 +8,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import relative_error, to_numpy
-from test_quantized_media import media_messages
+from conftest import media_messages, relative_error, to_numpy
 
 from mlx_gemma4 import load, load_model
 from mlx_gemma4.config import TURBOQUANT_MODEL_TYPE

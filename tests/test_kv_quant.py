@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import first_logits, relative_error, to_numpy
+from conftest import first_logits, gemma4_command, relative_error, to_numpy
 
 import mlx_gemma4.kv_quant as kv_quant
 import mlx_gemma4.models.text as text_module
@@ -288,7 +287,7 @@ def test_cli_flags_reach_the_cache(chat_checkpoint, monkeypatch):
 
     # the console script: a bad width is one line, before the model loads
     bad = subprocess.run(
-        [shutil.which("gemma4"), "generate", "--prompt", "hi", *common, "--kv-bits", "7"],
+        [*gemma4_command(), "generate", "--prompt", "hi", *common, "--kv-bits", "7"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from checkpoints import WINDOW, build_text
-from conftest import reference_logits, relative_error, to_numpy
+from checkpoints import WINDOW, build_text, make_hub_cache
+from conftest import reference_logits, relative_error, run_python, to_numpy
 from mlx.utils import tree_flatten
 
 from mlx_gemma4 import load_model
@@ -155,28 +152,6 @@ def test_module_left_in_float_when_group_does_not_divide(tiny):
 
 
 # --------------------------------------------------------------------------- the Hub cache
-
-
-def make_hub_cache(home: Path, repo_id: str, source: Path) -> None:
-    """Lay out `source` as huggingface_hub caches a downloaded snapshot."""
-    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    commit = "0" * 40
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in source.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-
-def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-    )
 
 
 def test_repo_id_from_the_hub_cache_offline(tiny, tmp_path):

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
-import tomllib
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).parent.parent
 
@@ -18,3 +25,34 @@ def test_every_package_directory_is_listed_in_pyproject():
             relative = init.parent.relative_to(ROOT / folder).parts
             on_disk.add(".".join((name, *relative)))
     assert on_disk == listed
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Test\n", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"```bash\n(.*?)\n```", section, re.DOTALL)
+    return command
+
+
+def test_readme_test_command_pins_torch_before_the_test_extra():
+    steps = [shlex.split(step) for step in _readme_test_command().split("&&")]
+    installs = [step for step in steps if step[:2] == ["pip", "install"]]
+    torch_step = next(
+        i for i, step in enumerate(installs) if any(a.startswith("torch") for a in step)
+    )
+    extra_step = next(i for i, step in enumerate(installs) if ".[test]" in step)
+    assert torch_step < extra_step
+    (pin,) = [a for a in installs[torch_step] if a.startswith("torch")]
+    assert re.fullmatch(r"torch==[\d.]+", pin)  # an exact release: a range admits the CUDA build
+    assert steps[-1][0] == "pytest"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_steps = []
+    for line in (ROOT / ".ci" / "run").read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["python3", "-m"]:
+            ci_steps.append([w for w in words[2:] if w != "--quiet"])
+    readme_steps = [shlex.split(step) for step in _readme_test_command().split("&&")]
+    positions = [ci_steps.index(step) for step in readme_steps]  # each README step, in CI
+    assert positions == sorted(positions)

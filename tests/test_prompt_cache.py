@@ -5,8 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import first_logits
-from test_generate import force_tokens
+from conftest import first_logits, force_tokens
 
 from mlx_gemma4 import PromptCache, load, stream_generate
 from mlx_gemma4.prompt_cache import PromptCacheError
@@ -101,4 +100,65 @@ def test_interrupted_generation_leaves_a_usable_cache(chat_checkpoint):
     assert len(cache.tokens) == mx.array(cache.cache[0].offset).item()
     logits, _ = first_logits(model, processor, prompt + [60], cache)
     fresh, _ = first_logits(model, processor, prompt + [60])
+    assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
+
+
+def _interrupt_at_call(n: int):
+    """A logits processor that raises KeyboardInterrupt at its `n`-th call: inside a decode
+    step, after the step has advanced the caches and before its token is recorded."""
+    calls = {"n": 0}
+
+    def processor(_history, logits):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return logits
+
+    return processor
+
+
+@pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v"])
+def test_ctrl_c_mid_step_keeps_every_finished_token_cached(chat_checkpoint, variant):
+    model, processor = load(chat_checkpoint(variant)[0])
+    cache = PromptCache(model)
+    prompt = [2, *range(5, 30)]  # longer than the sliding window
+    answer = []
+    with pytest.raises(KeyboardInterrupt):
+        for response in stream_generate(
+            model,
+            processor,
+            prompt,
+            max_tokens=40,
+            prompt_cache=cache,
+            logits_processors=[_interrupt_at_call(6)],
+        ):
+            answer.append(response.token)
+    assert len(answer) == 4  # the 5th token's step was queued, the 6th one interrupted
+    assert cache.tokens == prompt + answer
+    assert all(layer.offset == len(cache.tokens) for layer in cache.cache)
+
+    continued = prompt + answer + [60, 61]
+    logits, last = first_logits(model, processor, continued, cache)
+    assert last.reused_tokens == len(prompt) + len(answer)
+    fresh, _ = first_logits(model, processor, continued)
+    assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
+
+
+def test_an_interrupted_prefill_chunk_is_rolled_back(chat_checkpoint):
+    model, processor = load(chat_checkpoint()[0])
+    cache = PromptCache(model)
+    prompt = [2, *range(5, 25)]
+    first_logits(model, processor, prompt, cache)
+    held = list(cache.tokens)
+    # what a prefill chunk cut short leaves: the caches hold 12 positions `tokens` does not
+    model.language_model(mx.array([list(range(40, 52))]), cache.cache)
+    assert all(layer.offset == len(held) + 12 for layer in cache.cache)
+
+    cache.roll_back_to_tokens()
+    assert cache.tokens == held
+    assert all(layer.offset == len(held) for layer in cache.cache)
+    continued = prompt + [60, 61, 62]
+    logits, last = first_logits(model, processor, continued, cache)
+    assert last.reused_tokens == len(prompt)
+    fresh, _ = first_logits(model, processor, continued)
     assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()

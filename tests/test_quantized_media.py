@@ -10,14 +10,11 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import to_numpy
-from PIL import Image
+from conftest import media_messages, random_image, to_numpy
 from typer.testing import CliRunner
 
 from mlx_gemma4 import load, load_model
 from mlx_gemma4.cli.app import app
-from mlx_gemma4.processing.audio import SAMPLE_RATE
-from mlx_gemma4.processing.video import Video
 from mlx_gemma4.quantize import quantize_model, turboquant_model
 from mlx_gemma4.saving import save_model
 
@@ -33,27 +30,6 @@ CLOSE, FAR = 0.12, 0.5
 def mean_relative_error(ours: mx.array, reference: mx.array) -> float:
     ours, reference = to_numpy(ours), to_numpy(reference)
     return float(np.abs(ours - reference).mean() / np.abs(reference).mean())
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def tones(seconds: float) -> np.ndarray:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    return (0.1 * (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 1250 * t))).astype(np.float32)
-
-
-def media_messages(modality: str) -> list[dict]:
-    if modality == "image":
-        part = {"type": "image", "image": picture(96, 64, seed=1)}
-    elif modality == "video":
-        frames = [picture(96, 48, seed=i) for i in range(3)]
-        part = {"type": "video", "video": Video(frames, [0.0, 0.5, 1.0])}
-    else:
-        part = {"type": "audio", "audio": tones(1.5)}
-    return [{"role": "user", "content": [part, {"type": "text", "text": "what is this?"}]}]
 
 
 def quantize_into(maker: str, source, target) -> None:
@@ -115,7 +91,7 @@ def test_media_on_quantized_checkpoints(checkpoints, maker, modality):
 def test_ask_about_an_image_with_a_quantized_model(checkpoints, tmp_path):
     quantized = checkpoints("affine")[1]
     image = tmp_path / "img.png"
-    picture(80, 60, seed=3).save(image)
+    random_image(80, 60, seed=3).save(image)
     args = ["ask", str(image), "what is this?", "--model", str(quantized.path)]
     result = CliRunner().invoke(app, [*args, "--max-tokens", "3"])
     assert result.exit_code == 0, result.output

@@ -10,9 +10,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MM_TOKENS
-from conftest import relative_error, to_numpy
-from test_generate import reference_greedy
-from test_images import random_image
+from conftest import (
+    gemma4_command,
+    random_image,
+    reference_greedy,
+    relative_error,
+    to_numpy,
+    video_chat,
+)
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
 from mlx_gemma4.generation import prompt_inputs
@@ -124,12 +129,6 @@ def test_video_logits_match_transformers(tiny, variant):
     assert relative_error(to_numpy(ours), expected) < 1e-4
 
 
-def video_chat(frames: int = 3):
-    clip = Video([random_image(96, 48, seed=i) for i in range(frames)], [0.0, 0.5, 1.0][:frames])
-    content = [{"type": "video", "video": clip}, {"type": "text", "text": "what happens"}]
-    return [{"role": "user", "content": content}]
-
-
 def test_greedy_with_video_equals_transformers(chat_checkpoint):
     folder, reference = chat_checkpoint("multimodal_bidirectional")
     model, processor = load(folder)
@@ -183,19 +182,18 @@ def test_bad_videos(tmp_path, chat_checkpoint, monkeypatch):
 
 
 def test_ask_about_a_video(chat_checkpoint, tmp_path):
-    import shutil
     import subprocess
 
     folder, _ = chat_checkpoint("multimodal")
     clip = write_video(tmp_path / "clip.mp4", n_frames=6, size=(96, 48))
-    command = [shutil.which("gemma4"), "ask", str(clip), "what happens?", "--model", str(folder)]
+    command = [*gemma4_command(), "ask", str(clip), "what happens?", "--model", str(folder)]
     result = subprocess.run([*command, "-n", "3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     prompt_tokens = int(result.stderr.split("prompt ")[1].split(" tokens")[0])
     per_frame = process_images([random_image(96, 48)], 70).soft_tokens[0]
     assert prompt_tokens > 6 * (per_frame + 2)  # six frames, each with its timestamp
     (tmp_path / "bad.mp4").write_text("no video here " * 10)
-    command[2] = str(tmp_path / "bad.mp4")
+    command[command.index(str(clip))] = str(tmp_path / "bad.mp4")
     bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "bad.mp4: not a readable video" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
@@ -204,7 +202,7 @@ def test_ask_about_a_video(chat_checkpoint, tmp_path):
 def test_chat_attaches_a_video_and_saves_it_as_its_path(chat_checkpoint, tmp_path):
     import json
 
-    from test_cli import chat
+    from conftest import run_chat as chat
 
     folder, _ = chat_checkpoint("multimodal")
     clip = write_video(tmp_path / "clip.mp4", n_frames=4, size=(96, 48))

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import AudioError
+from .media_files import checked_media_file
 
 SAMPLE_RATE = 16_000
 MEL_BINS = 128
@@ -39,11 +40,7 @@ def load_audio(path: str | Path) -> np.ndarray:
     """A file's samples as float32 mono at 16 kHz (channels averaged, resampled if needed)."""
     import soundfile
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: the file is empty")
+    path = checked_media_file(path, "audio", AudioError)
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:

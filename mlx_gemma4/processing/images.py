@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+from .media_files import checked_media_file
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
@@ -49,12 +50,8 @@ def open_image(source: str | Path | Image.Image) -> Image.Image:
     if isinstance(source, Image.Image):
         image, name = source, "image"
     else:
-        path = Path(source).expanduser()
+        path = checked_media_file(source, "image", ImageError)
         name = str(path)
-        if not path.is_file():
-            raise ImageError(f"{path}: no such image file")
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: the file is empty")
         try:
             image = Image.open(path)
             image.load()

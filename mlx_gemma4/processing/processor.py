@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from .audio import AudioError, AudioFeatures, extract_features, to_wave
 from .chat_template import BUILTIN_TEMPLATE, drop_thoughts
 from .images import DEFAULT_BUDGET, ImageBatch, ImageError, process_images
+from .typed_placeholders import encode_marked, mark_typed_placeholders
 from .video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES, VideoError, load_video
 
 Message = dict[str, Any]
@@ -25,6 +26,7 @@ CHANNEL_CLOSE = "<channel|>"
 IMAGE_TOKEN, IMAGE_START, IMAGE_END = "<|image|>", "<|image>", "<image|>"
 VIDEO_TOKEN = "<|video|>"  # video frames are wrapped in the image start and end tokens
 AUDIO_TOKEN, AUDIO_START, AUDIO_END = "<|audio|>", "<|audio>", "<audio|>"
+PLACEHOLDERS = (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)
 
 
 @dataclass
@@ -149,7 +151,8 @@ class Processor:
                 videos = _media_parts(prompt, "video")
             if audio is None:
                 audio = _media_parts(prompt, "audio")
-            prompt = self.apply_chat_template(prompt, **template_kwargs)
+            typed = mark_typed_placeholders(prompt, PLACEHOLDERS)  # text, not media
+            prompt = self.apply_chat_template(typed, **template_kwargs)
         images, videos, audio = images or [], videos or [], audio or []
         _check_placeholders(prompt, IMAGE_TOKEN, images, ImageError)
         _check_placeholders(prompt, VIDEO_TOKEN, videos, VideoError)
@@ -180,7 +183,12 @@ class Processor:
             prompt = _expand(
                 prompt, AUDIO_TOKEN, lambda: AUDIO_START + AUDIO_TOKEN * next(counts) + AUDIO_END
             )
-        return self.encode(prompt), media
+        return encode_marked(prompt, PLACEHOLDERS, self.encode, self._encode_plain), media
+
+    def _encode_plain(self, text: str, split_special_tokens: bool) -> list[int]:
+        return self.tokenizer._tokenizer.encode(
+            text, add_special_tokens=False, split_special_tokens=split_special_tokens
+        )
 
     def __call__(
         self,

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import VideoError
+from .media_files import checked_media_file
 
 MAX_FRAMES = 32
 DEFAULT_VIDEO_BUDGET = 70
@@ -72,11 +73,7 @@ def load_video(source: str | Path | Video, max_frames: int = MAX_FRAMES) -> Vide
         return source
     if max_frames < 1:
         raise VideoError(f"max_frames must be at least 1, got {max_frames}")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise VideoError(f"{path}: no such video file")
-    if path.stat().st_size == 0:
-        raise VideoError(f"{path}: the file is empty")
+    path = checked_media_file(source, "video", VideoError)
     av = _import_av()
     try:
         with av.open(str(path)) as container:
