@@ -75,7 +75,8 @@ BUILTIN_TEMPLATE = r"""
         {%- elif key == 'required' -%}
             {{- 'required:' ~ string_list(field) -}}
         {%- elif key == 'type' -%}
-            {{- 'type:' ~ value(field | upper if field is string else field | map('upper') | list) -}}
+            {%- set upper = field | upper if field is string else field | map('upper') | list -%}
+            {{- 'type:' ~ value(upper) -}}
         {%- else -%}
             {{- key ~ ':' ~ value(field) -}}
         {%- endif -%}
@@ -88,7 +89,8 @@ BUILTIN_TEMPLATE = r"""
     {%- set keywords = ['description', 'type', 'properties', 'required', 'nullable'] -%}
     {%- for name, spec in properties | dictsort if name not in keywords -%}
         {%- set type = spec['type'] | upper -%}
-        {%- set leading = (['description:' ~ quoted(spec['description'])] if spec['description'] else [])
+        {%- set leading =
+            (['description:' ~ quoted(spec['description'])] if spec['description'] else [])
             + (['nullable:true'] if spec['nullable'] else [])
             + (['enum:' ~ value(spec['enum'])] if type == 'STRING' and spec['enum'] else []) -%}
         {{- name ~ ':{' ~ leading | join(',') -}}
@@ -112,7 +114,9 @@ BUILTIN_TEMPLATE = r"""
     {%- set parameters = function['parameters'] -%}
     {%- if parameters -%}
         {{- ',parameters:{' -}}
-        {{- 'properties:{' ~ properties_of(parameters['properties']) ~ '},' if parameters['properties'] -}}
+        {%- if parameters['properties'] -%}
+            {{- 'properties:{' ~ properties_of(parameters['properties']) ~ '},' -}}
+        {%- endif -%}
         {{- 'required:' ~ string_list(parameters['required']) ~ ',' if parameters['required'] -}}
         {{- 'type:' ~ quoted(parameters['type'] | upper) ~ '}' if parameters['type'] -}}
     {%- endif -%}
@@ -177,7 +181,8 @@ BUILTIN_TEMPLATE = r"""
     {%- endif -%}
 
     {%- if message['tool_calls'] -%}
-        {%- set after_last_user = not (conversation[loop.index0:] | selectattr('role', 'equalto', 'user') | list) -%}
+        {%- set later_users = conversation[loop.index0:] | selectattr('role', 'equalto', 'user') -%}
+        {%- set after_last_user = not (later_users | list) -%}
         {%- if message['reasoning_content'] and after_last_user -%}
             {{- '<|channel>thought
 ' ~ message['reasoning_content'] ~ '<channel|>' -}}
@@ -208,7 +213,8 @@ BUILTIN_TEMPLATE = r"""
         {{- text_of(part['text'], role) if part['type'] == 'text' else media[part['type']] -}}
     {%- endfor -%}
 
-    {%- set turn.open = message['tool_responses'] and not (parts | selectattr('type', 'in', media) | list) -%}
+    {%- set media_parts = parts | selectattr('type', 'in', media) | list -%}
+    {%- set turn.open = message['tool_responses'] and not media_parts -%}
     {%- if not (message['tool_responses'] and not content) -%}
         {{- '<turn|>
 ' -}}
