@@ -53,3 +53,7 @@ class KVQuantizationError(Gemma4Error):
 
 class FileAccessError(Gemma4Error):
     """A path that cannot be read or written: missing, not a folder, or not permitted."""
+
+
+class ToolError(Gemma4Error):
+    """A tool that cannot be declared to the model, or a tools file or module that cannot load."""
