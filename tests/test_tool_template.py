@@ -11,43 +11,26 @@ our `BUILTIN_TEMPLATE`, and asserts the two strings are equal.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
+from checkpoints import GEMMA4_TEMPLATE
 
 from mlx_gemma4.processing.chat_template import BUILTIN_TEMPLATE
 
-REAL_TEMPLATE = (Path(__file__).parent / "data" / "gemma4-interleaved.jinja").read_text()
-
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from checkpoints import save_tokenizer
-    from transformers import AutoTokenizer
+def render(tmp_path_factory):
+    from checkpoints import chat_renderer
 
-    folder = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return chat_renderer(tmp_path_factory.mktemp("render"))
 
 
-def render(tokenizer, template, messages, tools=None, thinking=False, generation_prompt=True):
-    return tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=generation_prompt,
-        enable_thinking=thinking,
-    )
-
-
-def assert_same(tokenizer, messages, tools=None):
+def assert_same(render, messages, tools=None):
     """Equal renderings with thinking on and off, with and without the generation prompt."""
     for thinking in (False, True):
         for generation_prompt in (False, True):
-            args = (messages, tools, thinking, generation_prompt)
-            real = render(tokenizer, REAL_TEMPLATE, *args)
-            ours = render(tokenizer, BUILTIN_TEMPLATE, *args)
+            real = render(messages, GEMMA4_TEMPLATE, tools, thinking, generation_prompt)
+            ours = render(messages, BUILTIN_TEMPLATE, tools, thinking, generation_prompt)
             assert ours == real, f"thinking={thinking} generation_prompt={generation_prompt}"
 
 
@@ -151,11 +134,11 @@ TOOL_SETS = {
 
 @pytest.mark.parametrize("system", [None, "system", "developer"])
 @pytest.mark.parametrize("tools", TOOL_SETS)
-def test_tool_declarations(tokenizer, tools, system):
+def test_tool_declarations(render, tools, system):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     if system:
         messages.insert(0, {"role": system, "content": "  You help.  "})
-    assert_same(tokenizer, messages, TOOL_SETS[tools])
+    assert_same(render, messages, TOOL_SETS[tools])
 
 
 def call(name, arguments):
@@ -174,15 +157,15 @@ ARGUMENTS = {
 
 
 @pytest.mark.parametrize("arguments", ARGUMENTS)
-def test_tool_call_arguments(tokenizer, arguments):
+def test_tool_call_arguments(render, arguments):
     messages = [
         {"role": "user", "content": "Go"},
         {"role": "assistant", "tool_calls": [call("act", ARGUMENTS[arguments])]},
     ]
-    assert_same(tokenizer, messages, [WEATHER])
+    assert_same(render, messages, [WEATHER])
 
 
-def test_several_calls_and_responses_in_one_turn(tokenizer):
+def test_several_calls_and_responses_in_one_turn(render):
     messages = [
         {"role": "system", "content": "Use tools."},
         {"role": "user", "content": "Weather in Paris and Rome?"},
@@ -199,10 +182,10 @@ def test_several_calls_and_responses_in_one_turn(tokenizer):
             ],
         },
     ]
-    assert_same(tokenizer, messages, [WEATHER])
+    assert_same(render, messages, [WEATHER])
     messages.append({"role": "assistant", "content": "Paris 21, Rome 25.5."})
     messages.append({"role": "user", "content": "Thanks"})
-    assert_same(tokenizer, messages, [WEATHER])
+    assert_same(render, messages, [WEATHER])
 
 
 RESPONSES = {
@@ -217,7 +200,7 @@ RESPONSES = {
 
 
 @pytest.mark.parametrize("response", RESPONSES)
-def test_tool_response_values(tokenizer, response):
+def test_tool_response_values(render, response):
     messages = [
         {"role": "user", "content": "Go"},
         {
@@ -226,18 +209,18 @@ def test_tool_response_values(tokenizer, response):
             "tool_responses": [{"name": "get_weather", "response": RESPONSES[response]}],
         },
     ]
-    assert_same(tokenizer, messages, [WEATHER])
+    assert_same(render, messages, [WEATHER])
 
 
-def test_tool_response_without_name(tokenizer):
+def test_tool_response_without_name(render):
     messages = [
         {"role": "user", "content": "Go"},
         {"role": "assistant", "tool_responses": [{"response": {"ok": True}}]},
     ]
-    assert_same(tokenizer, messages)
+    assert_same(render, messages)
 
 
-def test_calls_after_responses_continue_the_open_turn(tokenizer):
+def test_calls_after_responses_continue_the_open_turn(render):
     messages = [
         {"role": "user", "content": "Plan a trip"},
         {
@@ -252,11 +235,11 @@ def test_calls_after_responses_continue_the_open_turn(tokenizer):
         },
         {"role": "assistant", "content": "Go to Nice."},
     ]
-    assert_same(tokenizer, messages, [WEATHER])
-    assert_same(tokenizer, messages[:3], [WEATHER])
+    assert_same(render, messages, [WEATHER])
+    assert_same(render, messages[:3], [WEATHER])
 
 
-def test_reasoning_is_kept_only_after_the_last_user_turn(tokenizer):
+def test_reasoning_is_kept_only_after_the_last_user_turn(render):
     earlier = {
         "role": "assistant",
         "reasoning_content": "Old plan.",
@@ -271,12 +254,12 @@ def test_reasoning_is_kept_only_after_the_last_user_turn(tokenizer):
         {"role": "user", "content": "And now?"},
         later,
     ]
-    assert_same(tokenizer, messages, [WEATHER])
-    text = render(tokenizer, BUILTIN_TEMPLATE, messages, [WEATHER], thinking=True)
+    assert_same(render, messages, [WEATHER])
+    text = render(messages, BUILTIN_TEMPLATE, [WEATHER], thinking=True)
     assert "New plan." in text and "Old plan." not in text
 
 
-def test_thoughts_in_model_text_are_dropped(tokenizer):
+def test_thoughts_in_model_text_are_dropped(render):
     messages = [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "<|channel>thought\nadd<channel|> 4 "},
@@ -290,10 +273,10 @@ def test_thoughts_in_model_text_are_dropped(tokenizer):
         },
         {"role": "user", "content": [{"type": "text", "text": "  keep <|channel>this  "}]},
     ]
-    assert_same(tokenizer, messages)
+    assert_same(render, messages)
 
 
-def test_media_parts(tokenizer):
+def test_media_parts(render):
     messages = [
         {"role": "system", "content": "Look and listen."},
         {
@@ -309,10 +292,10 @@ def test_media_parts(tokenizer):
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "audio"}]},
     ]
-    assert_same(tokenizer, messages, [WEATHER])
+    assert_same(render, messages, [WEATHER])
 
 
-def test_multimodal_tool_turn(tokenizer):
+def test_multimodal_tool_turn(render):
     """Read a city off a photo, call the weather tool, answer."""
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather here?"}]},
@@ -323,14 +306,14 @@ def test_multimodal_tool_turn(tokenizer):
             "content": [{"type": "image"}],
         },
     ]
-    assert_same(tokenizer, messages, [WEATHER])
+    assert_same(render, messages, [WEATHER])
 
 
-def test_plain_conversations(tokenizer):
-    assert_same(tokenizer, [{"role": "user", "content": " Hi "}])
-    assert_same(tokenizer, [{"role": "system", "content": "Only a system turn."}])
+def test_plain_conversations(render):
+    assert_same(render, [{"role": "user", "content": " Hi "}])
+    assert_same(render, [{"role": "system", "content": "Only a system turn."}])
     assert_same(
-        tokenizer,
+        render,
         [
             {"role": "developer", "content": "Terse."},
             {"role": "user", "content": "Hi"},
@@ -340,11 +323,11 @@ def test_plain_conversations(tokenizer):
     )
 
 
-def test_thinking_off_ends_the_prompt_with_an_empty_thought_channel(tokenizer):
+def test_thinking_off_ends_the_prompt_with_an_empty_thought_channel(render):
     messages = [{"role": "user", "content": "Hi"}]
-    text = render(tokenizer, BUILTIN_TEMPLATE, messages, thinking=False)
+    text = render(messages, BUILTIN_TEMPLATE, thinking=False)
     assert text == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
-    text = render(tokenizer, BUILTIN_TEMPLATE, messages, thinking=True)
+    text = render(messages, BUILTIN_TEMPLATE, thinking=True)
     assert text == "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
 
 
@@ -427,7 +410,7 @@ def random_conversation(rng: random.Random) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_random_conversations(tokenizer, seed):
+def test_random_conversations(render, seed):
     rng = random.Random(seed)
     messages, tools = random_conversation(rng)
-    assert_same(tokenizer, messages, tools)
+    assert_same(render, messages, tools)
