@@ -517,7 +517,8 @@ class ToolCallStream:
     `feed(piece)` returns the text that is safe to show (call text never appears in it) and the
     calls completed by this piece; text that may be the start of a call is held back until it is
     known. `finish()` returns what is still held, as text (an unterminated call is malformed call
-    text), and whether any malformed call text was seen; `malformed` lists those segments."""
+    text), a call left without its closer, and whether any malformed call text was seen;
+    `malformed` lists those segments."""
 
     def __init__(self) -> None:
         self._held = ""
@@ -538,7 +539,8 @@ class ToolCallStream:
         events, self._held = _scan(self._held + piece, final=False, before=self._shown)
         return self._take(events)
 
-    def finish(self) -> tuple[str, bool]:
+    def finish(self) -> tuple[str, list[ToolCall], bool]:
+        """(the held text, calls that complete only now, whether any call text was malformed)."""
         events, self._held = _scan(self._held, final=True, before=self._shown)
-        text, _ = self._take(events)
-        return text, bool(self.malformed)
+        text, calls = self._take(events)
+        return text, calls, bool(self.malformed)
