@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tools import Tool, ToolCall, normalize_tool_messages, split_tool_calls, tool_declarations
+from .tools import (
+    Tool,
+    ToolCall,
+    append_answer,
+    normalize_tool_messages,
+    split_tool_calls,
+    tool_declarations,
+)
 
 GenerateFn = Callable[..., Iterator[Any]]
 
@@ -113,9 +120,7 @@ def run_agent(
         )
         steps.append(step)
         if not step.calls:
-            history = normalize_tool_messages(
-                [*history, {"role": "assistant", "content": step.text}]
-            )
+            append_answer(history, step.text)
             return AgentResult(step.text, history, steps, step.finish_reason or "stop")
         for call in step.calls:
             result = run_tool(call, functions, confirm)

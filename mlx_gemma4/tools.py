@@ -191,46 +191,62 @@ def _tool_message_content(content: Any) -> Any:
     return _decode_object(content) if isinstance(content, str) else content
 
 
+def _is_open_tool_turn(message: dict[str, Any] | None) -> bool:
+    """An assistant turn that ends in tool responses: the template leaves it open."""
+    return bool(
+        message is not None
+        and message.get("role") == "assistant"
+        and message.get("tool_responses")
+        and not message.get("content")
+    )
+
+
+def append_answer(history: list[dict[str, Any]], answer: Any) -> None:
+    """Add the model's answer to `history`: into the tool turn it ends with, if open (the model
+    answered in that turn, and the history then renders as exactly what it generated), else as
+    a new assistant message."""
+    if _is_open_tool_turn(history[-1] if history else None):
+        history[-1] = {**history[-1], "content": answer}
+    else:
+        history.append({"role": "assistant", "content": answer})
+
+
 def normalize_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI-style tool messages in the form Gemma's template renders.
 
     `{"role": "tool", "tool_call_id", "name"?, "content"}` messages become `tool_responses` of
     the assistant turn that made the calls (the name looked up by call id when absent, content
-    that is a JSON object decoded to a dict); JSON-string call arguments become dicts. An answer
-    that follows tool responses joins their turn, which the template leaves open: the rendered
-    history is then exactly what the model generated. The input is not modified."""
+    that is a JSON object decoded to a dict), and the answer after them joins that turn (see
+    `append_answer`); JSON-string call arguments become dicts. Messages already in the template's
+    form pass unchanged. The input is not modified."""
     result: list[dict[str, Any]] = []
     names_by_id: dict[str, str] = {}
+    answered_by_tool_messages = False  # whether result[-1] took its responses from tool messages
     for message in messages:
         role = message.get("role")
-        previous = result[-1] if result else None
         if role == "tool":
             name = message.get("name") or names_by_id.get(message.get("tool_call_id", ""))
             response = {"response": _tool_message_content(message.get("content"))}
             if name:
                 response = {"name": name, **response}
-            if previous is None or previous.get("role") != "assistant":
-                previous = {"role": "assistant"}
-                result.append(previous)
-            previous["tool_responses"] = [*previous.get("tool_responses", []), response]
+            if not result or result[-1].get("role") != "assistant":
+                result.append({"role": "assistant"})
+            turn = result[-1]
+            turn["tool_responses"] = [*turn.get("tool_responses", []), response]
+            answered_by_tool_messages = True
             continue
+        if role == "assistant" and not message.get("tool_calls") and answered_by_tool_messages:
+            append_answer(result, message.get("content"))
+            answered_by_tool_messages = False
+            continue
+        message = dict(message)
         if role == "assistant" and message.get("tool_calls"):
-            message = {
-                **message,
-                "tool_calls": [_with_decoded_arguments(c) for c in message["tool_calls"]],
-            }
+            message["tool_calls"] = [_with_decoded_arguments(c) for c in message["tool_calls"]]
             for call in message["tool_calls"]:
                 if call.get("id"):
                     names_by_id[call["id"]] = call["function"].get("name", "")
-        elif (
-            role == "assistant"
-            and previous is not None
-            and previous.get("tool_responses")
-            and not previous.get("content")
-        ):
-            previous["content"] = message.get("content")
-            continue
-        result.append(dict(message))
+        result.append(message)
+        answered_by_tool_messages = False
     return result
 
 

@@ -531,6 +531,15 @@ def test_normalizing_leaves_the_input_alone():
     }
 
 
+def test_messages_in_the_template_form_pass_unchanged():
+    assert normalize_tool_messages(TEMPLATE_HISTORY) == TEMPLATE_HISTORY
+    separate_answer = [
+        *TEMPLATE_HISTORY[:3],
+        {"role": "assistant", "content": "Fine."},  # renders as a new turn: the caller's choice
+    ]
+    assert normalize_tool_messages(separate_answer) == separate_answer
+
+
 def test_orphan_tool_messages_keep_their_content():
     normalized = normalize_tool_messages([{"role": "tool", "content": "42"}])
     assert normalized == [{"role": "assistant", "tool_responses": [{"response": "42"}]}]
