@@ -82,11 +82,36 @@ def _declare_dict(tool: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "function", "function": dict(function)}
 
 
+def _one_type(schema: Any) -> Any:
+    """A schema whose properties each have one type: Google's template renders a property's type
+    list (`["string", "null"]`, or what `int | str` hints give) as garbage, so "null" becomes
+    `nullable` and the first other type is kept, as the template's older revision did."""
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    if isinstance(schema.get("properties"), dict):
+        schema["properties"] = {
+            name: _one_type(spec) for name, spec in schema["properties"].items()
+        }
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = _one_type(schema["items"])
+    types = schema.get("type")
+    if isinstance(types, list):
+        named = [kind for kind in types if kind != "null"]
+        if len(named) < len(types):
+            schema["nullable"] = True
+        if named:
+            schema["type"] = named[0]
+        else:
+            del schema["type"]
+    return schema
+
+
 def tool_declarations(tools: Iterable[Tool]) -> list[dict[str, Any]]:
     """OpenAI-style function declarations, as the chat template takes them, for OpenAI function
     tools (`{"type": "function", "function": {...}}`, or the bare `{...}`) and Python callables
-    (schema from type hints and the docstring). Raises ToolError naming a tool that cannot be
-    described, and on two tools with one name."""
+    (schema from type hints and the docstring); properties get one type each (see `_one_type`).
+    Raises ToolError naming a tool that cannot be described, and on two tools with one name."""
     declarations = []
     for index, tool in enumerate(tools):
         if callable(tool):
@@ -97,6 +122,10 @@ def tool_declarations(tools: Iterable[Tool]) -> list[dict[str, Any]]:
             raise ToolError(
                 f"tool {index}: expected a function or a dict, got {type(tool).__name__}"
             )
+    for declaration in declarations:
+        function = declaration["function"]
+        if function.get("parameters"):
+            function["parameters"] = _one_type(function["parameters"])
     names = [declaration["function"]["name"] for declaration in declarations]
     for name in names:
         if names.count(name) > 1:

@@ -337,6 +337,36 @@ def test_declared_callable_renders_like_its_schema(render):
     assert "<|tool>declaration:get_weather{" in render(messages, tools=schema)
 
 
+def either(value: int | str, note: str | None = None) -> str:
+    """Echo.
+
+    Args:
+        value: A number or a word.
+        note: Optional.
+    """
+    return f"{value} {note}"
+
+
+def test_type_lists_become_one_type(render):
+    """Google's template renders a property's type list as garbage; declarations have none."""
+    listed = {
+        "name": "listed",
+        "parameters": obj({"x": {"type": ["string", "null"]}, "y": {"type": ["null"]}}),
+    }
+    declarations = tool_declarations([either, listed])
+    assert declarations[0]["function"]["parameters"]["properties"] == {
+        "value": {"type": "integer", "description": "A number or a word."},
+        "note": {"type": "string", "nullable": True, "description": "Optional."},
+    }
+    text = render([{"role": "user", "content": "Hi"}], tools=declarations)
+    assert 'x:{nullable:true,type:<|"|>STRING<|"|>}' in text and "['" not in text
+    assert "['" in render([{"role": "user", "content": "Hi"}], tools=[either])  # raw schema
+
+
+def obj(properties):
+    return {"type": "object", "properties": properties}
+
+
 def one_line(error: pytest.ExceptionInfo) -> str:
     message = str(error.value)
     assert "\n" not in message and isinstance(error.value, Gemma4Error)
