@@ -127,6 +127,8 @@ def run_agent(
             step.results.append(result)
             if on_call is not None:
                 on_call(call, result)
+        # text written beside the calls stays out: the template renders a turn's calls before
+        # its text, and text after tool responses would close the turn the model goes on in
         turn: dict[str, Any] = {"role": "assistant"}
         if step.thought:
             turn["reasoning_content"] = step.thought

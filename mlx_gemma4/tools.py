@@ -46,14 +46,6 @@ Tool = dict[str, Any] | Callable[..., Any]
 # Tools in ----------------------------------------------------------------------------------------
 
 
-def tool_name(tool: Tool) -> str:
-    """The name a tool is declared under: the function's name, or the declaration's."""
-    if callable(tool):
-        return tool.__name__
-    function = tool.get("function", tool)
-    return function.get("name", "") if isinstance(function, dict) else ""
-
-
 def _declare_callable(function: Callable[..., Any]) -> dict[str, Any]:
     from transformers.utils import get_json_schema
 
