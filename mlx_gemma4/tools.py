@@ -530,6 +530,24 @@ def _scan(text: str, final: bool, before: str = "") -> tuple[list[tuple[str, Any
     return events, ""
 
 
+def _inside_call(held: str) -> bool:
+    """Whether held text is an opened call whose braces (outside `<|"|>` strings) are not all
+    closed yet. Such a call cannot complete, and can only end as malformed at a closer or at the
+    next opener, so the stream need not parse it again until one of those comes."""
+    if not held.startswith(OPEN):
+        return False
+    outside = held.split(QUOTE)[::2]
+    return sum(part.count("{") for part in outside) > sum(part.count("}") for part in outside)
+
+
+def _marker_since(text: str, start: int) -> bool:
+    """Whether a closer, or an opener after the first character, ends after `start`."""
+    return (
+        text.find(CLOSE, max(0, start - len(CLOSE) + 1)) >= 0
+        or text.find(OPEN, max(1, start - len(OPEN) + 1)) >= 0
+    )
+
+
 def _merge_text(events: list[tuple[str, Any]]) -> str:
     return "".join(value for kind, value in events if kind in ("text", "malformed"))
 
@@ -573,6 +591,10 @@ class ToolCallStream:
         return _merge_text(events), calls
 
     def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        text, start = self._held + piece, len(self._held)
+        if _inside_call(text) and not _marker_since(text, start):
+            self._held = text  # nothing can have changed: skip parsing it again
+            return "", []
         events, self._held = _scan(self._held + piece, final=False, before=self._shown)
         return self._take(events)
 
