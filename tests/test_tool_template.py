@@ -414,3 +414,22 @@ def test_random_conversations(render, seed):
     rng = random.Random(seed)
     messages, tools = random_conversation(rng)
     assert_same(render, messages, tools)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_processor_renders_tools_like_the_real_template(chat_checkpoint, render, thinking):
+    """A checkpoint without a template: the processor's prompt is what Google's template gives."""
+    from mlx_gemma4 import load
+
+    _, processor = load(chat_checkpoint()[0])
+    assert not processor.has_own_template
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather?"}]},
+        {
+            "role": "assistant",
+            "tool_calls": [call("get_weather", {"city": "Paris"})],
+            "tool_responses": [{"name": "get_weather", "response": {"temp": 18}}],
+        },
+    ]
+    ours = processor.apply_chat_template(messages, tools=[WEATHER], enable_thinking=thinking)
+    assert ours == render(messages, GEMMA4_TEMPLATE, [WEATHER], thinking)
