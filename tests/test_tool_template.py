@@ -433,3 +433,29 @@ def test_processor_renders_tools_like_the_real_template(chat_checkpoint, render,
     ]
     ours = processor.apply_chat_template(messages, tools=[WEATHER], enable_thinking=thinking)
     assert ours == render(messages, GEMMA4_TEMPLATE, [WEATHER], thinking)
+
+
+def test_the_older_revision_differs_only_where_the_newer_one_changed(render):
+    """`tests/data/gemma4.jinja` is the template's earlier revision (llama.cpp's
+    `models/templates/gemma4.jinja`). It agrees with the interleaved one, which we follow, except
+    for the newline after `<|think|>`, reasoning kept between tool calls, and a tool call after
+    tool responses going on in the open turn rather than opening a new one."""
+    from pathlib import Path
+
+    older = (Path(__file__).parent / "data" / "gemma4.jinja").read_text()
+    step = {
+        "role": "assistant",
+        "tool_calls": [call("get_weather", {"city": "Paris"})],
+        "tool_responses": [{"name": "get_weather", "response": {"temp": 18}}],
+    }
+    one_step = [{"role": "user", "content": "Weather?"}, step]
+    assert render(one_step, older, [WEATHER]) == render(one_step, BUILTIN_TEMPLATE, [WEATHER])
+    thinking = render(one_step, older, [WEATHER], thinking=True)
+    ours = render(one_step, BUILTIN_TEMPLATE, [WEATHER], thinking=True)
+    assert ours == thinking.replace("<|think|>", "<|think|>\n")
+    reasoned = [one_step[0], {**step, "reasoning_content": "Plan."}]
+    assert "Plan." not in render(reasoned, older)
+    assert "<|turn>model\n<|channel>thought\nPlan.<channel|>" in render(reasoned, BUILTIN_TEMPLATE)
+    two_steps = [*one_step, {**step, "reasoning_content": ""}]
+    assert render(two_steps, older).count("<|turn>model") == 2
+    assert render(two_steps, BUILTIN_TEMPLATE).count("<|turn>model") == 1
