@@ -53,10 +53,7 @@ def _declare_callable(function: Callable[..., Any]) -> dict[str, Any]:
         return get_json_schema(function)
     except Exception as error:  # transformers' TypeHint- and DocstringParsingException
         message = str(error).split("\n")[0]
-        raise ToolError(
-            f"tool {function.__name__!r}: cannot describe its parameters: {message} "
-            "(give every parameter a type hint and a line in the docstring's Args section)"
-        ) from None
+        raise ToolError(f"tool {function.__name__!r}: cannot describe it: {message}") from None
 
 
 def _declare_dict(tool: dict[str, Any], where: str) -> dict[str, Any]:

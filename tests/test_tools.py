@@ -302,6 +302,19 @@ def unhinted(city):
     """
 
 
+class Place:
+    pass
+
+
+def custom_hint(place: Place) -> str:
+    """Uses a class JSON schema cannot describe.
+
+    Args:
+        place: A place.
+    """
+    return str(place)
+
+
 OPENAI_TOOL = {
     "type": "function",
     "function": {
@@ -378,6 +391,7 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     [
         ([undocumented], ["'undocumented'", "docstring"]),
         ([unhinted], ["'unhinted'", "type hint"]),
+        ([custom_hint], ["'custom_hint'", "Place", "custom class"]),
         ([42], ["tool 0", "int"]),
         ([{"type": "function", "function": {"description": "x"}}], ["tool 0", "no name"]),
         ([{"type": "function", "function": "f"}], ["tool 0", "expected"]),
