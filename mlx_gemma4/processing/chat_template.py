@@ -75,8 +75,8 @@ BUILTIN_TEMPLATE = r"""
         {%- elif key == 'required' -%}
             {{- 'required:' ~ string_list(field) -}}
         {%- elif key == 'type' -%}
-            {%- set upper = field | upper if field is string else field | map('upper') | list -%}
-            {{- 'type:' ~ value(upper) -}}
+            {%- set types = field | upper if field is string else field | map('upper') | list -%}
+            {{- 'type:' ~ value(types) -}}
         {%- else -%}
             {{- key ~ ':' ~ value(field) -}}
         {%- endif -%}
