@@ -61,3 +61,7 @@ class UnsupportedDtypeError(Gemma4Error, ValueError):
 
 class ConversationError(Gemma4Error):
     """A saved-conversation file that is unreadable or not one."""
+
+
+class ToolError(Gemma4Error):
+    """A tool that cannot be declared to the model, or a tools file or module that cannot load."""

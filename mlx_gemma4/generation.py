@@ -143,7 +143,7 @@ def generate_step(
 
     def step(ids: mx.array) -> mx.array:
         nonlocal history
-        hidden = model.language_model(ids[None], cache)
+        hidden = model.language_model(model.text_ids(ids[None]), cache)
         logits = model.logits(hidden[:, -1, :])  # the 262k-wide head for the last position only
         for processor in logits_processors:
             logits = processor(history, logits)

@@ -251,3 +251,31 @@ def make_hub_cache(home: Path, repo_id: str, source: Path) -> None:
         (snapshot / file.name).write_bytes(file.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+
+
+# Google's Gemma 4 chat template (interleaved-thinking revision), unchanged from the public copy in
+# llama.cpp, models/templates/google-gemma-4-31B-it-interleaved.jinja: reference data for tests.
+GEMMA4_TEMPLATE = (Path(__file__).parent / "data" / "gemma4-interleaved.jinja").read_text()
+
+
+def chat_renderer(folder: Path):
+    """`render(messages, template=GEMMA4_TEMPLATE, tools=None, thinking=False,
+    generation_prompt=True)`: transformers' apply_chat_template with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    save_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def render(
+        messages, template=GEMMA4_TEMPLATE, tools=None, thinking=False, generation_prompt=True
+    ):
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            enable_thinking=thinking,
+        )
+
+    return render

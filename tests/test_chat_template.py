@@ -50,13 +50,15 @@ def test_builtin_template_format():
 
     render = Environment().from_string(BUILTIN_TEMPLATE).render
     text = render(messages=CONVERSATIONS["system"], bos_token="<bos>", add_generation_prompt=True)
-    assert (
-        text == "<bos><|turn>system\nYou are terse.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    # thinking off: the generation prompt ends with an empty thought channel
+    assert text == (
+        "<bos><|turn>system\nYou are terse.<turn|>\n<|turn>user\nHi<turn|>\n"
+        "<|turn>model\n<|channel>thought\n<channel|>"
     )
     text = render(messages=CONVERSATIONS["multi_turn"], bos_token="<bos>", enable_thinking=True)
     assert text == (
         "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n"
-        "<|turn>model\nHello!<turn|>\n<|turn>user\nDescribe<|image|><turn|>\n"
+        "<|turn>model\nHello!<turn|>\n<|turn>user\nDescribe\n\n<|image|>\n\n<turn|>\n"
     )
 
 

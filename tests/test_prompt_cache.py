@@ -18,9 +18,18 @@ def test_second_turn_processes_only_its_new_tokens(chat_checkpoint, variant):
     turn1 = [{"role": "user", "content": "tell me something about the weather today"}]
     answer = "it is sunny"
     forced = force_tokens(processor.encode(answer)[1:])
+    # thinking on: with it off, Gemma's template ends the prompt with an empty thought channel
+    # that the next turn's history does not repeat, so the last answer is processed again
+    thinking = {"enable_thinking": True}
     replies = list(
         stream_generate(
-            model, processor, turn1, max_tokens=30, prompt_cache=cache, logits_processors=[forced]
+            model,
+            processor,
+            turn1,
+            max_tokens=30,
+            prompt_cache=cache,
+            logits_processors=[forced],
+            **thinking,
         )
     )
     assert "".join(r.text for r in replies) == answer
@@ -28,13 +37,13 @@ def test_second_turn_processes_only_its_new_tokens(chat_checkpoint, variant):
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "and tomorrow?"},
     ]
-    prompt2 = processor.apply_chat_template(turn2, tokenize=True)
+    prompt2 = processor.apply_chat_template(turn2, tokenize=True, **thinking)
     new_tokens = len(processor.encode("\n<|turn>user\nand tomorrow?<turn|>\n<|turn>model\n")) - 1
 
-    logits, last = first_logits(model, processor, turn2, cache)
+    logits, last = first_logits(model, processor, turn2, cache, **thinking)
     assert last.reused_tokens == len(prompt2) - new_tokens
     assert last.reused_tokens > 8 * 3  # the history runs well past the sliding window
-    fresh, _ = first_logits(model, processor, turn2)
+    fresh, _ = first_logits(model, processor, turn2, **thinking)
     assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
 
 

@@ -93,6 +93,15 @@ class Model(nn.Module):
             input_features_mask = mx.ones(input_features.shape[:2], dtype=mx.bool_)
         return self.embed_audio(self.audio_tower(input_features, input_features_mask))
 
+    def text_ids(self, input_ids: mx.array) -> mx.array:
+        """Token ids as the text model reads them: on a multimodal checkpoint, placeholders look
+        up the pad token (in the embeddings and the PLE table), as the reference embeds them,
+        including a placeholder the model itself generates."""
+        if "vision_tower" not in self and "audio_tower" not in self:
+            return input_ids
+        pad = self.config.text_config.pad_token_id
+        return mx.where(self.soft_token_slots(input_ids), pad, input_ids)
+
     def text_model_inputs(
         self, input_ids: mx.array, features: dict[int, mx.array] | None = None
     ) -> tuple[mx.array, mx.array | None, mx.array | None]:
@@ -103,9 +112,7 @@ class Model(nn.Module):
         """
         if "vision_tower" not in self and "audio_tower" not in self:
             return input_ids, None, None
-        slots = self.soft_token_slots(input_ids)
-        # multimodal placeholders look up the pad token, in the embeddings and in the PLE table
-        text_ids = mx.where(slots, self.config.text_config.pad_token_id, input_ids)
+        text_ids = self.text_ids(input_ids)
         embeddings = None
         for token_id, soft_tokens in (features or {}).items():
             if embeddings is None:
