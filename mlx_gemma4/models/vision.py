@@ -9,26 +9,7 @@ import numpy as np
 from ..config import VisionConfig
 from .activations import geglu
 from .attention import attention
-from .layers import Linear
-from .text import RMSNormNoScale
-
-
-class ClippableLinear(nn.Module):
-    """A bias-free linear whose input and output may be clamped to bounds the checkpoint stores."""
-
-    def __init__(self, input_dims: int, output_dims: int, clipped: bool):
-        super().__init__()
-        self.linear = Linear(input_dims, output_dims, bias=False)
-        self.clipped = clipped
-        if clipped:
-            self.input_min, self.input_max = mx.array(-mx.inf), mx.array(mx.inf)
-            self.output_min, self.output_max = mx.array(-mx.inf), mx.array(mx.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not self.clipped:
-            return self.linear(x)
-        x = mx.clip(x, self.input_min, self.input_max)
-        return mx.clip(self.linear(x), self.output_min, self.output_max)
+from .layers import ClippableLinear, Linear, RMSNorm, RMSNormNoScale
 
 
 def axial_rope(x: mx.array, positions: mx.array, theta: float) -> mx.array:
@@ -59,8 +40,8 @@ class VisionAttention(nn.Module):
         self.k_proj = ClippableLinear(hidden, self.n_kv_heads * head_dim, clip)
         self.v_proj = ClippableLinear(hidden, self.n_kv_heads * head_dim, clip)
         self.o_proj = ClippableLinear(self.n_heads * head_dim, hidden, clip)
-        self.q_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
+        self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
         self.v_norm = RMSNormNoScale(config.rms_norm_eps)
 
     def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
@@ -98,10 +79,10 @@ class VisionEncoderLayer(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
-        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.pre_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.input_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions))
