@@ -456,4 +456,5 @@ def load(
 ) -> tuple[Model, Processor]:
     """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint."""
     model = load_model(path_or_repo, dtype=dtype, revision=revision)
-    return model, Processor.from_folder(model.path, model.config.eos_token_id)
+    config = model.config
+    return model, Processor.from_folder(model.path, config.eos_token_id, config.vision_config)

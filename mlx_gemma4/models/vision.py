@@ -106,9 +106,29 @@ class PatchEmbedder(nn.Module):
         )
 
     def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
-        h = self.input_proj((2 * (pixels - 0.5)).astype(self.input_proj.weight.dtype))
+        # the compute dtype is the position table's: the projection may be stored quantized
         table = self.position_embedding_table
+        h = self.input_proj((2 * (pixels - 0.5)).astype(table.dtype))
         return h + (table[0][positions[..., 0]] + table[1][positions[..., 1]]).astype(h.dtype)
+
+
+class VisionPooler(nn.Module):
+    """Average k x k blocks of patches by position, then scale by sqrt(hidden), in float32
+    (the scaled values may pass the float16 range)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.kernel = config.pooling_kernel_size
+        self.root_hidden = config.hidden_size**0.5
+
+    def __call__(self, h: mx.array, positions: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """[1, n, H] patches -> [1, length, H] float32 soft tokens and their valid mask."""
+        k = self.kernel
+        columns = positions[..., 0].max(axis=-1, keepdims=True) + 1
+        block = positions[..., 0] // k + (columns // k) * (positions[..., 1] // k)
+        weights = (block[..., None] == mx.arange(length)).astype(mx.float32) / (k * k)
+        pooled = weights.swapaxes(1, 2) @ h.astype(mx.float32)
+        return pooled * self.root_hidden, weights.max(axis=1) > 0
 
 
 class VisionModel(nn.Module):
@@ -117,17 +137,10 @@ class VisionModel(nn.Module):
         self.config = config
         self.patch_embedder = PatchEmbedder(config)
         self.encoder = VisionEncoder(config)
+        self.pooler = VisionPooler(config)
         if config.standardize:
             self.std_bias = mx.zeros((config.hidden_size,))
             self.std_scale = mx.ones((config.hidden_size,))
-
-    def _pool(self, h: mx.array, positions: mx.array, length: int) -> tuple[mx.array, mx.array]:
-        """Average k x k blocks of patches by position: [1, n, H] -> [1, length, H], valid mask."""
-        k = self.config.pooling_kernel_size
-        columns = positions[..., 0].max(axis=-1, keepdims=True) + 1
-        block = positions[..., 0] // k + (columns // k) * (positions[..., 1] // k)
-        weights = (block[..., None] == mx.arange(length)).astype(mx.float32) / (k * k)
-        return weights.swapaxes(1, 2) @ h.astype(mx.float32), weights.max(axis=1) > 0
 
     def encode(self, pixels: mx.array, positions: mx.array, length: int) -> mx.array:
         """Images of one patch layout, real patches only [B, n, 3 p^2] -> soft tokens
@@ -140,9 +153,9 @@ class VisionModel(nn.Module):
         h = self.patch_embedder(pixels, positions)
         for layer in self.encoder.layers:
             h = layer(h, positions)
-        pooled, valid = self._pool(h, positions, length)
+        pooled, valid = self.pooler(h, positions, length)
         keep = mx.array(np.flatnonzero(np.array(valid[0])))
-        pooled = pooled[:, keep].reshape(-1, h.shape[-1]) * self.config.hidden_size**0.5
+        pooled = pooled[:, keep].reshape(-1, h.shape[-1])
         if self.config.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(h.dtype)
