@@ -2,7 +2,8 @@
 transformers' bfloat16 is from its float32, for every text variant and both towers.
 
 Both errors are measured in the same run on the same checkpoint, averaged over 16 inputs (one
-input alone moves the ratio by +-15% on these chaotic tiny models).
+input alone moves the ratio by +-15% on these chaotic tiny models); 32 for the MoE model, whose
+routing flips make it the noisiest (its ratio moves by +-0.04 between 16-input sets).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ CASES = [(variant, "text") for variant in TEXT_VARIANTS] + [
 @pytest.mark.parametrize(("checkpoint", "part"), CASES)
 def test_bfloat16_error_is_within_bar_of_transformers(tiny, checkpoint, part):
     folder, reference = tiny(checkpoint)
-    ours, theirs = bfloat16_errors(part, folder, reference, samples=16)
+    samples = 32 if checkpoint.startswith("moe") else 16
+    ours, theirs = bfloat16_errors(part, folder, reference, samples)
     assert 0 < theirs < 1.5  # bfloat16 does change the output, and not into noise
-    assert ours <= BAR * theirs, f"{part} on {checkpoint}: {ours:.4f} vs {theirs:.4f}"
+    assert ours <= BAR * theirs, f"{part} on {checkpoint}: {ours / theirs:.3f}x"
 
 
 def _bfloat16_values(x: np.ndarray) -> np.ndarray:
