@@ -122,7 +122,7 @@ class VisionPooler(nn.Module):
         self.root_hidden = config.hidden_size**0.5
 
     def __call__(self, h: mx.array, positions: mx.array, length: int) -> tuple[mx.array, mx.array]:
-        """[1, n, H] patches -> [1, length, H] float32 soft tokens and their valid mask."""
+        """[B, n, H] patches of one layout -> [B, length, H] float32 soft tokens, valid mask."""
         k = self.kernel
         columns = positions[..., 0].max(axis=-1, keepdims=True) + 1
         block = positions[..., 0] // k + (columns // k) * (positions[..., 1] // k)
