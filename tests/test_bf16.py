@@ -58,3 +58,16 @@ def test_norms_round_once_in_bfloat16():
     assert misses(mx.fast.rms_norm(x, weight, 1e-6)) > 0.02
     unscaled = np.array(RMSNormNoScale(1e-6)(x).astype(mx.float32))
     assert (unscaled != _bfloat16_values(normed)).mean() < 0.002
+
+
+def test_casting_a_loaded_model_is_loading_in_bfloat16(tiny, token_ids):
+    """`model.set_dtype(mx.bfloat16)` takes the same faithful path as `dtype="bfloat16"`."""
+    from mlx_gemma4 import load_model
+
+    folder, _ = tiny("moe_k_eq_v")
+    ids = mx.array(token_ids(1, 12))
+    cast = load_model(folder, dtype="float32")
+    cast.set_dtype(mx.bfloat16)
+    loaded = load_model(folder, dtype="bfloat16")
+    assert cast(ids).dtype == loaded(ids).dtype == mx.bfloat16
+    assert mx.array_equal(cast(ids), loaded(ids)).item()
