@@ -1,6 +1,7 @@
 """bfloat16 fidelity against transformers, and what the float32 islands cost.
 
-    python benchmarks/precision.py [--samples 16] [--rounds 3] [--bundled-blas]
+    python benchmarks/precision.py [--samples 16] [--rounds 3] [--part fidelity|cost|both]
+                                   [--bundled-blas]
 
 Fidelity: on the tests' tiny jittered checkpoints (tests/checkpoints.py), each implementation's
 bfloat16 output against its own float32 output, as relative L2 error averaged over `--samples`
@@ -13,8 +14,9 @@ weights, which isolates the precision of the computation itself.
 Cost: a bfloat16 decoder (hidden 512, MLP 2048, 8 heads, 4 layers, 8K vocabulary), prefill of
 128 tokens and 16 one-token decode steps, with the float32 islands on (the shipped policy) and
 off (the norms as MLX's fused `rms_norm` in bfloat16, which rounds twice). Best of the rounds,
-islands on and off alternating. On the CPU backend bfloat16 matmuls dominate, so the cost is
-near noise there; a Mac's Metal backend is where it would show, and none was available.
+islands on and off alternating; and one norm call alone ([1, 512] and [128, 512], best of 5 x
+200 calls). On the CPU backend bfloat16 matmuls dominate, so the cost is near noise there; a
+Mac's Metal backend is where it would show, and none was available.
 """
 
 from __future__ import annotations
@@ -181,31 +183,72 @@ def cost_rows(rounds: int) -> list[list[str]]:
     return rows
 
 
+def norm_rows() -> list[list[str]]:
+    """Microseconds per bfloat16 RMSNorm call, the policy's norm against MLX's fused one."""
+    import mlx.core as mx
+
+    from mlx_gemma4.models.layers import RMSNorm
+
+    norm = RMSNorm(512)
+    norm.set_dtype(mx.bfloat16)
+    rows = []
+    for n in (1, 128):
+        x = mx.random.normal((n, 512)).astype(mx.bfloat16)
+        runs = {
+            "float32, one rounding": lambda x=x: norm(x),
+            "fused, in bfloat16": lambda x=x: mx.fast.rms_norm(x, norm.weight, norm.eps),
+        }
+        for name, run in runs.items():
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(200):
+                    mx.eval(run())
+                best = min(best, (time.perf_counter() - start) / 200)
+            rows.append([f"[{n}, 512]", name, f"{best * 1e6:.1f}"])
+    return rows
+
+
 def main() -> None:
     parser = base_parser()
     parser.add_argument("--samples", type=int, default=16, help="inputs averaged per row")
+    parser.add_argument("--part", choices=["fidelity", "cost", "both"], default="both")
     args, blas = parse(parser)
     import mlx.core as mx
 
     print(f"MLX {mx.__version__}, {mx.default_device()}, {blas}", file=sys.stderr)
-    print_table(
-        f"bfloat16 error against float32, relative L2, mean of {args.samples} inputs",
-        [
-            "variant",
-            "ours",
-            "transformers",
-            "ratio",
-            "ours, arithmetic",
-            "transformers, arithmetic",
-            "ratio, arithmetic",
-        ],
-        fidelity_rows(args.samples),
-    )
-    print_table(
-        f"bfloat16 decoder, prefill {PREFILL} then {DECODE} decode steps (best of {args.rounds})",
-        ["policy", "prefill tok/s", "decode tok/s", "prefill speed vs on", "decode speed vs on"],
-        cost_rows(args.rounds),
-    )
+    if args.part != "cost":
+        print_table(
+            f"bfloat16 error against float32, relative L2, mean of {args.samples} inputs",
+            [
+                "variant",
+                "ours",
+                "transformers",
+                "ratio",
+                "ours, arithmetic",
+                "transformers, arithmetic",
+                "ratio, arithmetic",
+            ],
+            fidelity_rows(args.samples),
+        )
+    if args.part != "fidelity":
+        print_table(
+            f"bfloat16 decoder, prefill {PREFILL} then {DECODE} decode steps "
+            f"(best of {args.rounds})",
+            [
+                "policy",
+                "prefill tok/s",
+                "decode tok/s",
+                "prefill speed vs on",
+                "decode speed vs on",
+            ],
+            cost_rows(args.rounds),
+        )
+        print_table(
+            "one bfloat16 RMSNorm call, microseconds (best of 5 x 200)",
+            ["input", "norm", "us per call"],
+            norm_rows(),
+        )
 
 
 if __name__ == "__main__":
