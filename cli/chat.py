@@ -168,13 +168,8 @@ class Chat:
 
     def attach(self, kind: str, path: str) -> None:
         """Check (and for video, decode) the file now: a bad one is reported at once."""
-        tower = "audio_tower" if kind == "audio" else "vision_tower"
-        if tower not in self.model:
-            typer.echo(
-                f"this model has no {tower.replace('_', ' ')}; it cannot take {kind}", err=True
-            )
-            return
         try:
+            self.model.require_tower(kind)
             item = _open_media(kind, path)
         except Gemma4Error as e:
             typer.echo(f"error: {e}", err=True)

@@ -82,8 +82,7 @@ def transcribe(
     destinations = _destinations(files, out, format)
     waves = [load_audio(file) for file in files]  # bad files fail here, before the model loads
     loaded_model, processor = load(model, dtype=dtype)
-    if "audio_tower" not in loaded_model:
-        raise Gemma4Error(f"{model}: this checkpoint has no audio tower (E2B and E4B have one)")
+    loaded_model.require_tower("audio")
     sampling = SamplingOptions(max_tokens=max_tokens, temperature=temp, seed=seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     console = Console(stderr=True)

@@ -15,10 +15,9 @@ from .errors import PromptTooLongError
 from .kv_quant import KVQuantization
 from .options import MediaOptions, SamplingOptions
 from .processing import Processor
-from .processing.audio import AudioError
-from .processing.images import DEFAULT_BUDGET, ImageError
+from .processing.images import DEFAULT_BUDGET
 from .processing.processor import Media
-from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES, VideoError
+from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
 
@@ -75,20 +74,23 @@ def media_encoders(model, media: Media) -> dict[int, tuple[Any, Callable[..., mx
     config = model.config
     return {
         config.image_token_id: (media.images, model.vision_features),
-        config.video_token_id: (media.video_frames, model.vision_features),
+        config.video_token_id: (
+            media.video_frames,
+            lambda pixels, positions: model.vision_features(pixels, positions, kind="video"),
+        ),
         config.audio_token_id: (media.audio, model.audio_features),
     }
 
 
 def refuse_media_without_tower(model, media: Media) -> None:
     """One clear error when the prompt carries media this checkpoint has no tower for."""
-    if media.audio is not None and "audio_tower" not in model:
-        raise AudioError("this checkpoint has no audio tower; it cannot take audio (E2B/E4B can)")
-    if "vision_tower" not in model:
-        if media.images is not None:
-            raise ImageError("this checkpoint has no vision tower; it cannot take images")
-        if media.video_frames is not None:
-            raise VideoError("this checkpoint has no vision tower; it cannot take video")
+    for kind, given in (
+        ("audio", media.audio),
+        ("image", media.images),
+        ("video", media.video_frames),
+    ):
+        if given is not None:
+            model.require_tower(kind)
 
 
 def prompt_inputs(model, ids: list[int], media: Media, prompt_cache: PromptCache) -> PromptInputs:

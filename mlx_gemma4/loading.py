@@ -190,8 +190,9 @@ def load(
 ) -> tuple[Model, Processor]:
     """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint."""
     model = load_model(path_or_repo, dtype=dtype, revision=revision)
+    config = model.config
     try:
-        return model, Processor.from_folder(model.path, model.config.eos_token_id)
+        return model, Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
     except OSError as e:  # an unreadable tokenizer file; transformers lets it through
         if not isinstance(e, PermissionError) or e.filename is None:
             raise

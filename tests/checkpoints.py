@@ -279,3 +279,113 @@ def chat_renderer(folder: Path):
         )
 
     return render
+
+
+# ----------------------------------------------------------------------------- media inputs
+
+PATCH_PIXELS = 3 * 16 * 16
+MELS = 128
+
+
+def patches(grids: list[tuple[int, int]], max_tokens: int, seed: int = 0):
+    """Random pixels and (x, y) patch positions for images of `grids` (patch columns, rows),
+    padded to `max_tokens * 9` patches with (-1, -1), as transformers' processor lays them out."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = max_tokens * 9
+    pixels = rng.random((len(grids), n, PATCH_PIXELS), dtype=np.float32)
+    positions = np.full((len(grids), n, 2), -1, dtype=np.int64)
+    for i, (columns, rows) in enumerate(grids):
+        grid = np.stack(np.meshgrid(np.arange(columns), np.arange(rows)), -1).reshape(-1, 2)
+        positions[i, : len(grid)] = grid
+        pixels[i, len(grid) :] = 0.0
+    return pixels, positions
+
+
+def clips(lengths: list[int], seed: int = 0):
+    """Random log-mel features for clips of `lengths` frames, zero-padded to the longest, and
+    the mask (True: real frame), as transformers' feature extractor lays them out."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    frames = max(lengths)
+    features = rng.standard_normal((len(lengths), frames, MELS)).astype(np.float32)
+    mask = np.arange(frames)[None, :] < np.array(lengths)[:, None]
+    return features * mask[..., None], mask
+
+
+# ----------------------------------------------------------------------------- bfloat16 fidelity
+
+# What each comparison runs: the text model's logits, the vision tower's soft tokens, the audio
+# tower's soft tokens (through its embedder), for the same inputs in both implementations.
+PRECISION_PARTS = ("text", "vision", "audio")
+
+
+def relative_l2(ours, reference) -> float:
+    """||ours - reference|| / ||reference|| over all elements, in float64."""
+    import numpy as np
+
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+
+
+def precision_inputs(part: str, samples: int) -> list[tuple]:
+    """`samples` different inputs for `part`, fixed seeds: single inputs are noisy."""
+    import numpy as np
+
+    if part == "text":
+        rng = np.random.default_rng(100)
+        return [(rng.integers(0, VOCAB, size=(1, 24)),) for _ in range(samples)]
+    if part == "vision":
+        return [patches([(6, 6), (3, 6)], max_tokens=5, seed=100 + i) for i in range(samples)]
+    return [clips([61, 37], seed=100 + i) for i in range(samples)]
+
+
+def _ours(part: str, model, inputs: tuple):
+    import mlx.core as mx
+    import numpy as np
+
+    arrays = [mx.array(x) for x in inputs]
+    if part == "text":
+        out = model(*arrays)
+    elif part == "vision":
+        out = model.vision_tower(*arrays)
+    else:
+        out = model.audio_features(*arrays)
+    return np.array(out.astype(mx.float32))
+
+
+@torch.no_grad()
+def _theirs(part: str, model, inputs: tuple):
+    tensors = [torch.tensor(x) for x in inputs]
+    if part == "text":
+        out = model(tensors[0]).logits
+    elif part == "vision":
+        pixels, positions = tensors
+        out = model.model.vision_tower(
+            pixel_values=pixels, pixel_position_ids=positions
+        ).last_hidden_state
+    else:
+        result = model.model.get_audio_features(*tensors, return_dict=True)
+        out = result.pooler_output[result.attention_mask]
+    return out.float().numpy()
+
+
+def bfloat16_errors(part: str, folder: Path, reference, samples: int = 16) -> tuple[float, float]:
+    """(ours, transformers'): relative error of each implementation's bfloat16 output against
+    its own float32 output on the same checkpoint, averaged over `samples` inputs."""
+    import copy
+
+    import numpy as np
+
+    from mlx_gemma4 import load_model
+
+    ours = {dtype: load_model(folder, dtype=dtype) for dtype in ("float32", "bfloat16")}
+    theirs = {"float32": reference, "bfloat16": copy.deepcopy(reference).to(torch.bfloat16)}
+    errors: tuple[list[float], list[float]] = ([], [])
+    for inputs in precision_inputs(part, samples):
+        for run, models, out in ((_ours, ours, errors[0]), (_theirs, theirs, errors[1])):
+            exact = run(part, models["float32"], inputs)
+            out.append(relative_l2(run(part, models["bfloat16"], inputs), exact))
+    return float(np.mean(errors[0])), float(np.mean(errors[1]))

@@ -172,7 +172,10 @@ def test_chat_ctrl_c_keeps_the_prompt_cache_for_the_next_turn(endless_checkpoint
     executable, *arguments = gemma4_command()
     child = pexpect.spawn(
         executable,
-        [*arguments, "chat", "--model", str(endless_checkpoint), "-n", "300", "--temp", "0"],
+        # thinking on: with it off, the template ends each prompt with an empty thought
+        # channel that the next turn's history does not repeat, so that tail is re-read
+        [*arguments, "chat", "--model", str(endless_checkpoint), "-n", "300", "--temp", "0"]
+        + ["--think"],
         encoding="utf-8",
         timeout=120,
     )

@@ -5,28 +5,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import MM_TOKENS
+from checkpoints import MM_TOKENS, patches
 from conftest import relative_error, to_numpy
 
 from mlx_gemma4 import load_model
+from mlx_gemma4.errors import ImageError, VideoError
 
 IMAGE = MM_TOKENS["image_token_id"]
 BOI, EOI = MM_TOKENS["boi_token_id"], MM_TOKENS["eoi_token_id"]
-PATCH_PIXELS = 3 * 16 * 16
-
-
-def patches(grids: list[tuple[int, int]], max_tokens: int, seed: int = 0):
-    """Random pixels and (x, y) patch positions for images of `grids` (patch columns, rows),
-    padded to `max_tokens * 9` patches with (-1, -1), as transformers' processor lays them out."""
-    rng = np.random.default_rng(seed)
-    n = max_tokens * 9
-    pixels = rng.random((len(grids), n, PATCH_PIXELS), dtype=np.float32)
-    positions = np.full((len(grids), n, 2), -1, dtype=np.int64)
-    for i, (columns, rows) in enumerate(grids):
-        grid = np.stack(np.meshgrid(np.arange(columns), np.arange(rows)), -1).reshape(-1, 2)
-        positions[i, : len(grid)] = grid
-        pixels[i, len(grid) :] = 0.0
-    return pixels, positions
 
 
 def prompt_with_images(token_counts: list[int], seed: int = 0) -> np.ndarray:
@@ -118,9 +104,49 @@ def test_placeholder_count_must_match_the_images(tiny):
 def test_text_only_model_refuses_images(tiny):
     model = load_model(tiny("dense")[0])
     pixels, positions = patches([(3, 3)], max_tokens=1)
-    with pytest.raises(ValueError, match="no vision tower"):
+    with pytest.raises(ImageError, match="no vision tower; it cannot take images"):
         model(
             mx.array([[2, IMAGE]]),
             pixel_values=mx.array(pixels),
             image_position_ids=mx.array(positions),
         )
+
+
+def test_video_without_vision_tower_names_video(tiny):
+    model = load_model(tiny("dense")[0])
+    assert model.towers == frozenset() and model.path == tiny("dense")[0]
+    pixels, positions = patches([(3, 3)], max_tokens=1)
+    with pytest.raises(VideoError, match="no vision tower; it cannot take video"):
+        model(
+            mx.array([[2, MM_TOKENS["video_token_id"]]]),
+            pixel_values_videos=mx.array(pixels),
+            video_position_ids=mx.array(positions),
+        )
+
+
+def test_pooler_averages_blocks_by_position_and_scales(tiny):
+    """A 6 x 3 patch grid pools into 2 x 1 blocks: each soft token is the mean of its 3 x 3
+    patches times sqrt(hidden), in float32."""
+    model = load_model(tiny("multimodal")[0])
+    pooler = model.vision_tower.pooler
+    _, positions = patches([(6, 3)], max_tokens=2)
+    h = mx.array(np.random.default_rng(0).standard_normal((1, 18, 32)), dtype=mx.bfloat16)
+    pooled, valid = pooler(h, mx.array(positions), 2)
+    assert pooled.dtype == mx.float32 and valid.tolist() == [[True, True]]
+    grid = np.array(h.astype(mx.float32))[0].reshape(3, 6, 32)  # rows, columns
+    expected = [grid[:, :3].mean((0, 1)), grid[:, 3:].mean((0, 1))]
+    np.testing.assert_allclose(np.array(pooled[0]), np.array(expected) * 32**0.5, rtol=1e-5)
+
+
+def test_quantized_patch_projection_takes_pixels(tiny):
+    """Pixels are cast to the compute dtype, not to the packed (uint32) weight's dtype."""
+    import mlx.nn as nn
+
+    model = load_model(tiny("multimodal")[0], dtype="bfloat16")
+    pixels, positions = patches([(6, 6)], max_tokens=4)
+    before = model.vision_tower(mx.array(pixels), mx.array(positions))
+    nn.quantize(model.vision_tower, 64, 8, class_predicate=lambda p, _: p.endswith("input_proj"))
+    assert model.vision_tower.patch_embedder.input_proj.weight.dtype == mx.uint32
+    after = model.vision_tower(mx.array(pixels), mx.array(positions))
+    assert after.dtype == mx.bfloat16
+    assert relative_error(to_numpy(after), to_numpy(before)) < 0.05

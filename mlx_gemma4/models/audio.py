@@ -16,8 +16,7 @@ import numpy as np
 
 from ..config import AudioConfig
 from .activations import fast_glu, fast_silu, fast_tanh, softmax
-from .layers import Linear
-from .vision import ClippableLinear
+from .layers import ClippableLinear, Linear, RMSNorm
 
 # transformers builds these norms with the default eps rather than the config's
 _DEFAULT_EPS = 1e-6
@@ -84,8 +83,8 @@ class FeedForward(nn.Module):
         hidden, clip = config.hidden_size, config.use_clipped_linears
         self.ffw_layer_1 = ClippableLinear(hidden, hidden * 4, clip)
         self.ffw_layer_2 = ClippableLinear(hidden * 4, hidden, clip)
-        self.pre_layer_norm = nn.RMSNorm(hidden, eps=_DEFAULT_EPS)
-        self.post_layer_norm = nn.RMSNorm(hidden, eps=_DEFAULT_EPS)
+        self.pre_layer_norm = RMSNorm(hidden, eps=_DEFAULT_EPS)
+        self.post_layer_norm = RMSNorm(hidden, eps=_DEFAULT_EPS)
         self.bound = config.gradient_clipping
         self.residual_weight = config.residual_weight
 
@@ -246,8 +245,8 @@ class LightConv(nn.Module):
         self.linear_start = ClippableLinear(hidden, hidden * 2, clip)
         self.linear_end = ClippableLinear(hidden, hidden, clip)
         self.depthwise_conv1d = DepthwiseCausalConv(hidden, config.conv_kernel_size)
-        self.pre_layer_norm = nn.RMSNorm(hidden, eps=eps)
-        self.conv_norm = nn.RMSNorm(hidden, eps=eps)
+        self.pre_layer_norm = RMSNorm(hidden, eps=eps)
+        self.conv_norm = RMSNorm(hidden, eps=eps)
         self.bound = config.gradient_clipping
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -264,9 +263,9 @@ class ConformerLayer(nn.Module):
         self.self_attn = AudioAttention(config)
         self.lconv1d = LightConv(config)
         self.feed_forward2 = FeedForward(config)
-        self.norm_pre_attn = nn.RMSNorm(hidden, eps=_DEFAULT_EPS)
-        self.norm_post_attn = nn.RMSNorm(hidden, eps=_DEFAULT_EPS)
-        self.norm_out = nn.RMSNorm(hidden, eps=_DEFAULT_EPS)
+        self.norm_pre_attn = RMSNorm(hidden, eps=_DEFAULT_EPS)
+        self.norm_post_attn = RMSNorm(hidden, eps=_DEFAULT_EPS)
+        self.norm_out = RMSNorm(hidden, eps=_DEFAULT_EPS)
         self.bound = config.gradient_clipping
 
     def _clip(self, x: mx.array) -> mx.array:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from ..errors import AudioError, Gemma4Error, ImageError, VideoError
 from ..kv_quant import KVQuantization
 from .activations import softcap
 from .audio import AudioModel
@@ -17,6 +19,25 @@ from .vision import MultimodalEmbedder, VisionModel
 
 # Checkpoint prefixes of the modality towers; those a model does not build are set aside.
 TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+
+# media kind -> (the tower it needs, the error raised when the checkpoint has none, its message)
+_TOWER_OF: dict[str, tuple[str, type[Gemma4Error], str]] = {
+    "image": (
+        "vision_tower",
+        ImageError,
+        "this checkpoint has no vision tower; it cannot take images",
+    ),
+    "video": (
+        "vision_tower",
+        VideoError,
+        "this checkpoint has no vision tower; it cannot take video",
+    ),
+    "audio": (
+        "audio_tower",
+        AudioError,
+        "this checkpoint has no audio tower; it cannot take audio (E2B/E4B can)",
+    ),
+}
 
 
 def vision_block_ids(is_vision: mx.array) -> mx.array:
@@ -33,9 +54,19 @@ def scatter_soft_tokens(h: mx.array, slots: mx.array, features: mx.array) -> mx.
 
 
 class Model(nn.Module):
+    """Gemma 4: the text decoder and the modality towers the config asks for.
+
+    `path` is the checkpoint folder it was loaded from (None when built in memory); `towers`
+    names the towers the checkpoint has ("vision_tower", "audio_tower"), built or set aside.
+    """
+
+    path: Path | None
+    towers: frozenset[str]
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.path = None
         text = config.text_config
         self.language_model = TextModel(text)
         if not text.tie_word_embeddings:
@@ -52,6 +83,14 @@ class Model(nn.Module):
             self.embed_audio = MultimodalEmbedder(
                 audio.output_proj_dims, text.hidden_size, audio.rms_norm_eps
             )
+        self.towers = frozenset(name for name in ("vision_tower", "audio_tower") if name in self)
+
+    def require_tower(self, kind: str) -> None:
+        """Raise the one-line error of `kind` ("image", "video", "audio") when this model has
+        no tower to encode it."""
+        tower, error, message = _TOWER_OF[kind]
+        if tower not in self:
+            raise error(message)
 
     def make_cache(self, kv_quantization: KVQuantization | None = None) -> list[Any]:
         """Per-layer caches for the layers that own keys and values (KV-shared layers own none);
@@ -72,10 +111,12 @@ class Model(nn.Module):
         slots = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
         return slots | (input_ids == config.audio_token_id)
 
-    def vision_features(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
-        """Soft tokens [n, hidden] of images (or video frames), in order; padding dropped."""
-        if "vision_tower" not in self:
-            raise ValueError("this checkpoint has no vision tower; it cannot take images or video")
+    def vision_features(
+        self, pixel_values: mx.array, position_ids: mx.array, kind: str = "image"
+    ) -> mx.array:
+        """Soft tokens [n, hidden] of images (or video frames: `kind="video"`), in order;
+        padding dropped."""
+        self.require_tower(kind)
         return self.embed_vision(self.vision_tower(pixel_values, position_ids))
 
     def audio_features(
@@ -87,8 +128,7 @@ class Model(nn.Module):
         (True: real frame; None: all real) take transformers' layouts. Clip i gives
         `audio.soft_token_counts(mask)[i]` tokens.
         """
-        if "audio_tower" not in self:
-            raise ValueError("this checkpoint has no audio tower; it cannot take audio")
+        self.require_tower("audio")
         if input_features_mask is None:
             input_features_mask = mx.ones(input_features.shape[:2], dtype=mx.bool_)
         return self.embed_audio(self.audio_tower(input_features, input_features_mask))
@@ -161,7 +201,7 @@ class Model(nn.Module):
             )
         if pixel_values_videos is not None:
             features[self.config.video_token_id] = self.vision_features(
-                pixel_values_videos, video_position_ids
+                pixel_values_videos, video_position_ids, kind="video"
             )
         if input_features is not None:
             features[self.config.audio_token_id] = self.audio_features(

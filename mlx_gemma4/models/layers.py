@@ -1,4 +1,9 @@
-"""The model's linear layer, whose quantized form picks the faster kernel for the backend."""
+"""Layers shared by the text decoder and the towers: norms, linears, rotations, codebooks.
+
+Precision: the norms follow the reference's policy and compute in float32 whatever the model's
+dtype, rounding once to it at the end (MLX's fused norm rounds the normalized value to the
+input dtype before multiplying by the weight, a second rounding the reference does not make).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +42,30 @@ class QuantizedLinear(nn.QuantizedLinear):
         return out + self.bias if "bias" in self else out
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm with the weight used as is (no `1 + w`), computed in float32."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), weight, self.eps).astype(x.dtype)
+
+
+class RMSNormNoScale(nn.Module):
+    """RMSNorm without a weight, computed in float32."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(x.dtype)
+
+
 class Linear(nn.Linear):
     def to_quantized(
         self,
@@ -48,6 +77,24 @@ class Linear(nn.Linear):
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class ClippableLinear(nn.Module):
+    """A bias-free linear whose input and output may be clamped to bounds the checkpoint stores."""
+
+    def __init__(self, input_dims: int, output_dims: int, clipped: bool):
+        super().__init__()
+        self.linear = Linear(input_dims, output_dims, bias=False)
+        self.clipped = clipped
+        if clipped:
+            self.input_min, self.input_max = mx.array(-mx.inf), mx.array(mx.inf)
+            self.output_min, self.output_max = mx.array(-mx.inf), mx.array(mx.inf)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.clipped:
+            return self.linear(x)
+        x = mx.clip(x, self.input_min, self.input_max)
+        return mx.clip(self.linear(x), self.output_min, self.output_max)
 
 
 # ----------------------------------------------------------------------------- rotations

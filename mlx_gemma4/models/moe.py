@@ -26,7 +26,10 @@ class Router(nn.Module):
         self.per_expert_scale = mx.ones((config.num_experts,))
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        x = mx.fast.rms_norm(x, self.scale * self.root_size, self.eps)
+        # in float32 end to end (a float32 input promotes the projection): in bfloat16 close
+        # scores round to ties and flip which experts a token reaches
+        scale = self.scale.astype(mx.float32) * self.root_size
+        x = mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps)
         scores = self.proj(x).astype(mx.float32)
         indices = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         # softmax over the top-k scores == softmax over all, renormalized over the top k

@@ -151,7 +151,8 @@ def experts_twin(
     gate, up = mx.split(gate_up(x, indices, by_expert), 2, axis=-1)
     y = down(geglu(gate, up), indices, by_expert)
     y = y[inverse].reshape(n_tokens, k, -1) if by_expert else y.squeeze(-2)
-    return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+    # the routing weights stay float32 and the k experts are summed before one rounding
+    return (y * weights[..., None].astype(mx.float32)).sum(axis=1).astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------- Metal kernels

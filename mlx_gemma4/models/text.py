@@ -18,18 +18,9 @@ from ..kv_quant import (
 )
 from .activations import geglu
 from .attention import attention
-from .layers import Linear, rotated
+from .layers import Linear, RMSNorm, RMSNormNoScale, rotated
 from .moe import Experts, Router
 from .rope import RoPE
-
-
-class RMSNormNoScale(nn.Module):
-    def __init__(self, eps: float):
-        super().__init__()
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, None, self.eps)
 
 
 class MLP(nn.Module):
@@ -65,12 +56,12 @@ class Attention(nn.Module):
         hidden, eps, bias = config.hidden_size, config.rms_norm_eps, config.attention_bias
 
         self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.q_norm = RMSNorm(self.head_dim, eps=eps)
         if self.owns_kv:
             self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
             if not self.values_from_keys:
                 self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=eps)
             self.v_norm = RMSNormNoScale(eps)
         self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=bias)
         self.rope = RoPE(self.head_dim, config.rope_parameters[config.layer_types[layer]])
@@ -112,26 +103,26 @@ class DecoderLayer(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Attention(config, layer)
         self.mlp = MLP(hidden, config.layer_mlp_size(layer))
-        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.pre_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.input_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
         self.has_moe = config.enable_moe_block
         if self.has_moe:
             self.router = Router(config)
             self.experts = Experts(config)
-            self.post_feedforward_layernorm_1 = nn.RMSNorm(hidden, eps=eps)
-            self.pre_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
-            self.post_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps=eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps=eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps=eps)
 
         self.has_per_layer_input = bool(config.hidden_size_per_layer_input)
         if self.has_per_layer_input:
             ple = config.hidden_size_per_layer_input
             self.per_layer_input_gate = Linear(hidden, ple, bias=False)
             self.per_layer_projection = Linear(ple, hidden, bias=False)
-            self.post_per_layer_input_norm = nn.RMSNorm(hidden, eps=eps)
+            self.post_per_layer_input_norm = RMSNorm(hidden, eps=eps)
 
     def _feed_forward(self, h: mx.array) -> mx.array:
         dense = self.mlp(self.pre_feedforward_layernorm(h))
@@ -176,7 +167,7 @@ class TextModel(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-        self.norm = nn.RMSNorm(hidden, eps=eps)
+        self.norm = RMSNorm(hidden, eps=eps)
         self.kv_sources = [config.kv_source(i) for i in range(config.num_hidden_layers)]
 
         ple = config.hidden_size_per_layer_input
@@ -186,7 +177,7 @@ class TextModel(nn.Module):
                 config.vocab_size_per_layer_input, n_layers * ple
             )
             self.per_layer_model_projection = Linear(hidden, n_layers * ple, bias=False)
-            self.per_layer_projection_norm = nn.RMSNorm(ple, eps=eps)
+            self.per_layer_projection_norm = RMSNorm(ple, eps=eps)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         return _scaled(self.embed_tokens(input_ids), self.config.hidden_size**0.5)

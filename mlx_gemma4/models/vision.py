@@ -9,26 +9,7 @@ import numpy as np
 from ..config import VisionConfig
 from .activations import geglu
 from .attention import attention
-from .layers import Linear
-from .text import RMSNormNoScale
-
-
-class ClippableLinear(nn.Module):
-    """A bias-free linear whose input and output may be clamped to bounds the checkpoint stores."""
-
-    def __init__(self, input_dims: int, output_dims: int, clipped: bool):
-        super().__init__()
-        self.linear = Linear(input_dims, output_dims, bias=False)
-        self.clipped = clipped
-        if clipped:
-            self.input_min, self.input_max = mx.array(-mx.inf), mx.array(mx.inf)
-            self.output_min, self.output_max = mx.array(-mx.inf), mx.array(mx.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not self.clipped:
-            return self.linear(x)
-        x = mx.clip(x, self.input_min, self.input_max)
-        return mx.clip(self.linear(x), self.output_min, self.output_max)
+from .layers import ClippableLinear, Linear, RMSNorm, RMSNormNoScale
 
 
 def axial_rope(x: mx.array, positions: mx.array, theta: float) -> mx.array:
@@ -59,8 +40,8 @@ class VisionAttention(nn.Module):
         self.k_proj = ClippableLinear(hidden, self.n_kv_heads * head_dim, clip)
         self.v_proj = ClippableLinear(hidden, self.n_kv_heads * head_dim, clip)
         self.o_proj = ClippableLinear(self.n_heads * head_dim, hidden, clip)
-        self.q_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps)
+        self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
         self.v_norm = RMSNormNoScale(config.rms_norm_eps)
 
     def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
@@ -98,10 +79,10 @@ class VisionEncoderLayer(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
-        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.pre_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.input_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions))
@@ -125,9 +106,29 @@ class PatchEmbedder(nn.Module):
         )
 
     def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
-        table = self.position_embedding_table  # float even when input_proj is packed
+        # the compute dtype is the position table's: the projection may be stored quantized
+        table = self.position_embedding_table
         h = self.input_proj((2 * (pixels - 0.5)).astype(table.dtype))
         return h + (table[0][positions[..., 0]] + table[1][positions[..., 1]]).astype(h.dtype)
+
+
+class VisionPooler(nn.Module):
+    """Average k x k blocks of patches by position, then scale by sqrt(hidden), in float32
+    (the scaled values may pass the float16 range)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.kernel = config.pooling_kernel_size
+        self.root_hidden = config.hidden_size**0.5
+
+    def __call__(self, h: mx.array, positions: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """[B, n, H] patches of one layout -> [B, length, H] float32 soft tokens, valid mask."""
+        k = self.kernel
+        columns = positions[..., 0].max(axis=-1, keepdims=True) + 1
+        block = positions[..., 0] // k + (columns // k) * (positions[..., 1] // k)
+        weights = (block[..., None] == mx.arange(length)).astype(mx.float32) / (k * k)
+        pooled = weights.swapaxes(1, 2) @ h.astype(mx.float32)
+        return pooled * self.root_hidden, weights.max(axis=1) > 0
 
 
 class VisionModel(nn.Module):
@@ -136,17 +137,10 @@ class VisionModel(nn.Module):
         self.config = config
         self.patch_embedder = PatchEmbedder(config)
         self.encoder = VisionEncoder(config)
+        self.pooler = VisionPooler(config)
         if config.standardize:
             self.std_bias = mx.zeros((config.hidden_size,))
             self.std_scale = mx.ones((config.hidden_size,))
-
-    def _pool(self, h: mx.array, positions: mx.array, length: int) -> tuple[mx.array, mx.array]:
-        """Average k x k blocks of patches by position: [1, n, H] -> [1, length, H], valid mask."""
-        k = self.config.pooling_kernel_size
-        columns = positions[..., 0].max(axis=-1, keepdims=True) + 1
-        block = positions[..., 0] // k + (columns // k) * (positions[..., 1] // k)
-        weights = (block[..., None] == mx.arange(length)).astype(mx.float32) / (k * k)
-        return weights.swapaxes(1, 2) @ h.astype(mx.float32), weights.max(axis=1) > 0
 
     def encode(self, pixels: mx.array, positions: mx.array, length: int) -> mx.array:
         """Images of one patch layout, real patches only [B, n, 3 p^2] -> soft tokens
@@ -159,9 +153,9 @@ class VisionModel(nn.Module):
         h = self.patch_embedder(pixels, positions)
         for layer in self.encoder.layers:
             h = layer(h, positions)
-        pooled, valid = self._pool(h, positions, length)
+        pooled, valid = self.pooler(h, positions, length)
         keep = mx.array(np.flatnonzero(np.array(valid[0])))
-        pooled = pooled[:, keep].reshape(-1, h.shape[-1]) * self.config.hidden_size**0.5
+        pooled = pooled[:, keep].reshape(-1, h.shape[-1])
         if self.config.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(h.dtype)

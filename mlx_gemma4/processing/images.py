@@ -1,7 +1,8 @@
 """Images -> patches for the vision tower, laid out as transformers' Gemma 4 image processor does.
 
 Each image keeps its aspect ratio and is resized (bicubic) so both sides are multiples of
-`patch_size * pooling_kernel_size` (48 px) and its patches fit the soft-token budget times 9.
+`patch_size * pooling_kernel_size` (16 x 3 = 48 px on every Gemma 4 checkpoint; the vision
+config says) and its patches fit the soft-token budget times `pooling_kernel_size ** 2`.
 Patches are flattened in (row, column, channel) order with pixels in [0, 1].
 """
 
@@ -20,7 +21,7 @@ from .media_files import checked_media_file
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
-PATCH_SIZE = 16
+PATCH_SIZE = 16  # the defaults of the vision config
 POOLING = 3
 MAX_PIXELS = 64_000_000  # larger images are refused (decompression bombs)
 
@@ -73,14 +74,17 @@ def open_image(source: str | Path | Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def target_size(height: int, width: int, budget: int) -> tuple[int, int]:
-    """The largest aspect-preserving size in 48 px steps whose patches fit `budget` * 9."""
-    max_patches = budget * POOLING**2
-    step = PATCH_SIZE * POOLING
-    scale = math.sqrt(max_patches * PATCH_SIZE**2 / (height * width))
+def target_size(
+    height: int, width: int, budget: int, patch_size: int = PATCH_SIZE, pooling: int = POOLING
+) -> tuple[int, int]:
+    """The largest aspect-preserving size in `patch_size * pooling` steps whose patches fit
+    `budget * pooling ** 2`."""
+    max_patches = budget * pooling**2
+    step = patch_size * pooling
+    scale = math.sqrt(max_patches * patch_size**2 / (height * width))
     new_height = int(math.floor(scale * height / step)) * step
     new_width = int(math.floor(scale * width / step)) * step
-    longest = (max_patches // POOLING**2) * step
+    longest = (max_patches // pooling**2) * step
     if new_height == 0 and new_width == 0:
         raise ImageError(f"a {width}x{height} image cannot be resized to fit the patch grid")
     if new_height == 0:  # very wide
@@ -90,31 +94,38 @@ def target_size(height: int, width: int, budget: int) -> tuple[int, int]:
     return new_height, new_width
 
 
-def to_patches(image: Image.Image, budget: int) -> tuple[np.ndarray, np.ndarray]:
+def to_patches(
+    image: Image.Image, budget: int, patch_size: int = PATCH_SIZE, pooling: int = POOLING
+) -> tuple[np.ndarray, np.ndarray]:
     """One image -> its patches [n, 3 p^2] and their (x, y) positions [n, 2]."""
-    height, width = target_size(image.height, image.width, budget)
+    height, width = target_size(image.height, image.width, budget, patch_size, pooling)
     if (height, width) != (image.height, image.width):
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, C]
-    rows, columns = height // PATCH_SIZE, width // PATCH_SIZE
-    patches = pixels.reshape(rows, PATCH_SIZE, columns, PATCH_SIZE, 3).transpose(0, 2, 1, 3, 4)
+    rows, columns = height // patch_size, width // patch_size
+    patches = pixels.reshape(rows, patch_size, columns, patch_size, 3).transpose(0, 2, 1, 3, 4)
     x, y = np.meshgrid(np.arange(columns), np.arange(rows), indexing="xy")
     positions = np.stack([x, y], axis=-1).reshape(-1, 2)
     return patches.reshape(rows * columns, -1), positions
 
 
 def process_images(
-    images: list[str | Path | Image.Image], budget: int = DEFAULT_BUDGET
+    images: list[str | Path | Image.Image],
+    budget: int = DEFAULT_BUDGET,
+    patch_size: int = PATCH_SIZE,
+    pooling: int = POOLING,
 ) -> ImageBatch:
-    """Open, resize and patchify images; pad each to the budget's patch count."""
-    max_patches = check_budget(budget) * POOLING**2
-    patches_dims = 3 * PATCH_SIZE**2
+    """Open, resize and patchify images; pad each to the budget's patch count.
+
+    `patch_size` and `pooling` (the pooling kernel size) come from the vision config."""
+    max_patches = check_budget(budget) * pooling**2
+    patches_dims = 3 * patch_size**2
     pixel_values = np.zeros((len(images), max_patches, patches_dims), dtype=np.float32)
     position_ids = np.full((len(images), max_patches, 2), -1, dtype=np.int64)
     soft_tokens = []
     for i, source in enumerate(images):
-        patches, positions = to_patches(open_image(source), budget)
+        patches, positions = to_patches(open_image(source), budget, patch_size, pooling)
         pixel_values[i, : len(patches)] = patches
         position_ids[i, : len(patches)] = positions
-        soft_tokens.append(len(patches) // POOLING**2)
+        soft_tokens.append(len(patches) // pooling**2)
     return ImageBatch(pixel_values, position_ids, soft_tokens)

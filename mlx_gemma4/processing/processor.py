@@ -9,10 +9,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..config import VisionConfig
 from ..errors import ConfigError
 from .audio import AudioError, AudioFeatures, extract_features, to_wave
 from .chat_template import BUILTIN_TEMPLATE, drop_thoughts
-from .images import DEFAULT_BUDGET, ImageBatch, ImageError, process_images
+from .images import DEFAULT_BUDGET, PATCH_SIZE, POOLING, ImageBatch, ImageError, process_images
 from .typed_placeholders import encode_marked, mark_typed_placeholders
 from .video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES, VideoError, load_video
 
@@ -64,9 +65,12 @@ class Processor:
         self.stop_token_ids = stop_token_ids
         self.channel_open = self.token_id(CHANNEL_OPEN)
         self.channel_close = self.token_id(CHANNEL_CLOSE)
+        self.patch_size, self.pooling = PATCH_SIZE, POOLING  # the vision config's, when it has one
 
     @classmethod
-    def from_folder(cls, folder: Path, config_stop_ids: list[int]) -> Processor:
+    def from_folder(
+        cls, folder: Path, config_stop_ids: list[int], vision_config: VisionConfig | None = None
+    ) -> Processor:
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
         if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
@@ -77,6 +81,9 @@ class Processor:
         stops = {*config_stop_ids, *_generation_config_stops(folder)}
         tokenizer = load_tokenizer(folder, eos_token_ids=sorted(stops))
         processor = cls(tokenizer, tokenizer._tokenizer.chat_template, set())
+        if vision_config is not None:
+            processor.patch_size = vision_config.patch_size
+            processor.pooling = vision_config.pooling_kernel_size
         turn_end = processor.token_id(TURN_END)
         processor.stop_token_ids = set(tokenizer.eos_token_ids) | (
             {turn_end} if turn_end is not None else set()
@@ -159,7 +166,7 @@ class Processor:
         _check_placeholders(prompt, AUDIO_TOKEN, audio, AudioError)
         media = Media()
         if images:
-            media.images = process_images(images, max_soft_tokens)
+            media.images = process_images(images, max_soft_tokens, self.patch_size, self.pooling)
             tokens = iter(media.images.soft_tokens)
             prompt = _expand(
                 prompt, IMAGE_TOKEN, lambda: IMAGE_START + IMAGE_TOKEN * next(tokens) + IMAGE_END
@@ -167,7 +174,9 @@ class Processor:
         if videos:
             clips = [load_video(video, max_frames) for video in videos]
             frames = [frame for clip in clips for frame in clip.frames]
-            media.video_frames = process_images(frames, video_soft_tokens)
+            media.video_frames = process_images(
+                frames, video_soft_tokens, self.patch_size, self.pooling
+            )
             per_frame = media.video_frames.soft_tokens[0]  # one size for every frame of a clip
             clip_iter = iter(clips)
             prompt = _expand(
