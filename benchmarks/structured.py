@@ -153,7 +153,9 @@ def gemma_sized_tokenizer():
             if piece not in vocab:
                 vocab[piece] = next(free)
         vocab.update({f"<unused{i}>": i for i in free})
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+        merges = [
+            tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]
+        ]
         core = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
         core.normalizer = normalizers.Replace(" ", "\u2581")
         core.decoder = decoders.Sequence(

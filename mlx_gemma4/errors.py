@@ -53,3 +53,7 @@ class KVQuantizationError(Gemma4Error):
 
 class FileAccessError(Gemma4Error):
     """A path that cannot be read or written: missing, not a folder, or not permitted."""
+
+
+class ConstraintError(Gemma4Error):
+    """A JSON schema or tool choice that constrained decoding cannot enforce, or no engine."""
