@@ -77,7 +77,8 @@ def load_schema(schema: dict | str | bool) -> dict:
             raise ConstraintError(f"json_schema: not valid JSON ({e})") from e
     if not isinstance(schema, dict):
         raise ConstraintError(
-            f"json_schema: expected a JSON object, a JSON string or True, got {type(schema).__name__}"
+            "json_schema: expected a JSON object, a JSON string or True, "
+            f"got {type(schema).__name__}"
         )
     try:
         from jsonschema import SchemaError, validators
@@ -87,7 +88,9 @@ def load_schema(schema: dict | str | bool) -> dict:
         validators.validator_for(schema).check_schema(schema)
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "top level"
-        raise ConstraintError(f"json_schema is not a valid JSON Schema at {where}: {e.message}")
+        raise ConstraintError(
+            f"json_schema is not a valid JSON Schema at {where}: {e.message}"
+        ) from None
     return schema
 
 
@@ -140,18 +143,23 @@ def tool_function(tool: Any) -> dict:
     return function
 
 
+def regex_to_lark(pattern: str, ascii_classes: str) -> str:
+    return _llguidance().regex_to_lark(pattern, ascii_classes)
+
+
 class CallGrammar:
     """Lark rules for `call:NAME{key:value,...}` in Gemma's value syntax, following each tool's
     parameter schema: keys and their order, required keys, value types, enums and consts,
-    array items, nested objects. Not enforced: string lengths and patterns, number bounds,
-    array lengths, combinators (anyOf, oneOf, allOf are allowed any value)."""
+    array items, nested objects, string lengths and anchored (`^...$`) patterns. Not enforced:
+    unanchored patterns, formats, number bounds, array lengths, `$ref`, combinators (anyOf,
+    oneOf and allOf take any value)."""
 
     def __init__(self, processor):
         ids = {t: processor.token_id(t) for t in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_QUOTE)}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise ConstraintError(
-                f"this tokenizer has no {', '.join(missing)} token: it cannot write Gemma tool calls"
+                f"this tokenizer has no {', '.join(missing)} token: it cannot write Gemma calls"
             )
         self.open, self.close, self.quote = (f"<[{ids[t]}]>" for t in ids)
         self.rules: list[str] = []
@@ -171,7 +179,7 @@ class CallGrammar:
         if isinstance(kind, list):
             return self.rule(" | ".join(self.value({**schema, "type": k}) for k in kind))
         if kind == "string":
-            return "string"
+            return self.string(schema)
         if kind == "integer":
             return "INTEGER"
         if kind == "number":
@@ -188,6 +196,19 @@ class CallGrammar:
         if kind == "object":
             return "any_object"
         return "any_value"
+
+    def string(self, schema: dict) -> str:
+        """A quoted string; `maxLength` / `minLength` and an anchored `pattern` are enforced."""
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$"):
+            text = regex_to_lark(pattern[1:-1], "dw")
+        elif "maxLength" in schema or "minLength" in schema:
+            text = f"(.|\\n){{{schema.get('minLength', 0)},{schema.get('maxLength', '')}}}"
+        else:
+            return "string"
+        token = f"T{len(self.rules)}"
+        self.rules.append(f"{token}: /{text}/")
+        return self.rule(f"{self.quote} {token} {self.quote}")
 
     def literal(self, value: Any) -> str:
         if isinstance(value, str):

@@ -330,7 +330,8 @@ WEATHER = {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string"},
+                "city": {"type": "string", "maxLength": 8},
+                "code": {"type": "string", "pattern": "^[A-Z]{2}$"},
                 "unit": {"enum": ["celsius", "fahrenheit"]},
                 "days": {"type": "integer"},
             },
@@ -423,5 +424,5 @@ def test_tool_choice_errors(tool_tiny, loaded):
     _, processor = tool_tiny
     with pytest.raises(ConstraintError, match="none of the tools"):
         ToolCallConstraint(processor, [WEATHER], "get_time")
-    with pytest.raises(ConstraintError, match="no <|tool_call>"):
+    with pytest.raises(ConstraintError, match=re.escape("no <|tool_call>")):
         ToolCallConstraint(loaded[1], [WEATHER])
