@@ -127,8 +127,15 @@ def training_text(limit: int = 40_000_000):
 
 def gemma_sized_tokenizer():
     """A 262,144-piece SentencePiece-style BPE with byte fallback (built once, then cached)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     folder = CACHE / "gemma-sized-tokenizer"
@@ -320,3 +327,105 @@ def mask_table(tokenizer) -> None:
         ["engine", "tokenizer info", "compile", "median", "mean", "p90", "max"],
         rows,
     )
+
+
+def apply_table(repeats: int = 50) -> None:
+    """Seconds to turn a packed bitmask into masked 262k logits, two ways."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(-(2**31), 2**31, size=VOCAB // 32, dtype=np.int64).astype(np.int32)
+    logits = mx.random.normal((1, VOCAB))
+    shifts = mx.arange(32, dtype=mx.uint32)
+
+    def numpy_unpack():
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        return mx.where(mx.array(bits).astype(mx.bool_), logits, -mx.inf)
+
+    def mlx_shifts():
+        packed = mx.array(words.view(np.uint32))
+        bits = ((packed[:, None] >> shifts) & 1).reshape(-1)
+        return mx.where(bits.astype(mx.bool_), logits, -mx.inf)
+
+    rows = []
+    for name, fn in [
+        ("numpy unpackbits -> mx.where", numpy_unpack),
+        ("MLX shifts -> mx.where", mlx_shifts),
+    ]:
+        mx.eval(fn())
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(fn())
+            seconds.append(time.perf_counter() - start)
+        rows.append([name, f"{statistics.median(seconds) * 1e3:.3f}"])
+    print_table("Applying a bitmask to 262k logits in MLX (median ms)", ["method", "ms"], rows)
+
+
+# --- decode speed through stream_generate's logits_processors hook ----------------------------
+
+
+def checkpoint_with_tokenizer(layers: int) -> Path:
+    """The E2B-shaped checkpoint's files beside the stand-in tokenizer's, linked into one folder."""
+    weights = e2b_shaped_checkpoint(layers)
+    tokenizer = CACHE / "gemma-sized-tokenizer"
+    folder = CACHE / f"e2b-shaped-{layers}l-with-tokenizer"
+    folder.mkdir(exist_ok=True)
+    for source in [*weights.iterdir(), *tokenizer.iterdir()]:
+        link = folder / source.name
+        if not link.exists():
+            link.symlink_to(source)
+    return folder
+
+
+def decode_table(layers: int, decode: int, rounds: int) -> None:
+    """Greedy decode tokens/s without and with a JSON schema (median step interval, best round).
+
+    The schema asks for at least 50 of the mask table's objects, so the random model's answer
+    cannot close before `decode` tokens and every step is masked."""
+    import mlx.core as mx
+
+    from mlx_gemma4 import load, stream_generate
+    from mlx_gemma4.constrain import JsonConstraint
+
+    model, processor = load(checkpoint_with_tokenizer(layers), dtype=mx.float32)
+    schema = {"type": "array", "items": SCHEMA, "minItems": 50}
+    constraint = JsonConstraint(processor, schema)
+    prompt = [{"role": "user", "content": "List the orders as JSON."}]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name in ["no schema", "JSON schema"]:
+            processors = [constraint.logits_processor()] if name == "JSON schema" else []
+            stamps = []
+            for _response in stream_generate(
+                model, processor, prompt, max_tokens=decode, logits_processors=processors
+            ):
+                stamps.append(time.perf_counter())
+            intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            tps = 1 / statistics.median(intervals)
+            best[name] = max(best.get(name, 0.0), tps)
+    base = best["no schema"]
+    rows = [[name, f"{tps:.2f}", f"{tps / base:.2f}x"] for name, tps in best.items()]
+    print_table(
+        f"Greedy decode on the E2B-shaped checkpoint ({layers} layers), {decode} tokens",
+        ["run", "tok/s", "vs no schema"],
+        rows,
+    )
+
+
+def main() -> None:
+    parser = base_parser()
+    parser.add_argument("--decode", type=int, default=48, help="generated tokens per decode run")
+    parser.add_argument("--no-decode", action="store_true", help="only the mask tables")
+    args, blas = parse(parser)
+    tokenizer = gemma_sized_tokenizer()
+    mask_table(tokenizer)
+    apply_table()
+    if not args.no_decode:
+        print(f"\nBLAS: {blas}")
+        decode_table(args.layers, args.decode, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

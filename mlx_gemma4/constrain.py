@@ -27,6 +27,7 @@ CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 EMPTY = '""'  # the empty string in Lark: an alternative that writes nothing
 
+SHIFTS = mx.arange(32, dtype=mx.uint32)  # bit i of a mask word is token 32 * word + i
 _engine_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -389,7 +390,9 @@ class ConstrainedLogits:
         if self.state == AWAIT:
             bits = self.words.view(np.uint32)
             bits[self.channel_open // 32] |= np.uint32(1 << (self.channel_open % 32))
-        return mx.array(np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.vocab])
+        # Unpacked in MLX: faster than numpy's unpackbits plus a copy of 262k bytes.
+        packed = mx.array(self.words.view(np.uint32))
+        return ((packed[:, None] >> SHIFTS) & 1).reshape(-1)[: self.vocab]
 
     def only(self, ids: list[int]) -> mx.array:
         mask = np.zeros(self.vocab, dtype=np.uint8)
