@@ -404,6 +404,11 @@ class ConstrainedLogits:
             prompt = tokens.tolist()
             self.state, self.seen = self.start(prompt), len(prompt)
         else:
+            if tokens.shape[0] <= self.seen:
+                raise ConstraintError(
+                    "a constrained logits processor serves one generation; "
+                    "make a new one with constraint.logits_processor()"
+                )
             for token in tokens[self.seen :].tolist():
                 self.advance(token)
             self.seen = tokens.shape[0]

@@ -420,6 +420,44 @@ def test_forced_tool_call_parses(tool_tiny, choice):
     jsonschema.validate(arguments, tool["function"]["parameters"])
 
 
+def test_python_function_as_forced_tool(tool_tiny):
+    def set_alarm(hour: int, label: str) -> str:
+        """Set an alarm.
+
+        Args:
+            hour: The hour, 0 to 23.
+            label: What the alarm is for.
+        """
+        return label
+
+    _, processor = tool_tiny
+    fn = tool_call_logits_processor(processor, [set_alarm], "set_alarm")
+    history = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    logits = mx.zeros((1, 512))
+    quote = processor.token_id('<|"|>')
+    call = [
+        processor.token_id("<|tool_call>"),
+        *processor.encode("call:set_alarm{hour:7,label:")[1:],
+    ]
+    call += [quote, *processor.encode("wake {up}")[1:], quote, *processor.encode("}")[1:]]
+    call.append(processor.token_id("<tool_call|>"))
+    for token in call:
+        assert np.isfinite(np.array(fn(mx.array(history), logits)))[0, token]
+        history.append(token)
+    assert parse_call(processor.decode(call)) == ("set_alarm", {"hour": 7, "label": "wake {up}"})
+    mask = np.isfinite(np.array(fn(mx.array(history), logits)))[0]
+    assert set(np.flatnonzero(mask)) == processor.stop_token_ids
+
+
+def test_a_processor_serves_one_generation(loaded):
+    _, processor = loaded
+    fn = json_logits_processor(processor, True)
+    prompt = mx.array(processor.encode("hi"))
+    fn(prompt, mx.zeros((1, 512)))
+    with pytest.raises(ConstraintError, match="one generation"):
+        fn(prompt, mx.zeros((1, 512)))
+
+
 def test_tool_choice_errors(tool_tiny, loaded):
     _, processor = tool_tiny
     with pytest.raises(ConstraintError, match="none of the tools"):
