@@ -53,13 +53,19 @@ def engine_tokenizer(processor):
     return per_stops[stops]
 
 
+def one_line(message: str, limit: int = 300) -> str:
+    """An engine's or validator's message as one line of bounded length."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _checked(processor, grammar: str, what: str) -> str:
     """The grammar, or one ConstraintError line naming what the engine cannot enforce."""
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(
         grammar, engine_tokenizer(processor)
     )
     if is_error:
-        raise ConstraintError(f"{what}: {messages[0]}; remove or rewrite that part")
+        raise ConstraintError(f"{what}: {one_line(messages[0])}; remove or rewrite that part")
     return grammar
 
 
@@ -90,7 +96,7 @@ def load_schema(schema: dict | str | bool) -> dict:
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "top level"
         raise ConstraintError(
-            f"json_schema is not a valid JSON Schema at {where}: {e.message}"
+            f"json_schema is not a valid JSON Schema at {where}: {one_line(e.message)}"
         ) from None
     return schema
 
