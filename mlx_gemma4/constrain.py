@@ -396,7 +396,7 @@ class ConstrainedLogits:
         if self.state == AWAIT:
             bits = self.words.view(np.uint32)
             bits[self.channel_open // 32] |= np.uint32(1 << (self.channel_open % 32))
-        # Unpacked in MLX: faster than numpy's unpackbits plus a copy of 262k bytes.
+        # Unpacked in MLX: the device gets the 32 KB of packed words, not 262 KB of flags.
         packed = mx.array(self.words.view(np.uint32))
         return ((packed[:, None] >> SHIFTS) & 1).reshape(-1)[: self.vocab]
 
