@@ -1,7 +1,7 @@
 """Structured output: the grammar engines' token-mask time at Gemma 4's 262k vocabulary, and decode
 speed with and without a JSON schema.
 
-    python benchmarks/structured.py [--decode 48] [--layers 5] [--rounds 3] [--no-decode | --no-masks]
+    python benchmarks/structured.py [--decode 48] [--layers 5] [--rounds 3] [--no-decode|--no-masks]
 
 No Gemma tokenizer can be downloaded here, so the mask table uses a stand-in of the same size and
 kind, built once: a SentencePiece-style BPE (`\u2581` for spaces, byte fallback) trained with the
