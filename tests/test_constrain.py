@@ -209,20 +209,43 @@ def test_any_json_object_walks_a_scripted_answer(loaded):
     assert set(np.flatnonzero(allowed)) == processor.stop_token_ids
 
 
+def opening_a_thought():
+    """A processor to run before the constraint: the first sampled token opens a thought
+    (`<|channel>`, 100), which the tiny random model would rarely choose itself."""
+    prompt_length = []
+
+    def processor(history, logits):
+        prompt_length.append(prompt_length[0] if prompt_length else history.shape[0])
+        if history.shape[0] == prompt_length[0]:
+            return mx.where(mx.arange(logits.shape[-1]) == 100, 0.0, -mx.inf)[None]
+        return logits
+
+    return processor
+
+
 def test_thought_is_free_then_the_answer_is_json(loaded):
     model, processor = loaded
     schema = SCHEMAS["flat object"]
-    fn = json_logits_processor(processor, schema, thought_budget=12)
-    text, thought, last = constrained(
-        model,
-        processor,
-        fn,
-        enable_thinking=True,
-        max_tokens=300,
-        temperature=1.0,
-        seed=1,
+    budget = 12
+    fn = json_logits_processor(processor, schema, thought_budget=budget)
+    responses = list(
+        stream_generate(
+            model,
+            processor,
+            [{"role": "user", "content": "Reply in JSON."}],
+            enable_thinking=True,
+            logits_processors=[opening_a_thought(), fn],
+            max_tokens=300,
+            temperature=1.0,
+            seed=1,
+        )
     )
-    assert last.finish_reason == "stop"
+    tokens = [r.token for r in responses]
+    assert tokens[0] == 100 and 101 in tokens[1 : budget + 2]  # closed within the budget
+    assert tokens.index(101) > 1  # the thought holds free tokens (its text, without a newline,
+    # is the channel's name line, which the text stream consumes)
+    text = "".join(r.text for r in responses)
+    assert responses[-1].finish_reason == "stop"
     jsonschema.validate(json.loads(text), schema)
 
 
