@@ -472,6 +472,70 @@ def test_python_function_as_forced_tool(tool_tiny):
     assert set(np.flatnonzero(mask)) == processor.stop_token_ids
 
 
+def allows_all(fn, history: list[int], tokens: list[int]) -> bool:
+    """Whether `fn` allows each of `tokens` in turn after `history` (which it extends)."""
+    logits = mx.zeros((1, 512))
+    for token in tokens:
+        if not np.isfinite(np.array(fn(mx.array(history), logits)))[0, token]:
+            return False
+        history.append(token)
+    return True
+
+
+@pytest.mark.parametrize(
+    "arguments, allowed",
+    [
+        ("{when:{day:<Q>mon<Q>,hours:[8,9]},quiet:true}", True),
+        ("{when:{day:<Q>mon<Q>},quiet:true}", False),  # hours is required
+        ("{when:{day:<Q>sun<Q>,hours:[]}}", False),  # day is an enum
+        ("{when:{day:<Q>mon<Q>,hours:[1.5]}}", False),  # hours are integers
+        ("{quiet:true,when:{day:<Q>mon<Q>,hours:[]}}", False),  # keys in declared order
+        ("{when:{day:<Q>tue<Q>,hours:[]},extra:1}", False),  # no undeclared keys
+    ],
+)
+def test_call_arguments_follow_nested_parameter_schemas(tool_tiny, arguments, allowed):
+    _, processor = tool_tiny
+    schedule = {
+        "name": "schedule",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "when": {
+                    "type": "object",
+                    "properties": {
+                        "day": {"enum": ["mon", "tue"]},
+                        "hours": {"type": "array", "items": {"type": "integer"}},
+                    },
+                    "required": ["day", "hours"],
+                },
+                "quiet": {"type": "boolean"},
+            },
+            "required": ["when"],
+        },
+    }
+    fn = tool_call_logits_processor(processor, [schedule])
+    history = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    quote = processor.token_id('<|"|>')
+    call = [processor.token_id("<|tool_call>"), *processor.encode("call:schedule")[1:]]
+    for i, part in enumerate(arguments.split("<Q>")):
+        call += ([quote] if i else []) + processor.encode(part)[1:]
+    call.append(processor.token_id("<tool_call|>"))
+    assert allows_all(fn, history, call) == allowed
+
+
+@pytest.mark.parametrize(
+    "others, allowed", [(None, False), (True, True), ({"type": "integer"}, True)]
+)
+def test_objects_take_undeclared_keys_only_when_the_schema_says(loaded, others, allowed):
+    _, processor = loaded
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
+    if others is not None:
+        schema["additionalProperties"] = others
+    fn = json_logits_processor(processor, schema)
+    history = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    assert allows_all(fn, history, processor.encode('{"b":1}')[1:]) == allowed
+
+
 def test_a_processor_serves_one_generation(loaded):
     _, processor = loaded
     fn = json_logits_processor(processor, True)
