@@ -65,3 +65,7 @@ class ConversationError(Gemma4Error):
 
 class ToolError(Gemma4Error):
     """A tool that cannot be declared to the model, or a tools file or module that cannot load."""
+
+
+class ConstraintError(Gemma4Error):
+    """A JSON schema or tool choice that constrained decoding cannot enforce, or no engine."""
