@@ -181,6 +181,14 @@ def load_tools_module(path: str | Path) -> list[Callable[..., Any]]:
     return functions
 
 
+def load_tools(path: str | Path) -> list[Tool]:
+    """The tools of a file: a Python module's public functions (`.py`, runnable), else JSON
+    declarations (declared to the model only)."""
+    if Path(path).suffix == ".py":
+        return load_tools_module(path)
+    return load_tools_file(path)
+
+
 # History in the template's form ------------------------------------------------------------------
 
 
