@@ -158,16 +158,18 @@ def call_line(call) -> str:
 
 def print_answer(responses: Iterable, stats: bool) -> None:
     """Stream the answer to stdout (thoughts to stderr), then the tool calls it made, one JSON
-    line each, then the stats line to stderr. Call text that did not parse stays in the
-    answer, with a warning on stderr."""
-    last, calls = None, []
+    line each (no empty answer line before them), then the stats line to stderr. Call text
+    that did not parse stays in the answer, with a warning on stderr."""
+    last, calls, wrote = None, [], False
     for last in responses:
         if last.thought:
             sys.stderr.write(last.thought)
         sys.stdout.write(last.text)
         sys.stdout.flush()
         calls.extend(last.tool_calls)
-    sys.stdout.write("\n")
+        wrote = wrote or bool(last.text)
+    if wrote or not calls:
+        sys.stdout.write("\n")
     for call in calls:
         sys.stdout.write(call_line(call) + "\n")
     sys.stdout.flush()

@@ -97,16 +97,16 @@ def files(tmp_path):
 
 def test_generate_prints_the_calls_as_json_lines(gemma4, tool_folder, script, files):
     module, declarations = files
-    for tools in (declarations, module):
-        script("Let me look. " + CALL)
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    for tools, before in ((declarations, "Let me look. "), (module, "")):
+        script(before + CALL)
         result = gemma4(
             "generate", "-m", tool_folder, "-p", "Weather in Paris?", "--tools", tools,
             "-n", "60", "--no-stats",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        text, call, end = result.stdout.split("\n")
-        assert text == "Let me look. " and end == ""
-        assert json.loads(call) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+        lines = result.stdout.splitlines()
+        assert lines == ([before] if before else []) + [json.dumps(call)]
         assert result.stderr == ""
     assert not Path(f"{module}.log").exists()  # generate declares the tools, runs none
 

@@ -317,3 +317,65 @@ def test_a_call_written_as_text_parses_back():
         "<tool_call|>"
     )
     assert parse_tool_calls(text) == [call]
+
+
+def test_agent_with_an_image_encodes_it_once(tool_checkpoint):
+    """The README's example: read a place off a photo, call a tool, answer. The second step's
+    prompt holds the image too; it comes from the prompt cache, not the vision tower."""
+    model, processor = tool_checkpoint("multimodal")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": random_image(96, 64, seed=4)},
+                {"type": "text", "text": "What is the weather where this photo was taken?"},
+            ],
+        }
+    ]
+    encoded = []
+    vision_features = model.vision_features
+    model.vision_features = lambda *a: encoded.append(1) or vision_features(*a)
+    try:
+        script = scripted_turns(
+            [tokens(processor, CALL + "<|tool_response>"), tokens(processor, "21 degrees.")]
+        )
+        result = run_agent(
+            model, processor, messages, [get_weather], logits_processors=[script], max_tokens=80
+        )
+    finally:
+        del model.vision_features
+    assert result.text == "21 degrees."
+    assert result.steps[0].calls == [ToolCall("get_weather", {"city": "Paris"})]
+    ids, _ = processor.prepare(messages, tools=tool_declarations([get_weather]))
+    empty_thought = tokens(processor, "<|channel>thought\n<channel|>")  # not kept in history
+    assert result.steps[1].reused_tokens == len(ids) - len(empty_thought)
+    assert encoded == [1]
+
+
+def test_calls_given_back_as_openai_messages(tool_checkpoint):
+    """The README's step-by-step loop: calls out, `to_openai()` and `role: "tool"` messages in."""
+    import json
+
+    from mlx_gemma4 import PromptCache
+
+    model, processor = tool_checkpoint()
+    script = scripted_turns(
+        [tokens(processor, CALL + "<|tool_response>"), tokens(processor, "It is 21.")]
+    )
+    cache, messages, calls = PromptCache(model), list(QUESTION), []
+    options = dict(tools=[get_weather], max_tokens=80, logits_processors=[script])
+    for response in stream_generate(model, processor, messages, prompt_cache=cache, **options):
+        calls += response.tool_calls
+    messages.append({"role": "assistant", "tool_calls": [c.to_openai() for c in calls]})
+    for call in calls:
+        content = json.dumps(get_weather(**call.arguments))
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+    responses = list(stream_generate(model, processor, messages, prompt_cache=cache, **options))
+    assert "".join(r.text for r in responses) == "It is 21."
+    rendered = processor.apply_chat_template(messages, tools=[get_weather])
+    assert rendered.endswith(
+        f"{CALL}<|tool_response>response:get_weather{{city:{Q}Paris{Q},temp:21}}"
+        "<tool_response|><|channel>thought\n<channel|>"
+    )
+    assert responses[-1].prompt_tokens == len(processor.encode(rendered))
+    assert responses[-1].reused_tokens > len(processor.encode(rendered)) // 2
