@@ -144,20 +144,31 @@ def test_chat_asks_before_running_a_call(gemma4, tool_folder, script, files):
     assert Path(f"{module}.log").read_text() == "Paris\n"  # run once: the second was declined
 
 
-def test_chat_yes_runs_calls_without_asking(gemma4, tool_folder, script, files):
+def test_chat_yes_runs_calls_without_asking(gemma4, tool_folder, script, files, tmp_path):
     module, _ = files
     script(CALL, "It is 21.", "Hello.")
+    saved = tmp_path / "chat.json"
     result = gemma4(
         "chat", "-m", tool_folder, "--tools", module, "--yes", "-n", "60", "--no-stats",
-        stdin="Weather in Paris?\nhi\n",
+        stdin=f"Weather in Paris?\nhi\n/save {saved}\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    assert result.stdout.splitlines()[:3] == [
         '[tool] get_weather({"city": "Paris"}) -> {"city": "Paris", "temp": 21}',
         "It is 21.",
         "Hello.",
     ]
     assert Path(f"{module}.log").read_text() == "Paris\n"
+    # the history keeps the tool turn, in the template's form
+    turn = json.loads(saved.read_text())["messages"][1]
+    assert turn["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": {"city": "Paris"},
+    }
+    assert turn["tool_responses"] == [
+        {"name": "get_weather", "response": {"city": "Paris", "temp": 21}}
+    ]
+    assert turn["content"] == "It is 21."
 
 
 def test_chat_with_declared_only_tools_answers_calls_with_errors(

@@ -96,6 +96,23 @@ def test_without_tools_call_text_is_text_and_the_tool_response_does_not_stop(too
     assert responses[-1].finish_reason == "stop" and not any(r.tool_calls for r in responses)
 
 
+def test_a_tokenizer_without_tool_tokens_stops_at_the_tool_response_text(chat_checkpoint):
+    model, processor = load(chat_checkpoint()[0])
+    assert processor.token_id("<|tool_response>") is None  # spelled in bytes here
+    script = scripted_turns([tokens(processor, CALL + "<|tool_response>more")])
+    responses = list(
+        stream_generate(
+            model, processor, QUESTION, tools=[get_weather], max_tokens=120,
+            logits_processors=[script],
+        )
+    )  # fmt: skip
+    assert "".join(r.text for r in responses) == ""
+    assert [c for r in responses for c in r.tool_calls] == [
+        ToolCall("get_weather", {"city": "Paris"})
+    ]
+    assert responses[-1].finish_reason == "tool_calls"
+
+
 def test_a_turn_without_calls_finishes_with_stop(tool_checkpoint):
     model, processor = tool_checkpoint()
     script = scripted_turns([tokens(processor, "It is sunny.")])
