@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -29,6 +31,11 @@ multi-line input: a line ending in \\ continues; or wrap the text in """ lines.
 Ctrl-C stops the answer being written.'''
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def call_text(call) -> str:
+    """`name({"arg": value})`: a call as the chat shows it."""
+    return f"{call.name}({json.dumps(call.arguments, ensure_ascii=False)})"
 
 
 def read_message(read_line: Callable[[str], str]) -> str:
@@ -79,6 +86,8 @@ class Chat:
         media_options: MediaOptions,
         stats: bool,
         interactive: bool,
+        tools: list | None = None,
+        run_without_asking: bool = False,
     ):
         from mlx_gemma4 import PromptCache, stream_generate
 
@@ -87,9 +96,13 @@ class Chat:
         self.conversation = conversation
         self.sampling, self.media_options = sampling, media_options
         self.stats, self.interactive = stats, interactive
+        self.tools, self.run_without_asking = tools, run_without_asking
         self.attachments: list[dict] = []  # content parts for the next user message
         self.prompt_cache = PromptCache(model)
         self.kv_quantization = None  # float KV caches unless use_kv_quantization says otherwise
+        self._read_line: Callable[[str], str] = input
+        self._line_open = False  # the answer being written has not ended its line
+        self.last_response = None  # the latest response of the turn being written
 
     def use_kv_quantization(self, kv_quantization) -> None:
         self.kv_quantization = kv_quantization
@@ -101,40 +114,103 @@ class Chat:
         else:
             sys.stderr.write(text)
 
+    def _shown(self, responses: Iterable, parts: list[str]) -> Iterator:
+        """`responses`, each written out as it passes (its answer text also kept in `parts`,
+        the response itself as `last_response`)."""
+        for response in responses:
+            if response.thought:
+                self._thought(response.thought)
+            parts.append(response.text)
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+            if response.text:
+                self._line_open = not response.text.endswith("\n")
+            self.last_response = response
+            yield response
+
+    def _end_line(self) -> None:
+        if self._line_open:
+            sys.stdout.write("\n")
+            self._line_open = False
+
+    def _confirm(self, call) -> bool:
+        """Ask before running a call (the next input line answers when reading a pipe)."""
+        self._end_line()
+        question = f"run {call_text(call)}? [y/N] "
+        try:
+            reply = self._read_line(question)
+        except EOFError:
+            reply = ""
+        if not self.interactive:  # a pipe echoes nothing: show the question and its answer
+            typer.echo(question + reply)
+        return reply.strip().lower() in ("y", "yes")
+
+    def _show_call(self, call, result) -> None:
+        self._end_line()
+        line = f"[tool] {call_text(call)} -> {json.dumps(result, ensure_ascii=False)}"
+        typer.echo(f"{DIM}{line}{RESET}" if self.interactive else line)
+
+    def _generate(self, parts: list[str]) -> None:
+        """Write the turn out as it comes, and add it to the history; with tools, through the
+        agent loop (the calls the model makes are run, and the model goes on)."""
+        settings = dict(
+            prompt_cache=self.prompt_cache,
+            enable_thinking=self.conversation.think,
+            sampling=self.sampling,
+            media_options=self.media_options,
+        )
+        if not self.tools:
+            messages = self.conversation.chat_messages()
+            for _ in self._shown(
+                self._stream_generate(self.model, self.processor, messages, **settings), parts
+            ):
+                pass
+            self.conversation.messages.append({"role": "assistant", "content": "".join(parts)})
+            return
+
+        from mlx_gemma4.agent import run_agent
+
+        def generate_fn(model, processor, history, **kwargs):
+            return self._shown(self._stream_generate(model, processor, history, **kwargs), parts)
+
+        result = run_agent(
+            self.model,
+            self.processor,
+            self.conversation.chat_messages(),
+            self.tools,
+            generate_fn=generate_fn,
+            on_call=self._show_call,
+            confirm=None if self.run_without_asking else self._confirm,
+            **settings,
+        )
+        # the history keeps the tool turns, in the template's form; the system turn stays apart
+        self.conversation.messages = result.messages[1 if self.conversation.system else 0 :]
+        if result.finish_reason == "max_steps":
+            self._end_line()
+            typer.echo("(stopped: the model kept calling tools)", err=True)
+
     def answer(self, text: str) -> None:
         content = [*self.attachments, {"type": "text", "text": text}] if self.attachments else text
         self.attachments = []
         messages = self.conversation.messages
         messages.append({"role": "user", "content": content})
-        parts, last = [], None
+        parts, self.last_response = [], None
         try:
-            for last in self._stream_generate(
-                self.model,
-                self.processor,
-                self.conversation.chat_messages(),
-                prompt_cache=self.prompt_cache,
-                enable_thinking=self.conversation.think,
-                sampling=self.sampling,
-                media_options=self.media_options,
-            ):
-                if last.thought:
-                    self._thought(last.thought)
-                parts.append(last.text)
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
+            self._generate(parts)
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+            # even a stopped answer stays in the history, as far as it got
+            messages.append({"role": "assistant", "content": "".join(parts)})
         except Gemma4Error as e:  # e.g. the conversation outgrew the context: say so, go on
             messages.pop()
             advice = "; or /reset to start a new conversation"
             typer.echo(f"error: {e}{advice if isinstance(e, PromptTooLongError) else ''}", err=True)
             return
-        # even a stopped answer stays in the history, as far as it got
-        messages.append({"role": "assistant", "content": "".join(parts)})
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if self.stats and last is not None:
-            typer.echo(options.stats_line(last), err=True)
+        self._line_open = False
+        if self.stats and self.last_response is not None:
+            typer.echo(options.stats_line(self.last_response), err=True)
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
@@ -206,6 +282,7 @@ class Chat:
         typer.echo(f"loaded {len(conversation.messages)} messages from {file}")
 
     def run(self, read_line: Callable[[str], str]) -> None:
+        self._read_line = read_line
         while True:
             try:
                 text = read_message(read_line)
@@ -244,13 +321,23 @@ def chat(
     model: options.Model = options.DEFAULT_MODEL,
     system: options.System = None,
     budget: options.Budget = 280,
+    tools: options.Tools = None,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", "-y", metavar="", help="Run tool calls without asking first."),
+    ] = False,
 ) -> None:
-    """Chat in the terminal; reads the conversation from stdin when it is not a terminal."""
+    """Chat in the terminal; reads the conversation from stdin when it is not a terminal.
+
+    With --tools, the model may call the tools: each call is shown, asked about (y/N; when
+    reading a pipe the next input line answers) unless --yes, run, and its result given back."""
     from mlx_gemma4 import load
     from mlx_gemma4.processing.images import check_budget
+    from mlx_gemma4.tools import load_tools
 
     interactive = sys.stdin.isatty()
     check_budget(budget)
+    tool_list = load_tools(tools) if tools is not None else None
     if interactive:  # loading takes seconds: say what is happening
         typer.echo(f"loading {model} ...", err=True)
     loaded_model, processor = load(model, dtype=flags.dtype)
@@ -264,6 +351,8 @@ def chat(
         media_options,
         flags.stats,
         interactive,
+        tools=tool_list,
+        run_without_asking=yes,
     )
     session.use_kv_quantization(flags.kv_quantization)
     if interactive:

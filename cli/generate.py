@@ -19,10 +19,15 @@ def generate(
     raw: Annotated[
         bool, typer.Option("--raw", metavar="", help="Send the prompt as is, no chat template.")
     ] = False,
+    tools: options.Tools = None,
 ) -> None:
-    """Stream one answer to PROMPT (wrapped as a user turn unless --raw)."""
+    """Stream one answer to PROMPT (wrapped as a user turn unless --raw). With --tools, the
+    calls the model makes follow the answer on stdout, one JSON line each
+    ({"name": ..., "arguments": {...}}); they are not run."""
     from mlx_gemma4 import PromptCache, load, stream_generate
+    from mlx_gemma4.tools import load_tools
 
+    tool_list = load_tools(tools) if tools is not None else None  # bad input before loading
     text = sys.stdin.read() if prompt == "-" else prompt
     loaded_model, processor = load(model, dtype=flags.dtype)
     if raw:
@@ -36,6 +41,7 @@ def generate(
         processor,
         request,
         enable_thinking=flags.think,
+        tools=tool_list,
         sampling=flags.sampling,
         prompt_cache=PromptCache(loaded_model, flags.kv_quantization),
     )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -52,6 +54,14 @@ Budget = Annotated[
 Stats = Annotated[
     bool,
     typer.Option("--stats/--no-stats", metavar="", help="Print tokens/s after answers."),
+]
+Tools = Annotated[
+    Path | None,
+    typer.Option(
+        "--tools",
+        help="Tools for the model: a .py file (its public functions) or a JSON list of "
+        "OpenAI function declarations.",
+    ),
 ]
 KVBits = Annotated[
     int | None,
@@ -141,14 +151,29 @@ def stats_line(response) -> str:
     )
 
 
+def call_line(call) -> str:
+    """A tool call as one JSON line: {"name": ..., "arguments": {...}}."""
+    return json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+
+
 def print_answer(responses: Iterable, stats: bool) -> None:
-    """Stream the answer to stdout (thoughts to stderr), then the stats line to stderr."""
-    last = None
+    """Stream the answer to stdout (thoughts to stderr), then the tool calls it made, one JSON
+    line each (no empty answer line before them), then the stats line to stderr. Call text
+    that did not parse stays in the answer, with a warning on stderr."""
+    last, calls, wrote = None, [], False
     for last in responses:
         if last.thought:
             sys.stderr.write(last.thought)
         sys.stdout.write(last.text)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+        calls.extend(last.tool_calls)
+        wrote = wrote or bool(last.text)
+    if wrote or not calls:
+        sys.stdout.write("\n")
+    for call in calls:
+        sys.stdout.write(call_line(call) + "\n")
+    sys.stdout.flush()
+    if last is not None and last.malformed_tool_call:
+        typer.echo("warning: the answer holds tool-call text that does not parse", err=True)
     if stats and last is not None:
         typer.echo(stats_line(last), err=True)

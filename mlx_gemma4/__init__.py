@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING
 from .errors import Gemma4Error
 
 if TYPE_CHECKING:
+    from .agent import AgentResult, run_agent
     from .generation import GenerationResponse, generate, stream_generate
     from .kv_quant import KVQuantization
     from .loading import load, load_model
     from .options import MediaOptions, SamplingOptions
     from .prompt_cache import PromptCache
+    from .tools import ToolCall, parse_tool_calls
 
 try:
     __version__ = version("mlx-gemma4")
@@ -20,16 +22,20 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+source"
 
 __all__ = [
+    "AgentResult",
     "Gemma4Error",
     "GenerationResponse",
     "KVQuantization",
     "MediaOptions",
     "PromptCache",
     "SamplingOptions",
+    "ToolCall",
     "__version__",
     "generate",
     "load",
     "load_model",
+    "parse_tool_calls",
+    "run_agent",
     "stream_generate",
 ]
 
@@ -43,6 +49,10 @@ _LAZY = {
     "KVQuantization": "kv_quant",
     "SamplingOptions": "options",
     "MediaOptions": "options",
+    "ToolCall": "tools",
+    "parse_tool_calls": "tools",
+    "run_agent": "agent",
+    "AgentResult": "agent",
 }
 
 

@@ -37,6 +37,8 @@ class AgentStep:
     results: list[Any]
     finish_reason: str | None
     malformed: list[str] = field(default_factory=list)  # call text that could not be parsed
+    prompt_tokens: int = 0  # the step's prompt, as the generator reports it
+    reused_tokens: int = 0  # of which the prompt cache already held
 
 
 @dataclass
@@ -72,7 +74,7 @@ def run_tool(
 
 
 def _collect(responses: Iterable[Any]) -> AgentStep:
-    text, thought, calls, finish_reason = [], [], [], None
+    text, thought, calls, finish_reason, response = [], [], [], None, None
     for response in responses:
         text.append(response.text)
         thought.append(getattr(response, "thought", "") or "")
@@ -80,7 +82,16 @@ def _collect(responses: Iterable[Any]) -> AgentStep:
         finish_reason = response.finish_reason
     # calls a generator left in the text (one not yet separating them) are taken out here
     answer, more_calls, malformed = split_tool_calls("".join(text))
-    return AgentStep(answer, "".join(thought), calls + more_calls, [], finish_reason, malformed)
+    return AgentStep(
+        answer,
+        "".join(thought),
+        calls + more_calls,
+        [],
+        finish_reason,
+        malformed,
+        prompt_tokens=getattr(response, "prompt_tokens", 0),
+        reused_tokens=getattr(response, "reused_tokens", 0),
+    )
 
 
 def run_agent(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -20,22 +20,30 @@ from .processing.processor import Media
 from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
+from .tools import Tool, ToolCall, ToolCallStream, tool_declarations
+
+# After its calls the model opens the tool response and waits for it: the end of its turn.
+TOOL_RESPONSE = "<|tool_response>"
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 @dataclass
 class GenerationResponse:
-    text: str  # new answer text since the previous response
+    text: str  # new answer text since the previous response (tool-call text left out)
     thought: str  # new thinking text since the previous response
     token: int
-    finish_reason: str | None  # "stop", "length" or None while generating
+    finish_reason: str | None  # "stop", "length", "tool_calls" or None while generating
     prompt_tokens: int  # tokens in the prompt
     reused_tokens: int  # prompt tokens served from the prompt cache
     generation_tokens: int
     prompt_tps: float  # prompt tokens processed per second (reused ones excluded)
     generation_tps: float
     peak_memory: float  # GB
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed by this token
+    # True where `text` carries call text that did not parse (returned as text, not dropped),
+    # and on the final response of a turn that had any
+    malformed_tool_call: bool = False
 
 
 def soft_token_blocks(model, ids: list[int]) -> list[tuple[int, int]]:
@@ -188,6 +196,7 @@ def stream_generate(
     repetition_context_size: int = 20,
     seed: int | None = None,
     stop: list[str] | None = None,
+    tools: list[Tool] | None = None,
     prompt_cache: PromptCache | None = None,
     enable_thinking: bool = False,
     logits_processors: list[LogitsProcessor] | None = None,
@@ -214,6 +223,14 @@ def stream_generate(
     keys and values rotated and quantized (2-6 or 8 bits). A `prompt_cache` made with another
     setting is rebuilt; with none of the three it keeps its own setting.
 
+    `tools` (OpenAI function dicts or Python functions, see `tools.tool_declarations`) are
+    declared to the model in chat prompts (a text prompt or token ids is taken as already
+    rendered) and turn on call parsing: call text never appears in `text`, each completed call
+    comes in `tool_calls`, and a turn that ended with calls has `finish_reason="tool_calls"`.
+    Generation stops where the model waits for the tool responses. Call text that does not
+    parse stays in `text`, with `malformed_tool_call` set. OpenAI `role: "tool"` messages are
+    taken in chat prompts, with or without `tools`.
+
     `sampling` (a `SamplingOptions`) and `media_options` (a `MediaOptions`), when given, stand
     for the keyword arguments of the same names, which are then ignored.
     """
@@ -236,6 +253,11 @@ def stream_generate(
             video_soft_tokens=video_soft_tokens,
             max_frames=max_frames,
         )
+    template_kwargs = {}
+    stop_ids, stop_strings = set(processor.stop_token_ids), list(sampling.stop)
+    if tools is not None:
+        template_kwargs["tools"] = tool_declarations(tools)
+        stop_ids, stop_strings = _stop_at_tool_response(processor, stop_ids, stop_strings)
     prompt_ids, media = processor.prepare(
         prompt,
         images,
@@ -245,6 +267,7 @@ def stream_generate(
         max_frames=media_options.max_frames,
         audio=audio,
         enable_thinking=enable_thinking,
+        **template_kwargs,
     )
     refuse_media_without_tower(model, media)
     context = model.config.text_config.max_position_embeddings
@@ -267,7 +290,8 @@ def stream_generate(
         prompt_cache = PromptCache(model, kv_quantization)
     elif kv_quantization is not None:
         prompt_cache.use_kv_quantization(kv_quantization)
-    text, stops = TextStream(processor), StopStrings(list(sampling.stop))
+    text, stops = TextStream(processor, stop_ids), StopStrings(stop_strings)
+    calls = ToolCallStream() if tools is not None else None
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -288,7 +312,7 @@ def stream_generate(
             if n == 1:
                 prompt_time = time.perf_counter() - start
                 start = time.perf_counter()
-            finish = "stop" if token in processor.stop_token_ids else None
+            finish = "stop" if token in stop_ids else None
             answer, thought = text.add(token)
             if finish is None and n == max_tokens:
                 finish = "length"
@@ -299,6 +323,9 @@ def stream_generate(
                 finish = "stop"
             elif finish:
                 answer += stops.drain()
+            new_calls, malformed = [], False
+            if calls is not None:
+                answer, new_calls, malformed, finish = _separate_calls(calls, answer, finish)
             elapsed = max(time.perf_counter() - start, 1e-9)
             yield GenerationResponse(
                 text=answer,
@@ -311,6 +338,8 @@ def stream_generate(
                 prompt_tps=(len(prompt_ids) - reused) / max(prompt_time, 1e-9),
                 generation_tps=n / elapsed,
                 peak_memory=mx.get_peak_memory() / 1e9,
+                tool_calls=new_calls,
+                malformed_tool_call=malformed,
             )
             if finish:
                 break
@@ -320,8 +349,38 @@ def stream_generate(
         raise
 
 
+def _stop_at_tool_response(
+    processor: Processor, stop_ids: set[int], stop_strings: list[str]
+) -> tuple[set[int], list[str]]:
+    """The stops with the tool-response opener added: as a token, or as text for a tokenizer
+    that lacks the token."""
+    token = processor.token_id(TOOL_RESPONSE)
+    if token is not None:
+        return stop_ids | {token}, stop_strings
+    return stop_ids, [*stop_strings, TOOL_RESPONSE]
+
+
+def _separate_calls(
+    calls: ToolCallStream, answer: str, finish: str | None
+) -> tuple[str, list[ToolCall], bool, str | None]:
+    """(the answer text without call text, the calls completed, whether malformed call text
+    came out, the finish reason: "tool_calls" for a turn that stopped after calls)."""
+    seen_malformed = len(calls.malformed)
+    answer, new_calls = calls.feed(answer)
+    if finish is None:
+        return answer, new_calls, len(calls.malformed) > seen_malformed, None
+    rest, last_calls, any_malformed = calls.finish()
+    if finish == "stop" and calls.calls:
+        finish = "tool_calls"
+    return answer + rest, new_calls + last_calls, any_malformed, finish
+
+
 def generate(model, processor: Processor, prompt, **kwargs) -> str:
-    """The whole answer (thoughts excluded) as one string; takes `stream_generate`'s options."""
-    return "".join(
-        response.text for response in stream_generate(model, processor, prompt, **kwargs)
-    )
+    """The whole answer (thoughts excluded) as one string; takes `stream_generate`'s options.
+    With `tools`, the calls the model made are in it as it wrote them (`parse_tool_calls`
+    reads them back)."""
+    pieces = []
+    for response in stream_generate(model, processor, prompt, **kwargs):
+        pieces.append(response.text)
+        pieces.extend(call.to_text() for call in response.tool_calls)
+    return "".join(pieces)

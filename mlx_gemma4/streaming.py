@@ -9,11 +9,14 @@ class TextStream:
     """Feeds tokens through mlx-lm's streaming detokenizer and routes text by channel.
 
     Gemma 4 thinks in a channel: `<|channel>thought\\n ... <channel|>` then the answer. The
-    control tokens never reach the text; the channel name line is consumed.
+    channel and stop tokens never reach the text; the channel name line is consumed. Other
+    control tokens (`<|tool_call>`, `<|"|>`, ...) come through as their text, for the tool-call
+    stream to read. `stop_token_ids` defaults to the processor's.
     """
 
-    def __init__(self, processor: Processor):
+    def __init__(self, processor: Processor, stop_token_ids: set[int] | None = None):
         self.processor = processor
+        self.stop_token_ids = processor.stop_token_ids if stop_token_ids is None else stop_token_ids
         self.detokenizer = processor.tokenizer.detokenizer
         self.detokenizer.reset()
         self.channel = "answer"  # "answer", "header" (the channel name line) or "thought"
@@ -25,7 +28,7 @@ class TextStream:
             flushed = self.flush()
             self.channel = "header" if token == self.processor.channel_open else "answer"
             return flushed
-        if token in self.processor.stop_token_ids:
+        if token in self.stop_token_ids:
             return self.flush()
         self.detokenizer.add_token(token)
         return self._route(self.detokenizer.last_segment)

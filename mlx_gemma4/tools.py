@@ -181,6 +181,14 @@ def load_tools_module(path: str | Path) -> list[Callable[..., Any]]:
     return functions
 
 
+def load_tools(path: str | Path) -> list[Tool]:
+    """The tools of a file: a Python module's public functions (`.py`, runnable), else JSON
+    declarations (declared to the model only)."""
+    if Path(path).suffix == ".py":
+        return load_tools_module(path)
+    return load_tools_file(path)
+
+
 # History in the template's form ------------------------------------------------------------------
 
 
@@ -286,6 +294,10 @@ class ToolCall:
             "function": {"name": self.name, "arguments": arguments},
         }
 
+    def to_text(self) -> str:
+        """The call in Gemma's syntax, as the model writes it (`parse_tool_calls` reads it)."""
+        return f"{OPEN}{DRIFT}{self.name}{_gemma_value(self.arguments)}{CLOSE}"
+
     def to_message(self) -> dict[str, Any]:
         """The call as the chat template takes it in an assistant turn (arguments as a dict)."""
         return {
@@ -293,6 +305,23 @@ class ToolCall:
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
+
+
+def _gemma_key(key: str) -> str:
+    bare = _BARE_KEY.fullmatch(key) and key == key.strip() and QUOTE not in key
+    return key if bare else f"{QUOTE}{key}{QUOTE}"
+
+
+def _gemma_value(value: Any) -> str:
+    """A JSON value in Gemma's call syntax: `<|"|>` strings, bare keys where they can be."""
+    if isinstance(value, str):
+        return f"{QUOTE}{value}{QUOTE}"
+    if isinstance(value, dict):
+        entries = (f"{_gemma_key(str(k))}:{_gemma_value(v)}" for k, v in value.items())
+        return "{" + ",".join(entries) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_gemma_value(item) for item in value) + "]"
+    return json.dumps(value)  # numbers, true, false, null
 
 
 class _Incomplete(Exception):

@@ -389,3 +389,64 @@ def bfloat16_errors(part: str, folder: Path, reference, samples: int = 16) -> tu
             exact = run(part, models["float32"], inputs)
             out.append(relative_l2(run(part, models["bfloat16"], inputs), exact))
     return float(np.mean(errors[0])), float(np.mean(errors[1]))
+
+
+# ----------------------------------------------------------------------------- tool tokens
+
+# Gemma 4's function-calling control tokens, placed on unused ids of the tiny vocabulary.
+TOOL_TOKENS = {
+    107: "<|tool>",
+    108: "<tool|>",
+    109: "<|tool_call>",
+    110: "<tool_call|>",
+    111: "<|tool_response>",
+    112: "<tool_response|>",
+    113: '<|"|>',
+}
+
+
+def add_tool_tokens(folder: Path) -> None:
+    """Make the tokenizer saved in `folder` (by `save_tokenizer`) know the tool tokens as single
+    special tokens, as Gemma 4's own tokenizer does."""
+    import json
+
+    file = folder / "tokenizer.json"
+    data = json.loads(file.read_text())
+    vocab = data["model"]["vocab"]
+    for token_id, text in TOOL_TOKENS.items():
+        del vocab[f"<unused{token_id}>"]
+        vocab[text] = token_id
+        data["added_tokens"].append(
+            {
+                "id": token_id,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
+    file.write_text(json.dumps(data))
+
+
+def scripted_turns(turns: list[list[int]], end: int = 106):
+    """A logits processor that makes the model emit `turns[i]` in the i-th generation it serves,
+    then `end` (`<turn|>`); the model's forward pass still runs at every step. A generation
+    starts where the history it is handed does not grow by one token, so one processor can
+    serve the several generations of an agent loop."""
+    import mlx.core as mx
+
+    state = {"turn": -1, "length": -1, "position": 0}
+
+    def processor(history, logits):
+        length = history.shape[-1]
+        if length != state["length"] + 1:
+            state["turn"], state["position"] = state["turn"] + 1, 0
+        state["length"] = length
+        turn = turns[state["turn"]] if state["turn"] < len(turns) else []
+        token = turn[state["position"]] if state["position"] < len(turn) else end
+        state["position"] += 1
+        return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -mx.inf)[None]
+
+    return processor

@@ -2,8 +2,8 @@
 
 The script replays canned model outputs through ToolCallStream, as a generator separating calls
 would, and renders every prompt it is given with Google's template: the loop's execution, error
-responses and history shape are real; only the model is replaced. (The end-to-end run with a model
-waits for `stream_generate(..., tools=...)`.)
+responses and history shape are real; only the model is replaced. The end-to-end runs with a
+model, its prompt cache and images are in test_tools_generation.py.
 """
 
 from __future__ import annotations

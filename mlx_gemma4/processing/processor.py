@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from ..config import VisionConfig
 from ..errors import ConfigError
+from ..tools import normalize_tool_messages, tool_declarations
 from .audio import AudioError, AudioFeatures, extract_features, to_wave
 from .chat_template import BUILTIN_TEMPLATE, drop_thoughts
 from .images import DEFAULT_BUDGET, PATCH_SIZE, POOLING, ImageBatch, ImageError, process_images
@@ -108,9 +109,14 @@ class Processor:
         tokenize: bool = False,
         **template_kwargs: Any,
     ) -> str | list[int]:
-        """Render chat messages with the checkpoint's template (earlier thoughts dropped)."""
+        """Render chat messages with the checkpoint's template (earlier thoughts dropped).
+
+        `tools=[...]` (OpenAI function dicts or Python functions) are declared to the model;
+        OpenAI `role: "tool"` messages become the template's tool responses."""
+        if template_kwargs.get("tools") is not None:
+            template_kwargs["tools"] = tool_declarations(template_kwargs["tools"])
         text = self.tokenizer._tokenizer.apply_chat_template(
-            drop_thoughts(messages),
+            drop_thoughts(normalize_tool_messages(messages)),
             chat_template=self.chat_template,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
