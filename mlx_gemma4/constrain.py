@@ -66,15 +66,18 @@ def _checked(processor, grammar: str, what: str) -> str:
     Grammars that passed are remembered per tokenizer (chats repeat the same schema)."""
     passed = _checked_grammars.setdefault(processor.tokenizer._tokenizer, set())
     key = (tuple(sorted(processor.stop_token_ids)), grammar)
-    if key in passed:
-        return grammar
-    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(
-        grammar, engine_tokenizer(processor)
-    )
+    if key not in passed:
+        _validate(grammar, engine_tokenizer(processor), what)
+        passed.add(key)
+    return grammar
+
+
+def _validate(grammar: str, tokenizer, what: str) -> None:
+    """One ConstraintError line naming what the engine cannot enforce (tokenizer None: the
+    checks that need no vocabulary)."""
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
     if is_error:
         raise ConstraintError(f"{what}: {one_line(messages[0])}; remove or rewrite that part")
-    passed.add(key)
-    return grammar
 
 
 # --- JSON schemas ------------------------------------------------------------------------------
@@ -143,9 +146,17 @@ def schema_key(schema: dict | str | bool) -> str | bool:
 
 @functools.lru_cache(maxsize=64)
 def _schema_grammar(key: str | bool) -> str:
-    return _llguidance().LLMatcher.grammar_from_json_schema(
+    grammar = _llguidance().LLMatcher.grammar_from_json_schema(
         closed_objects(load_schema(key)), defaults={"whitespace_flexible": False}
     )
+    _validate(grammar, None, "json_schema")
+    return grammar
+
+
+def check_json_schema(schema: dict | str | bool) -> None:
+    """One ConstraintError line for a schema that is not JSON, not a valid JSON Schema, or uses
+    what the engine cannot enforce; needs no tokenizer (so no model) to tell."""
+    _schema_grammar(schema_key(schema))
 
 
 def json_grammar(processor, schema: dict | str | bool) -> str:
@@ -287,18 +298,25 @@ class CallGrammar:
         return "\n".join([start, *self.rules, *generic]) + "\n"
 
 
-def tool_call_grammar(processor, tools: list, tool_choice: str = "required") -> str:
-    """The engine grammar of one `<|tool_call>call:NAME{...}<tool_call|>`: any of `tools` for
-    tool_choice="required", else the function named `tool_choice`."""
+def chosen_functions(tools: list, tool_choice: str) -> list[dict]:
+    """The functions a forced call may go to: all of `tools` for "required", else the one
+    named `tool_choice`."""
     functions = [tool_function(tool) for tool in tools]
     if not functions:
         raise ConstraintError("tool_choice needs at least one tool")
-    if tool_choice != "required":
-        named = [f for f in functions if f["name"] == tool_choice]
-        if not named:
-            known = ", ".join(f["name"] for f in functions)
-            raise ConstraintError(f"tool_choice {tool_choice!r} is none of the tools ({known})")
-        functions = named
+    if tool_choice == "required":
+        return functions
+    named = [f for f in functions if f["name"] == tool_choice]
+    if not named:
+        known = ", ".join(f["name"] for f in functions)
+        raise ConstraintError(f"tool_choice {tool_choice!r} is none of the tools ({known})")
+    return named
+
+
+def tool_call_grammar(processor, tools: list, tool_choice: str = "required") -> str:
+    """The engine grammar of one `<|tool_call>call:NAME{...}<tool_call|>`: any of `tools` for
+    tool_choice="required", else the function named `tool_choice`."""
+    functions = chosen_functions(tools, tool_choice)
     grammar = _llguidance().LLMatcher.grammar_from_lark(CallGrammar(processor).grammar(functions))
     return _checked(processor, grammar, "tool parameters")
 
@@ -484,6 +502,25 @@ def tool_choice_name(tool_choice: str | dict) -> str:
     raise ConstraintError(f"tool_choice: expected {TOOL_CHOICE_FORMS}, got {tool_choice!r}")
 
 
+def check_tool_choice(tools: list | None, tool_choice: str | dict, json_schema: Any = None) -> str:
+    """The tool choice as "auto", "none", "required" or a function name, or one
+    ConstraintError line for a choice that cannot be met; needs no tokenizer (so no model)."""
+    choice = tool_choice_name(tool_choice)
+    if choice == "auto":
+        return choice
+    if tools is None:
+        raise ConstraintError(f"tool_choice={choice!r} needs tools; pass tools=[...]")
+    if choice == "none":
+        return choice
+    if json_schema is not None:
+        raise ConstraintError(
+            f"json_schema and tool_choice={choice!r} both fix the answer's form; "
+            'pass one of them (or tool_choice="auto")'
+        )
+    chosen_functions(tools, choice)
+    return choice
+
+
 def forbid_token(token: int) -> Callable[[mx.array, mx.array], mx.array]:
     """A logits processor that never lets `token` be sampled."""
 
@@ -507,16 +544,9 @@ def output_logits_processor(
     but the call opener `<|tool_call>` is never sampled; "required" or a function name (also
     as OpenAI's {"type": "function", "function": {"name": ...}}): exactly one call, to any
     tool or to that one. With `json_schema` the answer is JSON, so no call can be made."""
-    choice = tool_choice_name(tool_choice)
-    if choice != "auto" and tools is None:
-        raise ConstraintError(f"tool_choice={choice!r} needs tools; pass tools=[...]")
+    choice = check_tool_choice(tools, tool_choice, json_schema)
     forced = choice not in ("auto", "none")
     if json_schema is not None:
-        if forced:
-            raise ConstraintError(
-                f"json_schema and tool_choice={choice!r} both fix the answer's form; "
-                'pass one of them (or tool_choice="auto")'
-            )
         return JsonConstraint(processor, json_schema).logits_processor()
     if forced:
         return ToolCallConstraint(processor, tools, choice).logits_processor()
@@ -533,6 +563,8 @@ __all__ = [
     "ToolCallConstraint",
     "json_logits_processor",
     "tool_call_logits_processor",
+    "check_json_schema",
+    "check_tool_choice",
     "load_schema",
     "output_logits_processor",
     "tool_choice_name",
