@@ -138,6 +138,7 @@ def test_the_constraint_runs_first_on_the_rendered_prompt(loaded):
     assert history == list(rendered)
     allowed = np.flatnonzero(np.isfinite(logits[0]))
     assert 0 < len(allowed) < 10 and processor.encode("{")[-1] in allowed
+    assert 100 not in allowed  # thinking off: the prompt's empty thought channel is closed
 
 
 def scripted_thought(tokens: list[int]):
