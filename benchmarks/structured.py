@@ -14,8 +14,9 @@ document and tokens go through every engine. Engines that are not installed are 
 The MLX table times turning a packed bitmask (32 tokens per 32-bit word) into masked logits.
 
 The decode table runs `stream_generate` on the E2B-shaped checkpoint (real layer shapes, few
-layers, the stand-in tokenizer) greedily, with no constraint and with `JsonConstraint` through
-the `logits_processors` hook, and reports decode tokens/s of each (median step interval).
+layers, the stand-in tokenizer) greedily, with no constraint and with a JSON schema through
+`stream_generate(..., json_schema=...)`, and reports decode tokens/s of each (median step
+interval).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import statistics
 import sys
 import sysconfig
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import CACHE, base_parser, e2b_shaped_checkpoint, parse, print_table
@@ -380,31 +382,28 @@ def checkpoint_with_tokenizer(layers: int) -> Path:
 
 
 def decode_table(layers: int, decode: int, rounds: int) -> None:
-    """Greedy decode tokens/s without and with a JSON schema (median step interval, best round).
+    """Greedy decode tokens/s without and with `json_schema=` (median step interval, best round).
 
     The schema asks for at least 50 of the mask table's objects, so the random model's answer
     cannot close before `decode` tokens and every step is masked."""
     import mlx.core as mx
 
     from mlx_gemma4 import load, stream_generate
-    from mlx_gemma4.constrain import JsonConstraint
 
     model, processor = load(checkpoint_with_tokenizer(layers), dtype=mx.float32)
     schema = {"type": "array", "items": SCHEMA, "minItems": 50}
-    constraint = JsonConstraint(processor, schema)
     prompt = [{"role": "user", "content": "List the orders as JSON."}]
     best: dict[str, float] = {}
     processor_ms: list[float] = []
     for _ in range(rounds):
         for name in ["no schema", "JSON schema"]:
-            processors = (
-                [timed_processor(constraint, processor_ms)] if name == "JSON schema" else []
-            )
+            constrained = {"json_schema": schema} if name == "JSON schema" else {}
             stamps = []
-            for _response in stream_generate(
-                model, processor, prompt, max_tokens=decode, logits_processors=processors
-            ):
-                stamps.append(time.perf_counter())
+            with timed_constraints(processor_ms):
+                for _response in stream_generate(
+                    model, processor, prompt, max_tokens=decode, **constrained
+                ):
+                    stamps.append(time.perf_counter())
             intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             tps = 1 / statistics.median(intervals)
             best[name] = max(best.get(name, 0.0), tps)
@@ -421,21 +420,28 @@ def decode_table(layers: int, decode: int, rounds: int) -> None:
     )
 
 
-def timed_processor(constraint, milliseconds: list[float]):
-    """The constraint's processor, timing its own work per call: advancing the matcher, the
-    mask, and queueing the masking (the wait for the previous token is not counted)."""
+@contextmanager
+def timed_constraints(milliseconds: list[float]):
+    """Time each constrained processor's own work per call while inside: advancing the matcher,
+    the mask, and queueing the masking (the wait for the previous token is not counted)."""
     import mlx.core as mx
 
-    inner = constraint.logits_processor()
+    from mlx_gemma4.constrain import ConstrainedLogits
 
-    def processor(tokens, logits):
+    call = ConstrainedLogits.__call__
+
+    def timed(self, tokens, logits):
         mx.eval(tokens)
         start = time.perf_counter()
-        out = inner(tokens, logits)
+        out = call(self, tokens, logits)
         milliseconds.append((time.perf_counter() - start) * 1e3)
         return out
 
-    return processor
+    ConstrainedLogits.__call__ = timed
+    try:
+        yield
+    finally:
+        ConstrainedLogits.__call__ = call
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ the prompt already ends with it (the empty thought channel templates append with
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections.abc import Callable
@@ -29,6 +30,7 @@ EMPTY = '""'  # the empty string in Lark: an alternative that writes nothing
 
 SHIFTS = mx.arange(32, dtype=mx.uint32)  # bit i of a mask word is token 32 * word + i
 _engine_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_checked_grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _llguidance():
@@ -60,13 +62,22 @@ def one_line(message: str, limit: int = 300) -> str:
 
 
 def _checked(processor, grammar: str, what: str) -> str:
-    """The grammar, or one ConstraintError line naming what the engine cannot enforce."""
-    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(
-        grammar, engine_tokenizer(processor)
-    )
+    """The grammar, or one ConstraintError line naming what the engine cannot enforce.
+    Grammars that passed are remembered per tokenizer (chats repeat the same schema)."""
+    passed = _checked_grammars.setdefault(processor.tokenizer._tokenizer, set())
+    key = (tuple(sorted(processor.stop_token_ids)), grammar)
+    if key not in passed:
+        _validate(grammar, engine_tokenizer(processor), what)
+        passed.add(key)
+    return grammar
+
+
+def _validate(grammar: str, tokenizer, what: str) -> None:
+    """One ConstraintError line naming what the engine cannot enforce (tokenizer None: the
+    checks that need no vocabulary)."""
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
     if is_error:
         raise ConstraintError(f"{what}: {one_line(messages[0])}; remove or rewrite that part")
-    return grammar
 
 
 # --- JSON schemas ------------------------------------------------------------------------------
@@ -122,12 +133,35 @@ def closed_objects(schema: Any) -> Any:
     return closed
 
 
+def schema_key(schema: dict | str | bool) -> str | bool:
+    """`schema` as the grammar cache's key: True, or JSON text (key order kept: it orders the
+    answer's members)."""
+    if schema is True or isinstance(schema, str):
+        return schema
+    try:
+        return json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise ConstraintError(f"json_schema: not expressible as JSON ({e})") from e
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(key: str | bool) -> str:
+    grammar = _llguidance().LLMatcher.grammar_from_json_schema(
+        closed_objects(load_schema(key)), defaults={"whitespace_flexible": False}
+    )
+    _validate(grammar, None, "json_schema")
+    return grammar
+
+
+def check_json_schema(schema: dict | str | bool) -> None:
+    """One ConstraintError line for a schema that is not JSON, not a valid JSON Schema, or uses
+    what the engine cannot enforce; needs no tokenizer (so no model) to tell."""
+    _schema_grammar(schema_key(schema))
+
+
 def json_grammar(processor, schema: dict | str | bool) -> str:
     """The engine grammar of compact JSON (no whitespace between tokens) valid for `schema`."""
-    grammar = _llguidance().LLMatcher.grammar_from_json_schema(
-        closed_objects(load_schema(schema)), defaults={"whitespace_flexible": False}
-    )
-    return _checked(processor, grammar, "json_schema")
+    return _checked(processor, _schema_grammar(schema_key(schema)), "json_schema")
 
 
 # --- Gemma's tool-call syntax ------------------------------------------------------------------
@@ -264,18 +298,25 @@ class CallGrammar:
         return "\n".join([start, *self.rules, *generic]) + "\n"
 
 
-def tool_call_grammar(processor, tools: list, tool_choice: str = "required") -> str:
-    """The engine grammar of one `<|tool_call>call:NAME{...}<tool_call|>`: any of `tools` for
-    tool_choice="required", else the function named `tool_choice`."""
+def chosen_functions(tools: list, tool_choice: str) -> list[dict]:
+    """The functions a forced call may go to: all of `tools` for "required", else the one
+    named `tool_choice`."""
     functions = [tool_function(tool) for tool in tools]
     if not functions:
         raise ConstraintError("tool_choice needs at least one tool")
-    if tool_choice != "required":
-        named = [f for f in functions if f["name"] == tool_choice]
-        if not named:
-            known = ", ".join(f["name"] for f in functions)
-            raise ConstraintError(f"tool_choice {tool_choice!r} is none of the tools ({known})")
-        functions = named
+    if tool_choice == "required":
+        return functions
+    named = [f for f in functions if f["name"] == tool_choice]
+    if not named:
+        known = ", ".join(f["name"] for f in functions)
+        raise ConstraintError(f"tool_choice {tool_choice!r} is none of the tools ({known})")
+    return named
+
+
+def tool_call_grammar(processor, tools: list, tool_choice: str = "required") -> str:
+    """The engine grammar of one `<|tool_call>call:NAME{...}<tool_call|>`: any of `tools` for
+    tool_choice="required", else the function named `tool_choice`."""
+    functions = chosen_functions(tools, tool_choice)
     grammar = _llguidance().LLMatcher.grammar_from_lark(CallGrammar(processor).grammar(functions))
     return _checked(processor, grammar, "tool parameters")
 
@@ -441,6 +482,80 @@ def tool_call_logits_processor(
     return ToolCallConstraint(processor, tools, tool_choice, thought_budget).logits_processor()
 
 
+# --- what stream_generate asks for -------------------------------------------------------------
+
+TOOL_CHOICE_FORMS = (
+    '"auto", "none", "required", a function name or '
+    '{"type": "function", "function": {"name": NAME}}'
+)
+
+
+def tool_choice_name(tool_choice: str | dict) -> str:
+    """ "auto", "none", "required" or the function name, from any of OpenAI's forms."""
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if tool_choice.get("type") == "function" and isinstance(name, str) and name:
+            return name
+    elif isinstance(tool_choice, str) and tool_choice:
+        return tool_choice
+    raise ConstraintError(f"tool_choice: expected {TOOL_CHOICE_FORMS}, got {tool_choice!r}")
+
+
+def check_tool_choice(tools: list | None, tool_choice: str | dict, json_schema: Any = None) -> str:
+    """The tool choice as "auto", "none", "required" or a function name, or one
+    ConstraintError line for a choice that cannot be met; needs no tokenizer (so no model)."""
+    choice = tool_choice_name(tool_choice)
+    if choice == "auto":
+        return choice
+    if tools is None:
+        raise ConstraintError(f"tool_choice={choice!r} needs tools; pass tools=[...]")
+    if choice == "none":
+        return choice
+    if json_schema is not None:
+        raise ConstraintError(
+            f"json_schema and tool_choice={choice!r} both fix the answer's form; "
+            'pass one of them (or tool_choice="auto")'
+        )
+    chosen_functions(tools, choice)
+    return choice
+
+
+def forbid_token(token: int) -> Callable[[mx.array, mx.array], mx.array]:
+    """A logits processor that never lets `token` be sampled."""
+
+    def processor(_tokens: mx.array, logits: mx.array) -> mx.array:
+        return mx.where(mx.arange(logits.shape[-1]) == token, -mx.inf, logits)
+
+    return processor
+
+
+def output_logits_processor(
+    processor,
+    json_schema: dict | str | bool | None = None,
+    tools: list | None = None,
+    tool_choice: str | dict = "auto",
+) -> Callable[[mx.array, mx.array], mx.array] | None:
+    """A fresh logits processor for one generation's `json_schema` and `tool_choice`, or None
+    when nothing is constrained. Every bad combination is one ConstraintError line, raised
+    before any model work.
+
+    tool_choice "auto": the model may call the tools or answer; "none": the tools are declared
+    but the call opener `<|tool_call>` is never sampled; "required" or a function name (also
+    as OpenAI's {"type": "function", "function": {"name": ...}}): exactly one call, to any
+    tool or to that one. With `json_schema` the answer is JSON, so no call can be made."""
+    choice = check_tool_choice(tools, tool_choice, json_schema)
+    forced = choice not in ("auto", "none")
+    if json_schema is not None:
+        return JsonConstraint(processor, json_schema).logits_processor()
+    if forced:
+        return ToolCallConstraint(processor, tools, choice).logits_processor()
+    if choice == "none":
+        token = processor.token_id(TOOL_CALL_OPEN)
+        return None if token is None else forbid_token(token)
+    return None
+
+
 __all__ = [
     "Constraint",
     "ConstrainedLogits",
@@ -448,5 +563,9 @@ __all__ = [
     "ToolCallConstraint",
     "json_logits_processor",
     "tool_call_logits_processor",
+    "check_json_schema",
+    "check_tool_choice",
     "load_schema",
+    "output_logits_processor",
+    "tool_choice_name",
 ]

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .constrain import output_logits_processor
 from .errors import PromptTooLongError
 from .kv_quant import KVQuantization
 from .options import MediaOptions, SamplingOptions
@@ -155,6 +156,10 @@ def generate_step(
         nonlocal history
         hidden = model.language_model(model.text_ids(ids[None]), cache)
         logits = model.logits(hidden[:, -1, :])  # the 262k-wide head for the last position only
+        if logits_processors:
+            # The forward pass starts now: the processors' CPU work (a grammar's mask waits
+            # for the previous token) overlaps it instead of delaying it.
+            mx.async_eval(logits)
         for processor in logits_processors:
             logits = processor(history, logits)
         if normalize:
@@ -197,6 +202,8 @@ def stream_generate(
     seed: int | None = None,
     stop: list[str] | None = None,
     tools: list[Tool] | None = None,
+    tool_choice: str | dict = "auto",
+    json_schema: dict | str | bool | None = None,
     prompt_cache: PromptCache | None = None,
     enable_thinking: bool = False,
     logits_processors: list[LogitsProcessor] | None = None,
@@ -231,10 +238,22 @@ def stream_generate(
     parse stays in `text`, with `malformed_tool_call` set. OpenAI `role: "tool"` messages are
     taken in chat prompts, with or without `tools`.
 
+    `tool_choice`: "auto" (the model decides), "none" (tools declared, `<|tool_call>` never
+    sampled, nothing parsed as a call), "required" (exactly one call to any of `tools`) or a
+    function name, also as OpenAI's `{"type": "function", "function": {"name": NAME}}`
+    (exactly one call to that function). A forced call comes in `tool_calls` with
+    `finish_reason="tool_calls"`.
+
+    `json_schema` (a dict, a JSON string, or True for any JSON object; needs llguidance) makes
+    the answer compact JSON valid for it. With `enable_thinking` the thought is free and the
+    answer after it constrained. A schema the engine cannot enforce raises `ConstraintError`
+    before any model work. The constraint masks logits before `logits_processors` run.
+
     `sampling` (a `SamplingOptions`) and `media_options` (a `MediaOptions`), when given, stand
     for the keyword arguments of the same names, which are then ignored.
     """
     kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+    constraint = output_logits_processor(processor, json_schema, tools, tool_choice)
     if sampling is None:
         sampling = SamplingOptions(
             max_tokens=max_tokens,
@@ -282,7 +301,8 @@ def stream_generate(
     sampler = make_sampler(
         sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=sampling.top_k
     )
-    processors = list(logits_processors or []) + make_logits_processors(
+    processors = [constraint] if constraint is not None else []
+    processors += list(logits_processors or []) + make_logits_processors(
         repetition_penalty=sampling.repetition_penalty,
         repetition_context_size=sampling.repetition_context_size,
     )
@@ -291,7 +311,8 @@ def stream_generate(
     elif kv_quantization is not None:
         prompt_cache.use_kv_quantization(kv_quantization)
     text, stops = TextStream(processor, stop_ids), StopStrings(stop_strings)
-    calls = ToolCallStream() if tools is not None else None
+    parse_calls = tools is not None and json_schema is None and tool_choice != "none"
+    calls = ToolCallStream() if parse_calls else None
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -378,7 +399,7 @@ def _separate_calls(
 def generate(model, processor: Processor, prompt, **kwargs) -> str:
     """The whole answer (thoughts excluded) as one string; takes `stream_generate`'s options.
     With `tools`, the calls the model made are in it as it wrote them (`parse_tool_calls`
-    reads them back)."""
+    reads them back); with `json_schema`, it is the JSON text."""
     pieces = []
     for response in stream_generate(model, processor, prompt, **kwargs):
         pieces.append(response.text)

@@ -13,8 +13,11 @@ import pytest
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
-from mlx_gemma4 import load, stream_generate  # noqa: E402
+from checkpoints import TOOL_TOKENS, add_tool_tokens  # noqa: E402
+
+from mlx_gemma4 import load, parse_tool_calls, stream_generate  # noqa: E402
 from mlx_gemma4.constrain import (  # noqa: E402
+    CallGrammar,
     JsonConstraint,
     ToolCallConstraint,
     json_logits_processor,
@@ -344,7 +347,7 @@ def test_bad_schema_is_one_clear_line(loaded, schema, message):
 
 # --- forced tool calls ----------------------------------------------------------------------------
 
-TOOL_TOKENS = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", '<|"|>']
+TOOL_TOKENS_BY_TEXT = {text: token_id for token_id, text in TOOL_TOKENS.items()}
 WEATHER = {
     "type": "function",
     "function": {
@@ -380,43 +383,25 @@ SEARCH = {
 
 @pytest.fixture(scope="module")
 def tool_tiny(chat_checkpoint, tmp_path_factory):
-    """The tiny checkpoint with Gemma's tool-call control tokens in place of unused pieces."""
+    """The tiny checkpoint with Gemma's tool-call control tokens (tests/checkpoints.py)."""
     source, _ = chat_checkpoint()
     folder = shutil.copytree(source, tmp_path_factory.mktemp("tool-tokens"), dirs_exist_ok=True)
-    data = json.loads((folder / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    unused = sorted((i, piece) for piece, i in vocab.items() if piece.startswith("<unused"))
-    for token, (token_id, piece) in zip(TOOL_TOKENS, unused, strict=False):
-        del vocab[piece]
-        vocab[token] = token_id
-        data["added_tokens"].append(
-            {
-                "id": token_id,
-                "content": token,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": True,
-            }
-        )
-    (folder / "tokenizer.json").write_text(json.dumps(data))
+    add_tool_tokens(folder)
     return load(folder)
 
 
-# Until mlx_gemma4.tools.parse_tool_calls lands: Gemma's call syntax, one call, flat values.
-CALL = re.compile(r"<\|tool_call>call:([\w.:\-]+)\{(.*)\}<tool_call\|>\Z", re.DOTALL)
+def test_the_grammar_uses_the_tokenizer_tool_tokens(tool_tiny):
+    """The call grammar names the control tokens by the ids this tokenizer gives them."""
+    _, processor = tool_tiny
+    grammar = CallGrammar(processor).grammar([WEATHER["function"]])
+    for text in ("<|tool_call>", "<tool_call|>", '<|"|>'):
+        assert f"<[{TOOL_TOKENS_BY_TEXT[text]}]>" in grammar
 
 
 def parse_call(text: str) -> tuple[str, dict]:
-    match = CALL.match(text)
-    assert match, text
-    body = match.group(2)
-    as_json = re.sub(
-        r'<\|"\|>(.*?)<\|"\|>', lambda m: json.dumps(m.group(1)), body, flags=re.DOTALL
-    )
-    as_json = re.sub(r"(^|[{,])([A-Za-z_][\w.\-]*):", r'\1"\2":', as_json)
-    return match.group(1), json.loads("{" + as_json + "}")
+    calls = parse_tool_calls(text)
+    assert len(calls) == 1, text
+    return calls[0].name, calls[0].arguments
 
 
 @pytest.mark.parametrize("choice", ["required", "get_weather", "docs:search-v2"])
