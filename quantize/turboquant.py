@@ -2,9 +2,11 @@
 
 Rotating the input dimension (x -> H·D·x, weight W -> W·(H·D)ᵀ) leaves the model's function
 unchanged and turns heavy-tailed rows and outlier input channels into near-Gaussian ones, which
-quantize far better. The rotated weight is then packed either as MLX affine groups, fitted for
-least squared error (the fast path: `quantized_matmul` / `gather_qmm` as before), or as Lloyd-Max
-codebook indices for the Gaussian times a scale per group.
+quantize far better. The rotated weight is then packed as MLX affine groups fitted for least
+squared error (the fast path: `quantized_matmul` / `gather_qmm` as before) or, where asked and
+where it measures better, as Lloyd-Max codebook indices for the Gaussian times a scale per group.
+What is not rotated (embeddings, router, PLE projection, the experts' down projection) gets the
+same fitted affine groups in MLX's own format.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 
 from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.models.layers import CodebookLinear, Rotation
-from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS
+from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS, pack_codes
+from mlx_gemma4.rotation import rotation_signs
 
 from .affine import Override, check_scheme, quantize_model, relative_error
 
@@ -34,9 +37,13 @@ SITES = (
     ("", "per_layer_gate_rotation", ("per_layer_input_gate",)),
     ("", "per_layer_rotation", ("per_layer_projection",)),
 )
-# Candidate shrinkings of a group's [min, max] range, and of its RMS scale for codebooks.
-_CLIP_RATIOS = np.linspace(0.5, 1.0, 11)
+# Candidate shrinkings of each end of a group's [min, max] range (tried in pairs), and of its
+# RMS scale for codebooks.
+_CLIP_RATIOS = np.linspace(0.5, 1.0, 6)
 _SCALE_RATIOS = np.linspace(0.7, 1.3, 13)
+# Rounds of least-squares scale and bias for the chosen integers, then rounding again.
+_REFIT_ROUNDS = 2
+_FIT_ELEMENTS = 2**20  # weights fitted at once (bounds the candidates' memory)
 
 
 # ----------------------------------------------------------------------------- codebooks
@@ -119,30 +126,46 @@ def fit_codebook(
 def fit_affine(
     weight: np.ndarray, bits: int, group_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(integers, scales, biases) with weight ≈ scale·q + bias, each group's range clipped for
-    least squared error (MLX's `mx.quantize` always spans the full range)."""
-    top = 2**bits - 1
+    """(integers, scales, biases) with weight ≈ scale·q + bias for least squared error.
+
+    MLX's `mx.quantize` spans each group's full [min, max]; here each end may move inwards
+    (clipping a rare extreme buys a finer step for the rest), the best pair per group is kept,
+    then scale and bias are refitted by least squares for those integers and the group rounded
+    again, while that lowers the error.
+    """
     groups = weight.reshape(-1, group_size).astype(np.float32)
-    low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
-
-    def candidate(ratio):
-        bias = low * ratio
-        scale = np.maximum((high - low) * ratio / top, 1e-12)
-        q = np.clip(np.round((groups - bias) / scale), 0, top)
-        error = ((groups - (q * scale + bias)) ** 2).sum(-1, keepdims=True)
-        return error, q.astype(np.uint8), scale, bias
-
-    _, q, scale, bias = _best_per_group(candidate(r) for r in _CLIP_RATIOS)
+    chunk = max(1, _FIT_ELEMENTS // group_size)
+    fitted = [_fit_affine_groups(groups[i : i + chunk], bits) for i in range(0, len(groups), chunk)]
+    q, scale, bias = (np.concatenate(parts) for parts in zip(*fitted, strict=True))
     shape = (*weight.shape[:-1], -1)
     return q.reshape(weight.shape), scale.reshape(shape), bias.reshape(shape)
 
 
-def pack_indices(q: np.ndarray, bits: int) -> np.ndarray:
-    """Integers [..., n] < 2^bits -> uint32 [..., n·bits/32], laid out as MLX packs them
-    (one little-endian bit stream per row)."""
-    bit_planes = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
-    stream = bit_planes.reshape(*q.shape[:-1], -1)
-    return np.ascontiguousarray(np.packbits(stream, axis=-1, bitorder="little")).view(np.uint32)
+def _fit_affine_groups(groups: np.ndarray, bits: int) -> tuple[np.ndarray, ...]:
+    top = 2**bits - 1
+    low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+
+    def candidate(scale, bias):
+        scale = np.maximum(scale, 1e-12)
+        q = np.clip(np.round((groups - bias) / scale), 0, top)
+        error = ((groups - (q * scale + bias)) ** 2).sum(-1, keepdims=True)
+        return error, q, scale, bias
+
+    best = _best_per_group(
+        candidate((high * b - low * a) / top, low * a) for a in _CLIP_RATIOS for b in _CLIP_RATIOS
+    )
+    for _ in range(_REFIT_ROUNDS):
+        best = _best_per_group([best, candidate(*_least_squares(groups, best[1]))])
+    _, q, scale, bias = best
+    return q.astype(np.uint8), scale, bias
+
+
+def _least_squares(groups: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the (scale, bias) minimizing ‖group − (scale·q + bias)‖²."""
+    q_mean, mean = q.mean(-1, keepdims=True), groups.mean(-1, keepdims=True)
+    spread = ((q - q_mean) ** 2).sum(-1, keepdims=True)
+    scale = ((q - q_mean) * (groups - mean)).sum(-1, keepdims=True) / np.maximum(spread, 1e-12)
+    return scale, mean - scale * q_mean
 
 
 # ----------------------------------------------------------------------------- the model
@@ -154,12 +177,6 @@ def _child(module: nn.Module, dotted: str) -> nn.Module | None:
         if module is None:
             return None
     return module
-
-
-def rotation_signs(dims: int, seed: int, site: int) -> mx.array:
-    """The ±1 diagonal of rotation number `site`, reproducible from the checkpoint's seed."""
-    rng = np.random.default_rng([seed, site])
-    return mx.array(rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=dims))
 
 
 def _params(
@@ -178,7 +195,14 @@ def _params(
 def _quantize_rotated(
     module: nn.Module, params: dict[str, Any], codebook: bool
 ) -> tuple[nn.Module, float]:
-    """The rotated float module packed as a codebook or fitted affine groups; its error."""
+    """The rotated float module packed as fitted affine groups or, when `codebook` asks and it
+    reconstructs the weight better, as a codebook; its error.
+
+    The rotated input is close to isotropic whatever the activations' outlier channels, so the
+    error of a layer's output is close to the error of its rotated weight: comparing the two
+    forms' weight errors (as stored, in the weight's dtype) compares what they do to the output.
+    The codebook form stores no biases, so choosing it never costs bits.
+    """
     bits, group_size, mode = params["bits"], params["group_size"], params["mode"]
     weight = module.weight
     if mode != "affine":  # the float modes have no range to fit
@@ -189,26 +213,42 @@ def _quantize_rotated(
         return packed, relative_error(weight, restored)
 
     array = np.array(weight.astype(mx.float32))
-    if codebook and isinstance(module, nn.Linear):
-        indices, scales, values = fit_codebook(array, bits, group_size)
-        out_dims, in_dims = weight.shape
-        packed = CodebookLinear(in_dims, out_dims, bits, group_size, bias="bias" in module)
-        packed.weight = mx.array(pack_indices(indices, bits))
-        packed.scales = mx.array(scales).astype(weight.dtype)
-        packed.codebook = mx.array(values).astype(weight.dtype)
-        if "bias" in module:
-            packed.bias = module.bias
-        return packed, relative_error(weight, packed.float_weight())
-
-    q, scales, biases = fit_affine(array, bits, group_size)
     packed = module.to_quantized(group_size=group_size, bits=bits, mode="affine")
-    packed.weight = mx.array(pack_indices(q, bits))
-    packed.scales = mx.array(scales).astype(weight.dtype)
-    packed.biases = mx.array(biases).astype(weight.dtype)
+    error = _fit_into(packed, array)
+    if codebook and isinstance(module, nn.Linear):
+        coded = _codebook_linear(module, array, bits, group_size)
+        coded_error = relative_error(weight, coded.float_weight())
+        if coded_error < error:
+            return coded, coded_error
+    return packed, error
+
+
+def _fit_into(packed: nn.Module, weight: np.ndarray) -> float:
+    """Overwrite an affine-quantized module's packing of `weight` with `fit_affine`'s; its error."""
+    bits, group_size = packed.bits, packed.group_size
+    q, scales, biases = fit_affine(weight, bits, group_size)
+    packed.weight = pack_codes(mx.array(q), bits)
+    packed.scales = mx.array(scales).astype(packed.scales.dtype)
+    packed.biases = mx.array(biases).astype(packed.biases.dtype)
     restored = mx.dequantize(
         packed.weight, packed.scales, packed.biases, group_size=group_size, bits=bits
     )
-    return packed, relative_error(weight, restored)
+    return relative_error(mx.array(weight), restored)
+
+
+def _codebook_linear(
+    module: nn.Linear, weight: np.ndarray, bits: int, group_size: int
+) -> CodebookLinear:
+    indices, scales, values = fit_codebook(weight, bits, group_size)
+    out_dims, in_dims = weight.shape
+    dtype = module.weight.dtype
+    coded = CodebookLinear(in_dims, out_dims, bits, group_size, bias="bias" in module)
+    coded.weight = pack_codes(mx.array(indices), bits)
+    coded.scales = mx.array(scales).astype(dtype)
+    coded.codebook = mx.array(values).astype(dtype)
+    if "bias" in module:
+        coded.bias = module.bias
+    return coded
 
 
 def check_turboquant(bits: int, group_size: int, mode: str, codebook: bool) -> None:
@@ -277,10 +317,11 @@ def turboquant_model(
 
     Each activation that feeds linears gets one `Rotation` (q/k/v share one, gate/up share
     one, the experts one per layer). Sites whose linears all stay in float are not rotated.
-    `codebook` applies to linear layers; expert stacks keep fitted affine groups (gather_qmm).
+    `codebook` lets each linear layer take a codebook where that reconstructs its rotated
+    weight better than fitted affine groups; expert stacks keep affine groups (gather_qmm).
     The router, the PLE projection, the experts' down projection and the embeddings are not
-    rotated: they get plain `quantize_model` affine groups. Returns the config.json
-    `quantization` entry, with the method recorded.
+    rotated: they get `quantize_model`'s schemes, with fitted affine groups. Returns the
+    config.json `quantization` entry, with the method recorded.
     """
     check_turboquant(bits, group_size, mode, codebook)
     defaults = {"bits": bits, "group_size": group_size, "mode": mode}
@@ -301,7 +342,13 @@ def turboquant_model(
             errors[path] = error
         if params != defaults:
             entry[path] = params
+    floats = {path: m.weight for path, m in model.named_modules() if hasattr(m, "to_quantized")}
     rest = quantize_model(
         model, bits=bits, group_size=group_size, mode=mode, override=override, errors=errors
     )
+    for path, module in model.named_modules():
+        if path in floats and getattr(module, "mode", None) == "affine" and "biases" in module:
+            error = _fit_into(module, np.array(floats[path].astype(mx.float32)))
+            if errors is not None:
+                errors[path] = error
     return {**rest, **entry, "method": "turboquant", "rotation_seed": seed, "codebook": codebook}
