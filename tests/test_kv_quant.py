@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 from conftest import first_logits, relative_error, to_numpy
 
-import mlx_gemma4.kv_quant as kv_quant
+import mlx_gemma4.models.attention as attention_module
 import mlx_gemma4.models.text as text_module
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
-from mlx_gemma4.cache import FullAttentionCache, SlidingWindowCache
-from mlx_gemma4.kv_quant import (
-    GAUSSIAN_STEP,
-    KVQuantization,
-    KVQuantizationError,
-    QuantizedFullAttentionCache,
-    pack_codes,
-    quantize_vectors,
-    quantized_attention,
-)
-from mlx_gemma4.packing import AFFINE_BITS
+from mlx_gemma4.cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
+from mlx_gemma4.kv_quant import GAUSSIAN_STEP, KVQuantization, KVQuantizationError, quantize_vectors
+from mlx_gemma4.models.attention import quantized_attention
+from mlx_gemma4.packing import AFFINE_BITS, pack_codes
 
 
 def random_kv(seed: int, length: int, heads: int = 4, kv_heads: int = 2, head_dim: int = 64):
@@ -105,9 +98,11 @@ def test_kernel_path_is_exact_for_the_stored_keys_and_values(bits, path, monkeyp
     packed bytes (the CPU path; 2-, 4- and 8-bit codes by byte planes, 3 and 6 bits whole).
     Queries here come 4 at a time, as a long prefill chunk's do 512 at a time, and the CPU path
     unpacks 32 positions at a time."""
-    monkeypatch.setattr(kv_quant, "QUERY_BLOCK", 4 if bits == (4, 2) else kv_quant.QUERY_BLOCK)
-    monkeypatch.setattr(kv_quant, "UNPACKED_BLOCK", 32 * 2 * 64)
-    monkeypatch.setattr(kv_quant, "on_cpu", lambda: path == "unpacked")
+    monkeypatch.setattr(
+        attention_module, "QUERY_BLOCK", 4 if bits == (4, 2) else attention_module.QUERY_BLOCK
+    )
+    monkeypatch.setattr(attention_module, "UNPACKED_BLOCK", 32 * 2 * 64)
+    monkeypatch.setattr(attention_module, "on_cpu", lambda: path == "unpacked")
     q, k, v = random_kv(0, 300)  # past one 256-position growth step
     cache = QuantizedFullAttentionCache(KVQuantization(*bits))
     kv = fill(cache, k, v, [290, 1, 9])
