@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.models.layers import CodebookLinear, Rotation
@@ -195,13 +196,16 @@ def _params(
 def _quantize_rotated(
     module: nn.Module, params: dict[str, Any], codebook: bool
 ) -> tuple[nn.Module, float]:
-    """The rotated float module packed as fitted affine groups or, when `codebook` asks and it
-    reconstructs the weight better, as a codebook; its error.
+    """The rotated float module packed as fitted affine groups or, when `codebook` asks, as a
+    codebook unless the affine groups measure better; its error.
 
     The rotated input is close to isotropic whatever the activations' outlier channels, so the
-    error of a layer's output is close to the error of its rotated weight: comparing the two
-    forms' weight errors (as stored, in the weight's dtype) compares what they do to the output.
-    The codebook form stores no biases, so choosing it never costs bits.
+    error of a layer's output follows the error of its rotated weight, and the two forms are
+    compared on that weight error, as stored (in the weight's dtype). The codebook form stores
+    no biases, so at equal error it is the cheaper one: each form's relative error is weighed
+    by 2^(its stored bits per weight), the rate-distortion exchange of a Gaussian source (one
+    more bit halves the error), so the affine groups win only where they beat the codebook by
+    more than what their biases cost.
     """
     bits, group_size, mode = params["bits"], params["group_size"], params["mode"]
     weight = module.weight
@@ -218,9 +222,17 @@ def _quantize_rotated(
     if codebook and isinstance(module, nn.Linear):
         coded = _codebook_linear(module, array, bits, group_size)
         coded_error = relative_error(weight, coded.float_weight())
-        if coded_error < error:
+        if coded_error * 2 ** stored_bits(coded) <= error * 2 ** stored_bits(packed):
             return coded, coded_error
     return packed, error
+
+
+def stored_bits(module: nn.Module) -> float:
+    """Bits per weight a quantized module stores: its packed integers with their scales,
+    biases and codebook (a linear's own bias is not counted)."""
+    weights = module.weight.size * 32 // module.bits
+    stored = sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k != "bias")
+    return stored * 8 / weights
 
 
 def _fit_into(packed: nn.Module, weight: np.ndarray) -> float:
@@ -317,8 +329,8 @@ def turboquant_model(
 
     Each activation that feeds linears gets one `Rotation` (q/k/v share one, gate/up share
     one, the experts one per layer). Sites whose linears all stay in float are not rotated.
-    `codebook` lets each linear layer take a codebook where that reconstructs its rotated
-    weight better than fitted affine groups; expert stacks keep affine groups (gather_qmm).
+    `codebook` gives each linear layer a codebook unless fitted affine groups reconstruct its
+    rotated weight better, counting the bits they store; expert stacks keep affine groups.
     The router, the PLE projection, the experts' down projection and the embeddings are not
     rotated: they get `quantize_model`'s schemes, with fitted affine groups. Returns the
     config.json `quantization` entry, with the method recorded.

@@ -14,7 +14,7 @@ from mlx_gemma4.cli.info import describe
 from mlx_gemma4.models.layers import CodebookLinear
 from mlx_gemma4.packing import AFFINE_BITS, pack_codes
 from mlx_gemma4.quantize import lloyd_max_codebook, quantize_model, turboquant_model
-from mlx_gemma4.quantize.turboquant import fit_affine, rotate_model
+from mlx_gemma4.quantize.turboquant import fit_affine, rotate_model, stored_bits
 from mlx_gemma4.rotation import rotation_signs
 from mlx_gemma4.saving import save_model
 
@@ -55,49 +55,61 @@ def test_fitted_affine_groups_beat_mlx_on_gaussian_rows(bits):
     assert ((restored - weight) ** 2).mean() <= 0.8 * mlx_mse
 
 
-def codebook_friendly(model: nn.Module, bits: int, group_size: int) -> None:
-    """Make layer 0's down projection exactly codebook levels times group scales once rotated,
-    which no uniform grid reproduces: the per-layer choice must take the codebook there."""
-    probe = outlier_text_model("64x128", "clustered", 5)
-    rotate_model(probe, seed=0)
-    rotation = probe.language_model.layers[0].mlp.inner_rotation
-    down = model.language_model.layers[0].mlp.down_proj
-    rows, dims = down.weight.shape
-    rng = np.random.default_rng(0)
-    codebook, _ = lloyd_max_codebook(bits)
-    levels = codebook[rng.integers(0, 2**bits, (rows, dims))].reshape(rows, -1, group_size)
-    rotated = (levels * rng.uniform(0.01, 0.03, (rows, dims // group_size, 1))).reshape(rows, -1)
+def set_rotated_weight(model: nn.Module, probe: nn.Module, linear: str, rotation: str, rotated):
+    """Give layer 0's `linear` (under `mlp`) the weight whose rotation is `rotated`; `probe` is a
+    model `rotate_model` rotated with the same seed."""
     # rotation(I) is Rᵀ, so the weight whose rotation W·Rᵀ is `rotated` is rotated·R
-    matrix = rotation(mx.eye(dims))
-    down.weight = mx.array(rotated.astype(np.float32)) @ matrix.T
+    matrix = probe.language_model.layers[0].mlp[rotation](mx.eye(rotated.shape[-1]))
+    module = model.language_model.layers[0].mlp[linear]
+    module.weight = mx.array(rotated.astype(np.float32)) @ matrix.T
 
 
-def test_per_layer_codebook_choice_saves_loads_and_counts_its_bits(tmp_path):
+def grouped(levels: np.ndarray, rng, group_size: int) -> np.ndarray:
+    rows, dims = levels.shape
+    scales = rng.uniform(0.01, 0.03, (rows, dims // group_size, 1))
+    return (levels.reshape(rows, -1, group_size) * scales).reshape(rows, dims)
+
+
+def test_per_layer_choice_saves_loads_and_counts_its_bits(tmp_path):
+    """A layer that is exactly codebook levels once rotated takes the codebook, one that is
+    exactly an affine grid takes fitted groups; the checkpoint loads and says what it holds."""
     bits, group_size = 3, 32
     model = outlier_text_model("64x128", "clustered", 5)
-    codebook_friendly(model, bits, group_size)
+    probe = outlier_text_model("64x128", "clustered", 5)
+    rotate_model(probe, seed=0)
+    rng = np.random.default_rng(0)
+    codebook, _ = lloyd_max_codebook(bits)
+    down = model.language_model.layers[0].mlp.down_proj.weight.shape
+    levels = codebook[rng.integers(0, 2**bits, down)]
+    set_rotated_weight(
+        model, probe, "down_proj", "inner_rotation", grouped(levels, rng, group_size)
+    )
+    gate = model.language_model.layers[0].mlp.gate_proj.weight.shape
+    grid = rng.integers(0, 2**bits, gate).astype(np.float64)
+    grid[:, ::group_size], grid[:, 1::group_size] = 0, 2**bits - 1  # every group spans the grid
+    set_rotated_weight(model, probe, "gate_proj", "input_rotation", grouped(grid - 3.3, rng, 32))
+
     ids = mx.array(np.random.default_rng(0).integers(0, VOCAB, size=(2, 16)))
     errors = {}
     entry = turboquant_model(model, bits=bits, group_size=group_size, codebook=True, errors=errors)
-    kinds = {path: type(m).__name__ for path, m in model.named_modules() if "proj" in path}
-    assert kinds.pop("language_model.layers.0.mlp.down_proj") == "CodebookLinear"
-    assert set(kinds.values()) == {"QuantizedLinear"}  # fitted groups measured better elsewhere
+    mlp = model.language_model.layers[0].mlp
+    assert isinstance(mlp.down_proj, CodebookLinear) and isinstance(
+        mlp.gate_proj, nn.QuantizedLinear
+    )
     assert errors["language_model.layers.0.mlp.down_proj"] < 1e-3
+    assert errors["language_model.layers.0.mlp.gate_proj"] < 1e-3
 
     expected = to_numpy(model(ids))
     save_model(model, tmp_path / "mixed", quantization=entry)
     loaded = load_model(tmp_path / "mixed", dtype=mx.float32)
     np.testing.assert_allclose(to_numpy(loaded(ids)), expected, rtol=1e-5, atol=1e-5)
     summary = describe(loaded)["quantization"]
-    assert "codebook 3-bit g32 (1 modules)" in summary and "affine 3-bit g32" in summary
-
-    # the codebook form stores a scale per group and no bias: fewer bits than the affine form
-    def stored_bits(module: nn.Module) -> int:
-        return sum(v.nbytes * 8 for k, v in module.parameters().items() if k != "bias")
-
-    layer = loaded.language_model.layers[0].mlp
-    assert isinstance(layer.down_proj, CodebookLinear)
-    assert stored_bits(layer.down_proj) < stored_bits(layer.up_proj) * 128 / 64
+    assert "codebook 3-bit g32" in summary and "affine 3-bit g32" in summary
+    # the codebook stores a scale per group, no bias, and 8 levels: 3 + 32/32 + 8·32/(64·128)
+    # bits per weight, against the affine groups' 3 + 64/32 (float32 scales and biases)
+    mlp = loaded.language_model.layers[0].mlp
+    assert stored_bits(mlp.down_proj) == pytest.approx(4 + 8 * 32 / (64 * 128))
+    assert stored_bits(mlp.gate_proj) == pytest.approx(5.0)
 
 
 # ----------------------------------------------------------------------------- the seams
