@@ -38,12 +38,12 @@ SITES = (
     ("", "per_layer_gate_rotation", ("per_layer_input_gate",)),
     ("", "per_layer_rotation", ("per_layer_projection",)),
 )
-# Candidate shrinkings of each end of a group's [min, max] range (tried in pairs), and of its
-# RMS scale for codebooks.
+# Candidate shrinkings of each end of a group's [min, max] range, and of its RMS scale for
+# codebooks.
 _CLIP_RATIOS = np.linspace(0.5, 1.0, 6)
 _SCALE_RATIOS = np.linspace(0.7, 1.3, 13)
 # Rounds of least-squares scale and bias for the chosen integers, then rounding again.
-_REFIT_ROUNDS = 2
+_REFIT_ROUNDS = 4
 _FIT_ELEMENTS = 2**20  # weights fitted at once (bounds the candidates' memory)
 
 
@@ -125,47 +125,72 @@ def fit_codebook(
 
 
 def fit_affine(
-    weight: np.ndarray, bits: int, group_size: int
+    weight: np.ndarray | mx.array, bits: int, group_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(integers, scales, biases) with weight ≈ scale·q + bias for least squared error.
+    """(integers, scales, biases) with weight ≈ scale·q + bias for least squared error."""
+    q, scales, biases = affine_groups(mx.array(weight), bits, group_size)
+    return np.array(q), np.array(scales), np.array(biases)
 
-    MLX's `mx.quantize` spans each group's full [min, max]; here each end may move inwards
-    (clipping a rare extreme buys a finer step for the rest), the best pair per group is kept,
-    then scale and bias are refitted by least squares for those integers and the group rounded
-    again, while that lowers the error.
+
+def affine_groups(
+    weight: mx.array, bits: int, group_size: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`fit_affine` in MLX arrays: integers (uint8), scales and biases in float32.
+
+    MLX's `mx.quantize` spans each group's full [min, max]. Here the low end may move inwards
+    (clipping a rare extreme buys a finer step for the rest), then, from the best low end, the
+    high end; each group keeps its best pair, then scale and bias are refitted by least squares
+    for those integers and the group rounded again, while that lowers the error.
     """
-    groups = weight.reshape(-1, group_size).astype(np.float32)
+    groups = weight.astype(mx.float32).reshape(-1, group_size)
     chunk = max(1, _FIT_ELEMENTS // group_size)
-    fitted = [_fit_affine_groups(groups[i : i + chunk], bits) for i in range(0, len(groups), chunk)]
-    q, scale, bias = (np.concatenate(parts) for parts in zip(*fitted, strict=True))
+    fitted = []
+    for start in range(0, groups.shape[0], chunk):
+        fitted.append(_fit_affine_groups(groups[start : start + chunk], bits))
+        mx.eval(fitted[-1])
+    q, scale, bias = (mx.concatenate(parts) for parts in zip(*fitted, strict=True))
     shape = (*weight.shape[:-1], -1)
     return q.reshape(weight.shape), scale.reshape(shape), bias.reshape(shape)
 
 
-def _fit_affine_groups(groups: np.ndarray, bits: int) -> tuple[np.ndarray, ...]:
-    top = 2**bits - 1
+@functools.partial(mx.compile, shapeless=True)
+def _affine_candidate(groups: mx.array, scale: mx.array, bias: mx.array, top: mx.array):
+    """(squared error per group, integers, scale, bias) of one scale and bias per group."""
+    scale = mx.maximum(scale, 1e-12)
+    q = mx.clip(mx.round((groups - bias) / scale), 0, top)
+    error = mx.square(groups - (q * scale + bias)).sum(-1, keepdims=True)
+    return error, q, scale, bias
+
+
+def _keep_better(best: list[mx.array] | None, candidate: tuple[mx.array, ...]) -> list[mx.array]:
+    if best is None:
+        return list(candidate)
+    better = candidate[0] < best[0]
+    return [mx.where(better, new, old) for new, old in zip(candidate, best, strict=True)]
+
+
+def _fit_affine_groups(groups: mx.array, bits: int) -> tuple[mx.array, mx.array, mx.array]:
+    top = mx.array(2**bits - 1, mx.float32)
     low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
-
-    def candidate(scale, bias):
-        scale = np.maximum(scale, 1e-12)
-        q = np.clip(np.round((groups - bias) / scale), 0, top)
-        error = ((groups - (q * scale + bias)) ** 2).sum(-1, keepdims=True)
-        return error, q, scale, bias
-
-    best = _best_per_group(
-        candidate((high * b - low * a) / top, low * a) for a in _CLIP_RATIOS for b in _CLIP_RATIOS
-    )
+    best = None
+    for ratio in _CLIP_RATIOS:
+        best = _keep_better(
+            best, _affine_candidate(groups, (high - low * ratio) / top, low * ratio, top)
+        )
+    low = best[3]
+    for ratio in _CLIP_RATIOS[:-1]:
+        best = _keep_better(best, _affine_candidate(groups, (high * ratio - low) / top, low, top))
     for _ in range(_REFIT_ROUNDS):
-        best = _best_per_group([best, candidate(*_least_squares(groups, best[1]))])
+        best = _keep_better(best, _affine_candidate(groups, *_least_squares(groups, best[1]), top))
     _, q, scale, bias = best
-    return q.astype(np.uint8), scale, bias
+    return q.astype(mx.uint8), scale, bias
 
 
-def _least_squares(groups: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _least_squares(groups: mx.array, q: mx.array) -> tuple[mx.array, mx.array]:
     """Per group, the (scale, bias) minimizing ‖group − (scale·q + bias)‖²."""
     q_mean, mean = q.mean(-1, keepdims=True), groups.mean(-1, keepdims=True)
-    spread = ((q - q_mean) ** 2).sum(-1, keepdims=True)
-    scale = ((q - q_mean) * (groups - mean)).sum(-1, keepdims=True) / np.maximum(spread, 1e-12)
+    spread = mx.square(q - q_mean).sum(-1, keepdims=True)
+    scale = ((q - q_mean) * (groups - mean)).sum(-1, keepdims=True) / mx.maximum(spread, 1e-12)
     return scale, mean - scale * q_mean
 
 
@@ -216,10 +241,10 @@ def _quantize_rotated(
         )
         return packed, relative_error(weight, restored)
 
-    array = np.array(weight.astype(mx.float32))
     packed = module.to_quantized(group_size=group_size, bits=bits, mode="affine")
-    error = _fit_into(packed, array)
+    error = _fit_into(packed, weight)
     if codebook and isinstance(module, nn.Linear):
+        array = np.array(weight.astype(mx.float32))
         coded = _codebook_linear(module, array, bits, group_size)
         coded_error = relative_error(weight, coded.float_weight())
         if coded_error * 2 ** stored_bits(coded) <= error * 2 ** stored_bits(packed):
@@ -235,17 +260,17 @@ def stored_bits(module: nn.Module) -> float:
     return stored * 8 / weights
 
 
-def _fit_into(packed: nn.Module, weight: np.ndarray) -> float:
-    """Overwrite an affine-quantized module's packing of `weight` with `fit_affine`'s; its error."""
+def _fit_into(packed: nn.Module, weight: mx.array) -> float:
+    """Overwrite an affine-quantized module's packing of `weight` with fitted groups; its error."""
     bits, group_size = packed.bits, packed.group_size
-    q, scales, biases = fit_affine(weight, bits, group_size)
-    packed.weight = pack_codes(mx.array(q), bits)
-    packed.scales = mx.array(scales).astype(packed.scales.dtype)
-    packed.biases = mx.array(biases).astype(packed.biases.dtype)
+    q, scales, biases = affine_groups(weight, bits, group_size)
+    packed.weight = pack_codes(q, bits)
+    packed.scales = scales.astype(packed.scales.dtype)
+    packed.biases = biases.astype(packed.biases.dtype)
     restored = mx.dequantize(
         packed.weight, packed.scales, packed.biases, group_size=group_size, bits=bits
     )
-    return relative_error(mx.array(weight), restored)
+    return relative_error(weight, restored)
 
 
 def _codebook_linear(
@@ -360,7 +385,7 @@ def turboquant_model(
     )
     for path, module in model.named_modules():
         if path in floats and getattr(module, "mode", None) == "affine" and "biases" in module:
-            error = _fit_into(module, np.array(floats[path].astype(mx.float32)))
+            error = _fit_into(module, floats[path])
             if errors is not None:
                 errors[path] = error
     return {**rest, **entry, "method": "turboquant", "rotation_seed": seed, "codebook": codebook}
