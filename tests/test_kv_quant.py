@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import first_logits, relative_error, to_numpy
 
+import mlx_gemma4.kv_quant as kv_quant_module
 import mlx_gemma4.models.attention as attention_module
 import mlx_gemma4.models.text as text_module
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
@@ -290,3 +292,33 @@ def test_cli_flags_reach_the_cache(chat_checkpoint, monkeypatch):
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "KV key bits must be one of" in bad.stderr
+
+
+def package_imports(path) -> set[str]:
+    """The mlx_gemma4 modules a source file imports, as dotted names under mlx_gemma4."""
+    import ast
+
+    package = path.parent.relative_to(MLX_GEMMA4.parent).parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[: len(package) - node.level + 1])
+            found.add(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlx_gemma4"):
+            found.add(node.module)
+    return found
+
+
+MLX_GEMMA4 = Path(kv_quant_module.__file__).parent
+
+
+def test_no_module_imports_upward():
+    """models/ reads only the low modules beside it; the KV codec reads nothing from models/."""
+    allowed = {
+        f"mlx_gemma4.{name}" for name in ("config", "errors", "cache", "kv_quant", "packing")
+    }
+    for path in sorted((MLX_GEMMA4 / "models").glob("*.py")):
+        outside = {m for m in package_imports(path) if not m.startswith("mlx_gemma4.models")}
+        assert outside <= allowed, (path.name, outside - allowed)
+    for low in ("kv_quant.py", "cache.py", "packing.py", "rotation.py"):
+        assert not any(m.startswith("mlx_gemma4.models") for m in package_imports(MLX_GEMMA4 / low))
