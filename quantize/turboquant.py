@@ -3,10 +3,11 @@
 Rotating the input dimension (x -> H·D·x, weight W -> W·(H·D)ᵀ) leaves the model's function
 unchanged and turns heavy-tailed rows and outlier input channels into near-Gaussian ones, which
 quantize far better. The rotated weight is then packed as MLX affine groups fitted for least
-squared error (the fast path: `quantized_matmul` / `gather_qmm` as before) or, where asked and
-where it measures better, as Lloyd-Max codebook indices for the Gaussian times a scale per group.
-What is not rotated (embeddings, router, PLE projection, the experts' down projection) gets the
-same fitted affine groups in MLX's own format.
+squared error (the fast path: `quantized_matmul` / `gather_qmm` as before) or, where asked, as
+Lloyd-Max codebook indices for the Gaussian times a scale per group, layer by layer unless the
+affine groups measure better for the bits they store. What is not rotated (embeddings, router,
+PLE projection, the experts' down projection) gets the same fitted affine groups, in MLX's own
+format.
 """
 
 from __future__ import annotations
