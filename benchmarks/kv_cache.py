@@ -65,8 +65,8 @@ def random_contents(config, context: int) -> list[tuple]:
 def our_caches(model, contents, context: int, key_bits, value_bits) -> list:
     import mlx.core as mx
 
-    from mlx_gemma4.cache import SlidingWindowCache
-    from mlx_gemma4.kv_quant import KVQuantization, QuantizedFullAttentionCache
+    from mlx_gemma4.cache import QuantizedFullAttentionCache, SlidingWindowCache
+    from mlx_gemma4.kv_quant import KVQuantization
 
     setting = None if key_bits is None else KVQuantization(key_bits, value_bits)
     caches = model.make_cache(setting)
@@ -141,10 +141,10 @@ def attention_step_times(config, contexts: list[int], steps: int, rounds: int) -
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
     from mlx_lm.models.cache import QuantizedKVCache
 
-    from mlx_gemma4.cache import FullAttentionCache
-    from mlx_gemma4.kv_quant import KVQuantization, QuantizedFullAttentionCache
-    from mlx_gemma4.kv_quant import quantized_attention as ours
+    from mlx_gemma4.cache import FullAttentionCache, QuantizedFullAttentionCache
+    from mlx_gemma4.kv_quant import KVQuantization
     from mlx_gemma4.models.attention import attention as float_attention
+    from mlx_gemma4.models.attention import quantized_attention as ours
 
     layer = config.layer_types.index("full_attention")
     heads, kv_heads = config.num_attention_heads, config.layer_kv_heads(layer)
@@ -215,8 +215,9 @@ def attention_quality(config, context: int = 2048) -> list[list]:
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
     from mlx_lm.models.cache import QuantizedKVCache
 
-    from mlx_gemma4.kv_quant import KVQuantization, QuantizedFullAttentionCache
-    from mlx_gemma4.kv_quant import quantized_attention as ours
+    from mlx_gemma4.cache import QuantizedFullAttentionCache
+    from mlx_gemma4.kv_quant import KVQuantization
+    from mlx_gemma4.models.attention import quantized_attention as ours
 
     layer = config.layer_types.index("full_attention")
     heads, kv_heads = config.num_attention_heads, config.layer_kv_heads(layer)

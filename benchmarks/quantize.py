@@ -1,9 +1,18 @@
 """Weight quantization: affine against TurboQuant-style, on quality and decode speed.
 
     python benchmarks/quantize.py [--bits 3,4,8] [--prompt 128] [--decode 32] [--rounds 3]
-                                  [--layers 5] [--no-kv] [--bundled-blas]
+                                  [--layers 5] [--grid-only] [--no-kv] [--bundled-blas]
 
-On an E2B-shaped checkpoint (real layer shapes, few layers) whose projections are made
+First the robustness grid: tiny text models (3 layers, vocabulary 512) of three shapes, one of
+them a 352-wide residual stream that rotates block-diagonally, times three outlier patterns
+TurboQuant was not tuned on (tests/checkpoints.py: clustered outlier channels with Student-t
+tails, log-normal row and column scales with one 30x channel, sparse 30x spikes in Laplace
+entries), a different seed per cell. Each cell quantizes everything (group 32) at 3 and 4 bits
+with affine, turboquant and turboquant --codebook, and prints the mean KL of the next-token
+distributions against float32 over 16 x 64 tokens as a ratio to affine's, then the worst case.
+--grid-only stops there.
+
+Then, on an E2B-shaped checkpoint (real layer shapes, few layers) whose projections are made
 LLM-like (heavy-tailed entries, outlier input channels; the rule tests/test_quantize.py uses),
 each method quantizes every linear and embedding at each bit width (group 64). Quality is the
 mean KL divergence of the next-token distributions against the float model and how often the
@@ -31,6 +40,7 @@ def arguments() -> tuple[argparse.Namespace, str]:
     parser.add_argument("--bits", default="3,4,8", help="comma-separated bit widths")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (KL, top-1)")
     parser.add_argument("--decode", type=int, default=32, help="generated tokens")
+    parser.add_argument("--grid-only", action="store_true", help="only the robustness grid")
     parser.add_argument("--no-kv", action="store_true", help="skip the KV-cache benchmark")
     return parse(parser)
 
@@ -72,15 +82,14 @@ def quantized_model(folder: Path, llm: dict, method: str, bits: int):
 
 
 def bits_per_weight(model) -> float:
-    from mlx.utils import tree_flatten
+    from mlx_gemma4.quantize.turboquant import stored_bits
 
-    stored = weights = 0
-    for _, module in model.named_modules():
-        if hasattr(module, "bits") and hasattr(module, "scales"):
-            params = dict(tree_flatten(module.parameters()))
-            stored += sum(p.nbytes * 8 for key, p in params.items() if key != "bias")
-            weights += module.weight.size * 32 // module.bits
-    return stored / weights
+    sizes = [
+        (stored_bits(module), module.weight.size * 32 // module.bits)
+        for _, module in model.named_modules()
+        if hasattr(module, "bits") and hasattr(module, "scales")
+    ]
+    return sum(bits * weights for bits, weights in sizes) / sum(weights for _, weights in sizes)
 
 
 def quality(logits, reference) -> tuple[float, float]:
@@ -102,8 +111,67 @@ def _ratio(kl: float, affine_kl: float) -> str:
     return "-" if abs(affine_kl) < KL_NOISE else f"{kl / affine_kl:.2f}x"
 
 
+GRID_BITS = (3, 4)
+GRID_METHODS = {
+    "turboquant": {},
+    "codebook": {"codebook": True},
+}
+
+
+def grid() -> dict[int, float]:
+    """Print the robustness grid; return the worst turboquant/affine KL ratio per bit width."""
+    import mlx.core as mx
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from checkpoints import GRID_PATTERNS, GRID_SHAPES, VOCAB, outlier_text_model
+
+    from mlx_gemma4.quantize import quantize_model, turboquant_model
+
+    rows, worst = [], {(m, b): 0.0 for m in GRID_METHODS for b in GRID_BITS}
+    for i, pattern in enumerate(GRID_PATTERNS):
+        for j, shape in enumerate(GRID_SHAPES):
+            seed = 3 * i + j
+            ids = mx.array(np.random.default_rng(seed).integers(0, VOCAB, size=(16, 64)))
+            reference = outlier_text_model(shape, pattern, seed)(ids).astype(mx.float32)
+            row = [pattern, shape, str(seed)]
+            for bits in GRID_BITS:
+                model = outlier_text_model(shape, pattern, seed)
+                quantize_model(model, bits=bits, group_size=32)
+                affine_kl, _ = quality(model(ids).astype(mx.float32), reference)
+                row += [f"{affine_kl:.3g} ({bits_per_weight(model):.2f})"]
+                for method, options in GRID_METHODS.items():
+                    model = outlier_text_model(shape, pattern, seed)
+                    turboquant_model(model, bits=bits, group_size=32, **options)
+                    kl, _ = quality(model(ids).astype(mx.float32), reference)
+                    worst[method, bits] = max(worst[method, bits], kl / affine_kl)
+                    row.append(f"{kl / affine_kl:.2f}x ({bits_per_weight(model):.2f})")
+            rows.append(row)
+    rows.append(
+        ["worst case", "", ""]
+        + [
+            cell
+            for bits in GRID_BITS
+            for cell in ["", *(f"**{worst[m, bits]:.2f}x**" for m in GRID_METHODS)]
+        ]
+    )
+    header = ["pattern", "shape", "seed"]
+    for bits in GRID_BITS:
+        header += [f"affine {bits}b KL (bits/w)", f"turboquant {bits}b", f"--codebook {bits}b"]
+    print_table(
+        "quantize grid: tiny 3-layer models, group 32, KL vs float32 over 16 x 64 tokens; "
+        "turboquant columns: KL / affine KL (bits/weight, float32 scales)",
+        header,
+        rows,
+    )
+    return {bits: worst["turboquant", bits] for bits in GRID_BITS}
+
+
 def main() -> None:
     args, blas = arguments()
+    grid()
+    if args.grid_only:
+        return
 
     import mlx.core as mx
     from mlx.utils import tree_unflatten

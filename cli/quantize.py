@@ -37,7 +37,12 @@ Recipe = Annotated[
     ),
 ]
 Codebook = Annotated[
-    bool, typer.Option("--codebook", help="turboquant: Lloyd-Max codebooks, not affine groups.")
+    bool,
+    typer.Option(
+        "--codebook",
+        help="turboquant: Lloyd-Max codebooks (no biases) per layer, unless affine groups "
+        "measure better for their bits.",
+    ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="turboquant: rotation seed.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")]

@@ -1,4 +1,5 @@
-"""KV caches: a growing cache for full-attention layers, a trimmable window cache for sliding ones.
+"""KV caches: a growing cache for full-attention layers (float or quantized), a trimmable window
+cache for sliding ones.
 
 KV-shared layers own no cache: they attend over what their source layer's cache returns.
 """
@@ -9,7 +10,15 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache
 
-__all__ = ["FullAttentionCache", "SlidingWindowCache", "attention_mask"]
+from .kv_quant import KVQuantization, Quantized, QuantizedKV, quantize_vectors, rotate
+from .rotation import rotation_signs
+
+__all__ = [
+    "FullAttentionCache",
+    "QuantizedFullAttentionCache",
+    "SlidingWindowCache",
+    "attention_mask",
+]
 
 
 class FullAttentionCache(KVCache):
@@ -160,3 +169,119 @@ def attention_mask(cache, n_queries: int):
     if isinstance(cache, SlidingWindowCache):
         return cache.make_mask(n_queries)
     return None if n_queries == 1 else "causal"
+
+
+class QuantizedFullAttentionCache(_BaseCache):
+    """A growing full-attention cache of rotated, quantized keys and values.
+
+    Storage grows in `step`-position blocks; `trim` only moves the end back. Its state is the
+    four arrays (keys then values: packed codes, scales) up to the last position.
+    """
+
+    step = 256
+
+    def __init__(self, quantization: KVQuantization, seed: int = 0):
+        self.quantization = quantization
+        self.seed = seed  # picks the rotation; fixed per layer, kept in meta_state
+        self.keys: Quantized | None = None
+        self.values: Quantized | None = None
+        self.offset = 0
+        self._signs: mx.array | None = None
+
+    def _rotation(self, head_dim: int) -> mx.array:
+        if self._signs is None or self._signs.shape[0] != head_dim:
+            self._signs = rotation_signs(head_dim, self.seed)
+        return self._signs
+
+    def _quantize(self, x: mx.array, bits: int) -> Quantized:
+        return quantize_vectors(rotate(x, self._rotation(x.shape[-1])), bits)
+
+    def _make_room(self, keys: Quantized, values: Quantized, n: int) -> None:
+        if self.keys is not None and self.offset + n <= self.keys[0].shape[2]:
+            return
+        grow = (n + self.step - 1) // self.step * self.step
+
+        def extend(stored: Quantized | None, new: Quantized) -> Quantized:
+            blocks = [mx.zeros((*part.shape[:2], grow, part.shape[3]), part.dtype) for part in new]
+            if stored is None:
+                return tuple(blocks)
+            return tuple(
+                mx.concatenate([old[..., : self.offset, :], block], axis=2)
+                for old, block in zip(stored, blocks, strict=True)
+            )
+
+        self.keys, self.values = extend(self.keys, keys), extend(self.values, values)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> QuantizedKV:
+        """Rotate, quantize and store new positions; return everything stored, packed."""
+        n = keys.shape[2]
+        new_keys = self._quantize(keys, self.quantization.key_bits)
+        new_values = self._quantize(values, self.quantization.value_bits)
+        self._make_room(new_keys, new_values, n)
+        end = self.offset + n
+        for stored, new in ((self.keys, new_keys), (self.values, new_values)):
+            for buffer, part in zip(stored, new, strict=True):
+                buffer[..., self.offset : end, :] = part
+        self.offset = end
+        return self.fetch()
+
+    def fetch(self) -> QuantizedKV:
+        def visible(stored: Quantized) -> Quantized:
+            if stored[0].shape[2] == self.offset:
+                return stored
+            return tuple(part[..., : self.offset, :] for part in stored)
+
+        head_dim = self.keys[0].shape[-1] * 32 // self.quantization.key_bits
+        return QuantizedKV(
+            visible(self.keys),
+            visible(self.values),
+            self._rotation(head_dim),
+            self.quantization.key_bits,
+            self.quantization.value_bits,
+        )
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return [part[..., : self.offset, :] for part in (*self.keys, *self.values)]
+
+    @state.setter
+    def state(self, value) -> None:
+        if not value:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        self.keys, self.values = tuple(value[:2]), tuple(value[2:])
+        self.offset = self.keys[0].shape[2]
+
+    @property
+    def meta_state(self):
+        q = self.quantization
+        return tuple(map(str, (q.key_bits, q.value_bits, self.seed)))
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        key_bits, value_bits, self.seed = map(int, value)
+        self.quantization = KVQuantization(key_bits, value_bits)
+        self._signs = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(part.nbytes for part in (*self.keys, *self.values))

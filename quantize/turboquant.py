@@ -2,9 +2,12 @@
 
 Rotating the input dimension (x -> H·D·x, weight W -> W·(H·D)ᵀ) leaves the model's function
 unchanged and turns heavy-tailed rows and outlier input channels into near-Gaussian ones, which
-quantize far better. The rotated weight is then packed either as MLX affine groups, fitted for
-least squared error (the fast path: `quantized_matmul` / `gather_qmm` as before), or as Lloyd-Max
-codebook indices for the Gaussian times a scale per group.
+quantize far better. The rotated weight is then packed as MLX affine groups fitted for least
+squared error (the fast path: `quantized_matmul` / `gather_qmm` as before) or, where asked, as
+Lloyd-Max codebook indices for the Gaussian times a scale per group, layer by layer unless the
+affine groups measure better for the bits they store. What is not rotated (embeddings, router,
+PLE projection, the experts' down projection) gets the same fitted affine groups, in MLX's own
+format.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_gemma4.errors import QuantizationError
 from mlx_gemma4.models.layers import CodebookLinear, Rotation
-from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS
+from mlx_gemma4.packing import AFFINE_BITS, AFFINE_GROUPS, pack_codes
+from mlx_gemma4.rotation import rotation_signs
 
 from .affine import (
     Override,
@@ -40,9 +45,13 @@ SITES = (
     ("", "per_layer_gate_rotation", ("per_layer_input_gate",)),
     ("", "per_layer_rotation", ("per_layer_projection",)),
 )
-# Candidate shrinkings of a group's [min, max] range, and of its RMS scale for codebooks.
-_CLIP_RATIOS = np.linspace(0.5, 1.0, 11)
+# Candidate shrinkings of each end of a group's [min, max] range, and of its RMS scale for
+# codebooks.
+_CLIP_RATIOS = np.linspace(0.5, 1.0, 6)
 _SCALE_RATIOS = np.linspace(0.7, 1.3, 13)
+# Rounds of least-squares scale and bias for the chosen integers, then rounding again.
+_REFIT_ROUNDS = 4
+_FIT_ELEMENTS = 2**20  # weights fitted at once (bounds the candidates' memory)
 
 
 # ----------------------------------------------------------------------------- codebooks
@@ -123,32 +132,73 @@ def fit_codebook(
 
 
 def fit_affine(
-    weight: np.ndarray, bits: int, group_size: int
+    weight: np.ndarray | mx.array, bits: int, group_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(integers, scales, biases) with weight ≈ scale·q + bias, each group's range clipped for
-    least squared error (MLX's `mx.quantize` always spans the full range)."""
-    top = 2**bits - 1
-    groups = weight.reshape(-1, group_size).astype(np.float32)
-    low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    """(integers, scales, biases) with weight ≈ scale·q + bias for least squared error."""
+    q, scales, biases = affine_groups(mx.array(weight), bits, group_size)
+    return np.array(q), np.array(scales), np.array(biases)
 
-    def candidate(ratio):
-        bias = low * ratio
-        scale = np.maximum((high - low) * ratio / top, 1e-12)
-        q = np.clip(np.round((groups - bias) / scale), 0, top)
-        error = ((groups - (q * scale + bias)) ** 2).sum(-1, keepdims=True)
-        return error, q.astype(np.uint8), scale, bias
 
-    _, q, scale, bias = _best_per_group(candidate(r) for r in _CLIP_RATIOS)
+def affine_groups(
+    weight: mx.array, bits: int, group_size: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`fit_affine` in MLX arrays: integers (uint8), scales and biases in float32.
+
+    MLX's `mx.quantize` spans each group's full [min, max]. Here the low end may move inwards
+    (clipping a rare extreme buys a finer step for the rest), then, from the best low end, the
+    high end; each group keeps its best pair, then scale and bias are refitted by least squares
+    for those integers and the group rounded again, while that lowers the error.
+    """
+    groups = weight.astype(mx.float32).reshape(-1, group_size)
+    chunk = max(1, _FIT_ELEMENTS // group_size)
+    fitted = []
+    for start in range(0, groups.shape[0], chunk):
+        fitted.append(_fit_affine_groups(groups[start : start + chunk], bits))
+        mx.eval(fitted[-1])
+    q, scale, bias = (mx.concatenate(parts) for parts in zip(*fitted, strict=True))
     shape = (*weight.shape[:-1], -1)
     return q.reshape(weight.shape), scale.reshape(shape), bias.reshape(shape)
 
 
-def pack_indices(q: np.ndarray, bits: int) -> np.ndarray:
-    """Integers [..., n] < 2^bits -> uint32 [..., n·bits/32], laid out as MLX packs them
-    (one little-endian bit stream per row)."""
-    bit_planes = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
-    stream = bit_planes.reshape(*q.shape[:-1], -1)
-    return np.ascontiguousarray(np.packbits(stream, axis=-1, bitorder="little")).view(np.uint32)
+@functools.partial(mx.compile, shapeless=True)
+def _affine_candidate(groups: mx.array, scale: mx.array, bias: mx.array, top: mx.array):
+    """(squared error per group, integers, scale, bias) of one scale and bias per group."""
+    scale = mx.maximum(scale, 1e-12)
+    q = mx.clip(mx.round((groups - bias) / scale), 0, top)
+    error = mx.square(groups - (q * scale + bias)).sum(-1, keepdims=True)
+    return error, q, scale, bias
+
+
+def _keep_better(best: list[mx.array] | None, candidate: tuple[mx.array, ...]) -> list[mx.array]:
+    if best is None:
+        return list(candidate)
+    better = candidate[0] < best[0]
+    return [mx.where(better, new, old) for new, old in zip(candidate, best, strict=True)]
+
+
+def _fit_affine_groups(groups: mx.array, bits: int) -> tuple[mx.array, mx.array, mx.array]:
+    top = mx.array(2**bits - 1, mx.float32)
+    low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    best = None
+    for ratio in _CLIP_RATIOS:
+        best = _keep_better(
+            best, _affine_candidate(groups, (high - low * ratio) / top, low * ratio, top)
+        )
+    low = best[3]
+    for ratio in _CLIP_RATIOS[:-1]:
+        best = _keep_better(best, _affine_candidate(groups, (high * ratio - low) / top, low, top))
+    for _ in range(_REFIT_ROUNDS):
+        best = _keep_better(best, _affine_candidate(groups, *_least_squares(groups, best[1]), top))
+    _, q, scale, bias = best
+    return q.astype(mx.uint8), scale, bias
+
+
+def _least_squares(groups: mx.array, q: mx.array) -> tuple[mx.array, mx.array]:
+    """Per group, the (scale, bias) minimizing ‖group − (scale·q + bias)‖²."""
+    q_mean, mean = q.mean(-1, keepdims=True), groups.mean(-1, keepdims=True)
+    spread = mx.square(q - q_mean).sum(-1, keepdims=True)
+    scale = ((q - q_mean) * (groups - mean)).sum(-1, keepdims=True) / mx.maximum(spread, 1e-12)
+    return scale, mean - scale * q_mean
 
 
 # ----------------------------------------------------------------------------- the model
@@ -160,12 +210,6 @@ def _child(module: nn.Module, dotted: str) -> nn.Module | None:
         if module is None:
             return None
     return module
-
-
-def rotation_signs(dims: int, seed: int, site: int) -> mx.array:
-    """The ±1 diagonal of rotation number `site`, reproducible from the checkpoint's seed."""
-    rng = np.random.default_rng([seed, site])
-    return mx.array(rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=dims))
 
 
 def _params(
@@ -184,7 +228,17 @@ def _params(
 def _quantize_rotated(
     module: nn.Module, params: dict[str, Any], codebook: bool
 ) -> tuple[nn.Module, float]:
-    """The rotated float module packed as a codebook or fitted affine groups; its error."""
+    """The rotated float module packed as fitted affine groups or, when `codebook` asks, as a
+    codebook unless the affine groups measure better; its error.
+
+    The rotated input is close to isotropic whatever the activations' outlier channels, so the
+    error of a layer's output follows the error of its rotated weight, and the two forms are
+    compared on that weight error, as stored (in the weight's dtype). The codebook form stores
+    no biases, so at equal error it is the cheaper one: each form's relative error is weighed
+    by 2^(its stored bits per weight), the rate-distortion exchange of a Gaussian source (one
+    more bit halves the error), so the affine groups win only where they beat the codebook by
+    more than what their biases cost.
+    """
     bits, group_size, mode = params["bits"], params["group_size"], params["mode"]
     weight = module.weight
     if mode != "affine":  # the float modes have no range to fit
@@ -194,27 +248,51 @@ def _quantize_rotated(
         )
         return packed, relative_error(weight, restored)
 
-    array = np.array(weight.astype(mx.float32))
-    if codebook and isinstance(module, nn.Linear):
-        indices, scales, values = fit_codebook(array, bits, group_size)
-        out_dims, in_dims = weight.shape
-        packed = CodebookLinear(in_dims, out_dims, bits, group_size, bias="bias" in module)
-        packed.weight = mx.array(pack_indices(indices, bits))
-        packed.scales = mx.array(scales).astype(weight.dtype)
-        packed.codebook = mx.array(values).astype(weight.dtype)
-        if "bias" in module:
-            packed.bias = module.bias
-        return packed, relative_error(weight, packed.float_weight())
-
-    q, scales, biases = fit_affine(array, bits, group_size)
     packed = module.to_quantized(group_size=group_size, bits=bits, mode="affine")
-    packed.weight = mx.array(pack_indices(q, bits))
-    packed.scales = mx.array(scales).astype(weight.dtype)
-    packed.biases = mx.array(biases).astype(weight.dtype)
+    error = _fit_into(packed, weight)
+    if codebook and isinstance(module, nn.Linear):
+        array = np.array(weight.astype(mx.float32))
+        coded = _codebook_linear(module, array, bits, group_size)
+        coded_error = relative_error(weight, coded.float_weight())
+        if coded_error * 2 ** stored_bits(coded) <= error * 2 ** stored_bits(packed):
+            return coded, coded_error
+    return packed, error
+
+
+def stored_bits(module: nn.Module) -> float:
+    """Bits per weight a quantized module stores: its packed integers with their scales,
+    biases and codebook (a linear's own bias is not counted)."""
+    weights = module.weight.size * 32 // module.bits
+    stored = sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k != "bias")
+    return stored * 8 / weights
+
+
+def _fit_into(packed: nn.Module, weight: mx.array) -> float:
+    """Overwrite an affine-quantized module's packing of `weight` with fitted groups; its error."""
+    bits, group_size = packed.bits, packed.group_size
+    q, scales, biases = affine_groups(weight, bits, group_size)
+    packed.weight = pack_codes(q, bits)
+    packed.scales = scales.astype(packed.scales.dtype)
+    packed.biases = biases.astype(packed.biases.dtype)
     restored = mx.dequantize(
         packed.weight, packed.scales, packed.biases, group_size=group_size, bits=bits
     )
-    return packed, relative_error(weight, restored)
+    return relative_error(weight, restored)
+
+
+def _codebook_linear(
+    module: nn.Linear, weight: np.ndarray, bits: int, group_size: int
+) -> CodebookLinear:
+    indices, scales, values = fit_codebook(weight, bits, group_size)
+    out_dims, in_dims = weight.shape
+    dtype = module.weight.dtype
+    coded = CodebookLinear(in_dims, out_dims, bits, group_size, bias="bias" in module)
+    coded.weight = pack_codes(mx.array(indices), bits)
+    coded.scales = mx.array(scales).astype(dtype)
+    coded.codebook = mx.array(values).astype(dtype)
+    if "bias" in module:
+        coded.bias = module.bias
+    return coded
 
 
 def check_turboquant(bits: int, group_size: int, mode: str, codebook: bool) -> None:
@@ -283,10 +361,11 @@ def turboquant_model(
 
     Each activation that feeds linears gets one `Rotation` (q/k/v share one, gate/up share
     one, the experts one per layer). Sites whose linears all stay in float are not rotated.
-    `codebook` applies to linear layers; expert stacks keep fitted affine groups (gather_qmm).
+    `codebook` gives each linear layer a codebook unless fitted affine groups reconstruct its
+    rotated weight better, counting the bits they store; expert stacks keep affine groups.
     The router, the PLE projection, the experts' down projection and the embeddings are not
-    rotated: they get plain `quantize_model` affine groups. Returns the config.json
-    `quantization` entry, with the method recorded.
+    rotated: they get `quantize_model`'s schemes, with fitted affine groups. Returns the
+    config.json `quantization` entry, with the method recorded.
     """
     check_turboquant(bits, group_size, mode, codebook)
     require_float_model(model)
@@ -308,7 +387,13 @@ def turboquant_model(
             errors[path] = error
         if params != defaults:
             entry[path] = params
+    floats = {path: m.weight for path, m in model.named_modules() if hasattr(m, "to_quantized")}
     rest = quantize_float_modules(
         model, bits=bits, group_size=group_size, mode=mode, override=override, errors=errors
     )
+    for path, module in model.named_modules():
+        if path in floats and getattr(module, "mode", None) == "affine" and "biases" in module:
+            error = _fit_into(module, floats[path])
+            if errors is not None:
+                errors[path] = error
     return {**rest, **entry, "method": "turboquant", "rotation_seed": seed, "codebook": codebook}

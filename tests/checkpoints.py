@@ -450,3 +450,100 @@ def scripted_turns(turns: list[list[int]], end: int = 106):
         return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -mx.inf)[None]
 
     return processor
+
+
+# ----------------------------------------------------------------------------- outlier grid
+# Tiny MLX text models with weights shaped like a trained LLM's in ways TurboQuant was not tuned
+# on: the weight-quantization grid of tests/test_turboquant_grid.py and benchmarks/quantize.py.
+
+# shape name -> (hidden, intermediate, heads, kv heads, head dim, full-attention head dim)
+GRID_SHAPES = {
+    "64x128": (64, 128, 4, 2, 16, 32),
+    "96x352": (96, 352, 4, 2, 16, 32),  # 12-Hadamard rows; 352 = 320 + 32 block-diagonal
+    "352x192": (352, 192, 2, 1, 32, 64),  # the residual stream itself is block-diagonal
+}
+
+
+def _clustered_channels(rng, shape):
+    """Student-t (2.5 dof) entries; a contiguous run of input channels at the end 12x larger."""
+    entries = rng.standard_t(2.5, size=shape)
+    entries[..., -4:] *= 12.0
+    return entries
+
+
+def _scaled_rows_and_columns(rng, shape):
+    """Gaussian entries times log-normal row and column scales, and one input channel 30x."""
+    entries = rng.standard_normal(shape)
+    entries *= rng.lognormal(0.0, 1.0, size=(*shape[:-1], 1))
+    entries *= rng.lognormal(0.0, 0.75, size=shape[-1])
+    entries[..., rng.integers(shape[-1])] *= 30.0
+    return entries
+
+
+def _sparse_spikes(rng, shape):
+    """Laplace entries with one in 500 a spike 30x larger, anywhere in the matrix."""
+    entries = rng.laplace(size=shape)
+    entries[rng.random(shape) < 0.002] *= 30.0
+    return entries
+
+
+GRID_PATTERNS = {
+    "clustered": _clustered_channels,
+    "rows+cols": _scaled_rows_and_columns,
+    "spikes": _sparse_spikes,
+}
+
+
+def outlier_text_model(shape: str, pattern: str, seed: int, layers: int = 3):
+    """A float32 MLX text model of `GRID_SHAPES[shape]` whose projections follow `pattern`.
+
+    Projections keep the initializer's RMS; q/k norm gains are 0.25 and post-norm gains 0.2, the
+    scales of a trained model, so that quantization perturbs the output rather than scrambling it.
+    The tied embeddings shrink with width as if it were 64 wide: at their initial scale a wide
+    model's logits mostly repeat the input token, which no quantization error can move.
+    """
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.models.gemma4 import Model
+
+    hidden, intermediate, heads, kv_heads, head_dim, full_head_dim = GRID_SHAPES[shape]
+    config = ModelConfig.from_dict(
+        dict(
+            model_type="gemma4_text",
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            global_head_dim=full_head_dim,
+            sliding_window=WINDOW,
+            layer_types=(_LAYER_TYPES * layers)[: layers - 1] + ["full_attention"],
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=30.0,
+            max_position_embeddings=4096,
+        )
+    )
+    mx.random.seed(seed)
+    model = Model(config)
+    rng = np.random.default_rng(seed)
+    changed = {}
+    for key, value in tree_flatten(model.parameters()):
+        array = np.array(value)
+        if array.ndim == 2 and "proj" in key:
+            entries = GRID_PATTERNS[pattern](rng, array.shape)
+            rms = np.sqrt((array.astype(np.float64) ** 2).mean())
+            changed[key] = mx.array((entries * rms / np.sqrt((entries**2).mean())).astype("f4"))
+        elif key.endswith("embed_tokens.weight"):
+            changed[key] = value * (64 / hidden) ** 0.5
+        elif key.endswith(("q_norm.weight", "k_norm.weight")):
+            changed[key] = value * 0.25
+        elif ".post_" in key and key.endswith("norm.weight"):
+            changed[key] = value * 0.2
+    model.update(tree_unflatten(list(changed.items())))
+    mx.eval(model.parameters())
+    return model

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import first_logits, gemma4_command, relative_error, to_numpy
 
-import mlx_gemma4.kv_quant as kv_quant
+import mlx_gemma4.kv_quant as kv_quant_module
+import mlx_gemma4.models.attention as attention_module
 import mlx_gemma4.models.text as text_module
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
-from mlx_gemma4.cache import FullAttentionCache, SlidingWindowCache
-from mlx_gemma4.kv_quant import (
-    GAUSSIAN_STEP,
-    KVQuantization,
-    KVQuantizationError,
-    QuantizedFullAttentionCache,
-    pack_codes,
-    quantize_vectors,
-    quantized_attention,
-)
-from mlx_gemma4.packing import AFFINE_BITS
+from mlx_gemma4.cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
+from mlx_gemma4.kv_quant import GAUSSIAN_STEP, KVQuantization, KVQuantizationError, quantize_vectors
+from mlx_gemma4.models.attention import quantized_attention
+from mlx_gemma4.packing import AFFINE_BITS, pack_codes
 
 
 def random_kv(seed: int, length: int, heads: int = 4, kv_heads: int = 2, head_dim: int = 64):
@@ -104,9 +99,11 @@ def test_kernel_path_is_exact_for_the_stored_keys_and_values(bits, path, monkeyp
     packed bytes (the CPU path; 2-, 4- and 8-bit codes by byte planes, 3 and 6 bits whole).
     Queries here come 4 at a time, as a long prefill chunk's do 512 at a time, and the CPU path
     unpacks 32 positions at a time."""
-    monkeypatch.setattr(kv_quant, "QUERY_BLOCK", 4 if bits == (4, 2) else kv_quant.QUERY_BLOCK)
-    monkeypatch.setattr(kv_quant, "UNPACKED_BLOCK", 32 * 2 * 64)
-    monkeypatch.setattr(kv_quant, "on_cpu", lambda: path == "unpacked")
+    monkeypatch.setattr(
+        attention_module, "QUERY_BLOCK", 4 if bits == (4, 2) else attention_module.QUERY_BLOCK
+    )
+    monkeypatch.setattr(attention_module, "UNPACKED_BLOCK", 32 * 2 * 64)
+    monkeypatch.setattr(attention_module, "on_cpu", lambda: path == "unpacked")
     q, k, v = random_kv(0, 300)  # past one 256-position growth step
     cache = QuantizedFullAttentionCache(KVQuantization(*bits))
     kv = fill(cache, k, v, [290, 1, 9])
@@ -294,3 +291,33 @@ def test_cli_flags_reach_the_cache(chat_checkpoint, monkeypatch):
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "KV key bits must be one of" in bad.stderr
+
+
+def package_imports(path) -> set[str]:
+    """The mlx_gemma4 modules a source file imports, as dotted names under mlx_gemma4."""
+    import ast
+
+    package = path.parent.relative_to(MLX_GEMMA4.parent).parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[: len(package) - node.level + 1])
+            found.add(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlx_gemma4"):
+            found.add(node.module)
+    return found
+
+
+MLX_GEMMA4 = Path(kv_quant_module.__file__).parent
+
+
+def test_no_module_imports_upward():
+    """models/ reads only the low modules beside it; the KV codec reads nothing from models/."""
+    allowed = {
+        f"mlx_gemma4.{name}" for name in ("config", "errors", "cache", "kv_quant", "packing")
+    }
+    for path in sorted((MLX_GEMMA4 / "models").glob("*.py")):
+        outside = {m for m in package_imports(path) if not m.startswith("mlx_gemma4.models")}
+        assert outside <= allowed, (path.name, outside - allowed)
+    for low in ("kv_quant.py", "cache.py", "packing.py", "rotation.py"):
+        assert not any(m.startswith("mlx_gemma4.models") for m in package_imports(MLX_GEMMA4 / low))

@@ -7,17 +7,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import FullAttentionCache, SlidingWindowCache, attention_mask, vision_block_mask
-from ..config import FULL, SLIDING, TextConfig
-from ..kv_quant import (
-    KVQuantization,
+from ..cache import (
+    FullAttentionCache,
     QuantizedFullAttentionCache,
-    QuantizedKV,
-    quantized_attention,
-    require_packable,
+    SlidingWindowCache,
+    attention_mask,
+    vision_block_mask,
 )
+from ..config import FULL, SLIDING, TextConfig
+from ..kv_quant import KVQuantization, QuantizedKV, require_packable
 from .activations import geglu
-from .attention import attention
+from .attention import attention, quantized_attention
 from .layers import Linear, RMSNorm, RMSNormNoScale, rotated
 from .moe import Experts, Router
 from .rope import RoPE
