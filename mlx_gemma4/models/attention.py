@@ -3,7 +3,7 @@ fused softmax.
 
 MLX's CPU backend has no fused attention: `mx.fast.scaled_dot_product_attention` falls back to
 a softmax that evaluates `exp` one scalar at a time, which dominates long prefills and the
-vision tower (4.1 s of an 8.5 s vision layer). For more than a few queries the CPU path here
+vision tower. For more than a few queries the CPU path here
 does the same math with the fast softmax of `activations`, in query blocks of bounded size;
 decode steps over more than a few hundred positions gain as much.
 """
@@ -20,8 +20,8 @@ from .activations import softmax
 from .layers import on_cpu
 
 # Below this many scores per head (queries x keys), MLX's path is as fast: its softmax is short.
-# Above it, even for one query (a decode step), BLAS is 3-4x faster (5.9 ms against 27 ms for
-# E2B's 8 heads of 512 over 8K positions).
+# Above it, even for one query (a decode step), BLAS is faster (benchmarks/kv_cache.py times
+# one layer's step both ways).
 _MIN_SCORES = 256
 # Score blocks of at most this many elements (1 GB in float32).
 _MAX_SCORES = 2**28
@@ -92,7 +92,7 @@ def attention(
 # are the rotated queries times the codes, scaled per position afterwards; the values' scales
 # multiply the probabilities first, and R^T brings the output back. On a GPU the products with
 # the codes are `quantized_matmul` with unit scales. MLX's CPU `quantized_matmul` runs a
-# matrix-vector product per query row (7x slower than BLAS for the 8 rows of an E2B decode step),
+# matrix-vector product per query row (several times slower than BLAS for a decode step's rows),
 # so on the CPU the codes are unpacked a block of positions at a time, straight from the packed
 # bytes where codes fill whole bytes (2, 4 and 8 bits), and multiplied with BLAS. A prefill chunk
 # longer than `QUERY_BLOCK` unpacks the cache once per query block: the price of never holding

@@ -21,10 +21,10 @@ def on_cpu() -> bool:
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear`, except for many-row inputs on the CPU backend.
 
-    MLX's CPU `quantized_matmul` does not use BLAS: for a 512-token prefill chunk it is ~15x
-    slower than dequantizing the weight and running a float32 GEMM (measured with OpenBLAS;
-    still faster with the bundled BLAS). One-row decode steps keep the packed kernel, which
-    reads 4-8x fewer bytes. On a GPU the packed kernel is always used.
+    MLX's CPU `quantized_matmul` does not use BLAS: for a prefill chunk it is an order of
+    magnitude slower than dequantizing the weight and running a float32 GEMM (benchmarks/
+    generate.py measures it). One-row decode steps keep the packed kernel, which reads 4-8x
+    fewer bytes. On a GPU the packed kernel is always used.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
