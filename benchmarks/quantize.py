@@ -108,7 +108,9 @@ KL_NOISE = 1e-5
 
 
 def _ratio(kl: float, affine_kl: float) -> str:
-    return "-" if abs(affine_kl) < KL_NOISE else f"{kl / affine_kl:.2f}x"
+    if abs(affine_kl) < KL_NOISE:
+        return "-"
+    return f"< {KL_NOISE / affine_kl:.2f}x" if abs(kl) < KL_NOISE else f"{kl / affine_kl:.2f}x"
 
 
 GRID_BITS = (3, 4)
