@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .loading import load, load_model
     from .options import MediaOptions, SamplingOptions
     from .prompt_cache import PromptCache
-    from .tools import ToolCall, parse_tool_calls
+    from .tool_calls import ToolCall, parse_tool_calls
 
 try:
     __version__ = version("mlx-gemma4")
@@ -49,8 +49,8 @@ _LAZY = {
     "KVQuantization": "kv_quant",
     "SamplingOptions": "options",
     "MediaOptions": "options",
-    "ToolCall": "tools",
-    "parse_tool_calls": "tools",
+    "ToolCall": "tool_calls",
+    "parse_tool_calls": "tool_calls",
     "run_agent": "agent",
     "AgentResult": "agent",
 }

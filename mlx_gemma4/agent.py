@@ -15,14 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tools import (
-    Tool,
-    ToolCall,
-    append_answer,
-    normalize_tool_messages,
-    split_tool_calls,
-    tool_declarations,
-)
+from .tool_calls import ToolCall, split_tool_calls
+from .tools import Tool, append_answer, normalize_tool_messages, tool_declarations
 
 GenerateFn = Callable[..., Iterator[Any]]
 

@@ -21,7 +21,8 @@ from .processing.processor import Media
 from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from .prompt_cache import PromptCache
 from .streaming import StopStrings, TextStream
-from .tools import Tool, ToolCall, ToolCallStream, tool_declarations
+from .tool_calls import ToolCall, ToolCallStream
+from .tools import Tool, tool_declarations
 
 # After its calls the model opens the tool response and waits for it: the end of its turn.
 TOOL_RESPONSE = "<|tool_response>"

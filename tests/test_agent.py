@@ -14,7 +14,7 @@ import pytest
 from checkpoints import GEMMA4_TEMPLATE
 
 from mlx_gemma4.agent import AgentResult, run_agent, run_tool
-from mlx_gemma4.tools import ToolCall, ToolCallStream
+from mlx_gemma4.tool_calls import ToolCall, ToolCallStream
 
 Q = '<|"|>'
 

@@ -11,14 +11,11 @@ import pytest
 from checkpoints import GEMMA4_TEMPLATE
 
 from mlx_gemma4.errors import FileAccessError, Gemma4Error, ToolError
+from mlx_gemma4.tool_calls import ToolCall, ToolCallStream, parse_tool_calls, split_tool_calls
 from mlx_gemma4.tools import (
-    ToolCall,
-    ToolCallStream,
     load_tools_file,
     load_tools_module,
     normalize_tool_messages,
-    parse_tool_calls,
-    split_tool_calls,
     tool_declarations,
 )
 
