@@ -24,10 +24,12 @@ from .generation import prefill_chunks
 from .kv_quant import KVQuantization
 from .models import attention as attention_module
 from .models.gemma4 import Model
-from .models.layers import on_cpu
+from .models.layers import QuantizedLinear, on_cpu
 
 __all__ = [
     "MemoryEstimate",
+    "config_model",
+    "config_weight_bytes",
     "estimate_memory",
     "kv_cache_bytes",
     "layer_kv_bytes",
@@ -49,7 +51,8 @@ class MemoryEstimate:
     weights: int
     kv_per_sequence: int
     kv_total: int
-    activations: int  # the widest layer's arrays for one prefill chunk
+    activations: int  # the widest layers' arrays for one prefill chunk
+    dequantized_weight: int  # the float copy of a quantized weight the CPU prefill makes
     attention_scores: int  # score blocks (and their mask) of one full-attention layer
     cache_growth: int  # a full-attention cache copied while it grows
     logits: int  # the LM head on the last position of each sequence
@@ -59,6 +62,7 @@ class MemoryEstimate:
     def prefill_transient(self) -> int:
         return (
             self.activations
+            + self.dequantized_weight
             + self.attention_scores
             + self.cache_growth
             + self.logits
@@ -78,6 +82,7 @@ class MemoryEstimate:
             "KV cache per sequence": format_bytes(self.kv_per_sequence),
             "KV cache total": format_bytes(self.kv_total),
             "prefill activations": format_bytes(self.activations),
+            "dequantized weight": format_bytes(self.dequantized_weight),
             "attention scores": format_bytes(self.attention_scores),
             "cache growth copy": format_bytes(self.cache_growth),
             "logits (last position)": format_bytes(self.logits),
@@ -101,11 +106,11 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
 
 
-def config_weight_bytes(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> int:
-    """Bytes of the weights a checkpoint with this config would hold in `dtype`, packed as its
+def config_model(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> Model:
+    """The model a checkpoint with this config would load as, in `dtype`, packed as its
     `quantization` entry says (every layer the entry's bits and group size allow).
 
-    The model is built lazily: its arrays are never evaluated, only their shapes read.
+    Built lazily: its arrays are never evaluated, so only their shapes cost anything.
     """
     model = Model(config)
     model.set_dtype(dtype)
@@ -123,7 +128,12 @@ def config_weight_bytes(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> i
             )
 
         nn.quantize(model, group_size, bits, mode=mode, class_predicate=packable)
-    return weight_bytes(model)
+    return model
+
+
+def config_weight_bytes(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> int:
+    """Bytes of the weights a checkpoint with this config would hold (see `config_model`)."""
+    return weight_bytes(config_model(config, dtype))
 
 
 # ----------------------------------------------------------------------------- KV caches
@@ -205,9 +215,9 @@ def kv_cache_bytes(config: TextConfig, context: int, **kwargs) -> int:
 
 
 def _layer_activations(config: TextConfig, rows: int, itemsize: int) -> int:
-    """Arrays of the widest layer alive at once for `rows` = batch x chunk tokens: residual
-    stream and norms, queries / keys / values, the MLP's gate, up and product (and the experts'
-    per-choice copies), plus the per-layer inputs of all layers, held for the whole chunk."""
+    """Arrays alive at once for `rows` = batch x chunk tokens: residual stream and norms, two
+    layers' queries / keys / values and MLP gate, up and product (and the experts' per-choice
+    copies), plus the per-layer inputs of all layers, held for the whole chunk."""
     widest = 0
     for layer in range(config.first_kv_shared_layer):
         heads, head_dim = config.layer_kv_heads(layer), config.layer_head_dim(layer)
@@ -217,7 +227,21 @@ def _layer_activations(config: TextConfig, rows: int, itemsize: int) -> int:
             mlp += config.top_k_experts * (3 * config.moe_intermediate_size + config.hidden_size)
         widest = max(widest, attention + mlp)
     per_layer = 3 * config.num_hidden_layers * (config.hidden_size_per_layer_input or 0)
-    return rows * itemsize * (4 * config.hidden_size + widest + per_layer)
+    # MLX may start a layer's attention while the previous layer's arrays are still alive
+    return rows * itemsize * (4 * config.hidden_size + 2 * widest + per_layer)
+
+
+def _dequantized_weight(model: Model, itemsize: int) -> int:
+    """On the CPU a quantized linear applied to a chunk is dequantized first (`layers.
+    QuantizedLinear`): the largest such float copy of a decoder weight."""
+    if not on_cpu():
+        return 0
+    sizes = [
+        module.weight.shape[0] * module.weight.shape[1] * 32 // module.bits * itemsize
+        for _, module in model.language_model.named_modules()
+        if isinstance(module, QuantizedLinear)
+    ]
+    return max(sizes, default=0)
 
 
 def _prefill_attention_layers(config: TextConfig) -> range:
@@ -280,13 +304,10 @@ def estimate_memory(
     ):
         if not isinstance(value, int) or value < 1:
             raise MemoryModelError(f"{name} must be a positive whole number, not {value!r}")
-    if isinstance(model, Model):
-        config, weights = model.config, weight_bytes(model)
-        activation_dtype = model.language_model.norm.weight.dtype
-    else:
-        config = model
-        activation_dtype = dtype or mx.bfloat16
-        weights = config_weight_bytes(config, activation_dtype)
+    if not isinstance(model, Model):
+        model = config_model(model, dtype or mx.bfloat16)
+    config, weights = model.config, weight_bytes(model)
+    activation_dtype = model.language_model.norm.weight.dtype
     text = config.text_config
     if context > text.max_position_embeddings:
         raise MemoryModelError(
@@ -312,6 +333,7 @@ def estimate_memory(
         kv_per_sequence=sum(per_layer),
         kv_total=batch * sum(per_layer),
         activations=_layer_activations(text, batch * chunk, itemsize),
+        dequantized_weight=_dequantized_weight(model, itemsize),
         attention_scores=_attention_scores(
             text, batch, chunk, context, kv_quantization is not None, itemsize
         ),

@@ -179,3 +179,31 @@ def test_query_blocks_are_not_all_alive_at_once(monkeypatch):
 
     one_block, four_blocks = peak(2048 * 8192), peak(512 * 8192)
     assert four_blocks < 0.5 * one_block, (four_blocks, one_block)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_wider_layers_stay_under_the_predicted_peak(tmp_path, gemma4, bits):
+    """Hidden 256, MLP 1024: activations (and, quantized, the float copy of a weight the CPU
+    prefill makes) weigh next to the scores."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    folder = tmp_path / "wide"
+    wide = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "full_attention"],
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    save_reference(Gemma4ForCausalLM(Gemma4TextConfig(**{**_TEXT_BASE, **wide})).eval(), folder)
+    save_tokenizer(folder)
+    if bits:
+        quantized = tmp_path / "wide-q"
+        result = gemma4("quantize", "-m", folder, "-o", quantized, "-b", str(bits), "-g", "64")
+        assert result.returncode == 0, result.stderr
+        save_tokenizer(quantized)
+        folder = quantized
+    model, processor = load(folder)
+    measured, predicted = measured_and_predicted(model, processor, 2600)
+    assert measured <= predicted < 2 * measured, (measured, predicted)
