@@ -74,11 +74,29 @@ def describe(model: nn.Module) -> dict[str, str]:
     }
 
 
-def info(model: str = typer.Argument(..., help="Local folder or Hub repo id.")) -> None:
-    """Show a checkpoint's variant, size, layers, dtype, quantization and modalities."""
+def info(
+    model: str = typer.Argument(..., help="Local folder or Hub repo id."),
+    context: int | None = typer.Option(
+        None, "--context", min=1, help="Also print the memory this many tokens need."
+    ),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
+    kv_bits: int | None = typer.Option(
+        None, "--kv-bits", help="Quantized KV cache bits for full-attention layers (2-6, 8)."
+    ),
+) -> None:
+    """Show a checkpoint's variant, size, layers, dtype, quantization and modalities; with
+    --context, what that context needs in memory (weights, KV cache, prefill peak)."""
     from mlx_gemma4 import load_model
+    from mlx_gemma4.kv_quant import KVQuantization
+    from mlx_gemma4.memory import estimate_memory
 
+    kv_quantization = KVQuantization.from_bits(kv_bits)  # refuse bad bits before loading
+    loaded = load_model(model)
+    facts = describe(loaded)
+    if context is not None:
+        estimate = estimate_memory(loaded, context, batch=batch, kv_quantization=kv_quantization)
+        facts.update({f"memory: {k}": v for k, v in estimate.breakdown().items()})
     table = Table(show_header=False, box=None)
-    for label, value in describe(load_model(model)).items():
+    for label, value in facts.items():
         table.add_row(f"[bold]{label}[/]", value)
     Console().print(table)

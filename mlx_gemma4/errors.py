@@ -69,3 +69,7 @@ class ToolError(Gemma4Error):
 
 class ConstraintError(Gemma4Error):
     """A JSON schema or tool choice that constrained decoding cannot enforce, or no engine."""
+
+
+class MemoryModelError(Gemma4Error):
+    """A memory estimate asked for with an unusable context, batch or chunk size."""

@@ -46,6 +46,13 @@ def _grouped_mask(mask: Any, n_queries: int, n_keys: int, kv_heads: int) -> mx.a
     return mask.reshape(batch, kv_heads, heads // kv_heads, *mask.shape[2:])
 
 
+def _finish_before_next(blocks: list[mx.array], n_queries: int, block: int) -> None:
+    """Evaluate the newest query block when more follow: left lazy, the blocks of one call are
+    scheduled side by side and their scores are all alive at once, which undoes the bound."""
+    if n_queries > block:
+        mx.eval(blocks[-1])
+
+
 def attention(
     queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: Any = None
 ) -> mx.array:
@@ -82,6 +89,7 @@ def attention(
                 scores = scores + allowed.astype(mx.float32)
             scores = scores.reshape(batch, kv_heads, groups * rows, n_keys)
         out.append((softmax(scores) @ values).reshape(batch, kv_heads, groups, rows, -1))
+        _finish_before_next(out, n_queries, block)
     out = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
     out = out.reshape(batch, heads, n_queries, -1)
     return out.astype(queries.dtype)
@@ -127,6 +135,7 @@ def quantized_attention(
         rows = slice(start, start + QUERY_BLOCK)
         block_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
         blocks.append(_attend(queries[:, :, rows], kv, scale, block_mask))
+        _finish_before_next(blocks, length, QUERY_BLOCK)
     return mx.concatenate(blocks, axis=2)
 
 
