@@ -69,3 +69,8 @@ class ToolError(Gemma4Error):
 
 class ConstraintError(Gemma4Error):
     """A JSON schema or tool choice that constrained decoding cannot enforce, or no engine."""
+
+
+class BatchRequestError(Gemma4Error):
+    """A batched-generation request that cannot run: no prompts, an empty prompt, an option
+    the engine does not take."""
