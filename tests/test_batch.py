@@ -73,6 +73,15 @@ def test_cancel_frees_the_row_and_the_others_go_on(chat_checkpoint):
     assert all(cache.keys is None and cache.rows == 0 for cache in generator._caches)
 
 
+@pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v"])
+def test_quantized_kv_batch_equals_solo_runs(chat_checkpoint, variant):
+    model, processor = load(chat_checkpoint(variant)[0])
+    prompts = id_prompts([14, 2, 26], seed=6)
+    results = batch_generate(model, processor, prompts, max_tokens=10, kv_bits=4)
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.tokens == solo(model, processor, prompt, max_tokens=10, kv_bits=4)
+
+
 def test_seeded_sampling_is_the_same_in_any_company(chat_checkpoint):
     model, processor = load(chat_checkpoint("ple_kv_shared")[0])
     prompt = id_prompts([10], seed=3)[0]
@@ -136,8 +145,8 @@ def test_bad_requests_are_refused_and_the_others_go_on(chat_checkpoint):
         generator.submit([2] * context, max_tokens=5)
     with pytest.raises(BatchRequestError, match="prompt: it is empty"):
         generator.submit([], max_tokens=5)
-    with pytest.raises(Gemma4Error, match="kv_bits"):
-        BatchGenerator(model, processor, kv_bits=4)
+    with pytest.raises(Gemma4Error, match="bits"):
+        BatchGenerator(model, processor, kv_bits=1)
     tokens = []
     while not generator.done:
         tokens += [r.token for r in generator.step() if r.request_id == good]

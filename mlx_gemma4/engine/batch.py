@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from ..cache import SlidingWindowCache
 from ..errors import BatchRequestError, PromptTooLongError
 from ..generation import PromptInputs, prefill_chunks, prompt_inputs, refuse_media_without_tower
+from ..kv_quant import KVQuantization
 from ..processing import Processor
 from ..processing.images import DEFAULT_BUDGET
 from ..processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
@@ -103,7 +103,9 @@ class BatchGenerator:
     """Decodes many requests together; `submit` them, call `step` until `done`.
 
     `prefill_step_size` is the number of prompt tokens prefilled per step (one request's chunk
-    at a time) before the step's decode forward.
+    at a time) before the step's decode forward. `kv_bits` (or `kv_key_bits` and
+    `kv_value_bits` apart) quantizes the full-attention layers' keys and values, as
+    `stream_generate` does.
     """
 
     def __init__(
@@ -113,12 +115,9 @@ class BatchGenerator:
         *,
         prefill_step_size: int = 512,
         kv_bits: int | None = None,
+        kv_key_bits: int | None = None,
+        kv_value_bits: int | None = None,
     ):
-        if kv_bits is not None:
-            raise BatchRequestError(
-                "kv_bits: the batch engine does not batch quantized KV caches yet; "
-                "leave kv_bits unset"
-            )
         self.model = model
         self.processor = processor
         self.prefill_step_size = prefill_step_size
@@ -126,10 +125,8 @@ class BatchGenerator:
         self._ids = itertools.count()
         self._pending: deque[_Request] = deque()
         self._running: list[_Request] = []
-        self._caches = [
-            BatchKVCache(c.window if isinstance(c, SlidingWindowCache) else None)
-            for c in model.make_cache()
-        ]
+        self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+        self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
 
     @property
     def done(self) -> bool:
@@ -178,7 +175,7 @@ class BatchGenerator:
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
                 f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens"
             )
-        prompt_cache = PromptCache(self.model)
+        prompt_cache = PromptCache(self.model, self.kv_quantization)
         inputs = prompt_inputs(self.model, prompt_ids, media, prompt_cache)
         stop_ids = set(self.processor.stop_token_ids)
         request = _Request(
@@ -245,14 +242,7 @@ class BatchGenerator:
     def _join(self, request: _Request) -> None:
         """Move a prefilled request's caches into the batch as a new row."""
         for solo, batch in zip(request.prompt_cache.cache, self._caches, strict=True):
-            state = solo.state
-            if not state:
-                batch.add_row(None, None, solo.offset)
-                continue
-            keys, values = state
-            if isinstance(solo, SlidingWindowCache):
-                keys, values = keys[..., -solo.stored :, :], values[..., -solo.stored :, :]
-            batch.add_row(keys, values, solo.offset)
+            batch.add_row(solo)
         request.prompt_cache = None  # its caches now live in the batch
         request.inputs = None
         self._running.append(request)
@@ -263,10 +253,7 @@ class BatchGenerator:
         tokens = mx.array([[request.next_token] for request in self._running])
         hidden = model.language_model(model.text_ids(tokens), self._caches)
         logits = model.logits(hidden[:, -1, :])
-        sampled = [
-            request.sampler(logits[row : row + 1]) for row, request in enumerate(self._running)
-        ]
-        sampled = mx.concatenate(sampled).tolist()
+        sampled = self._sample(logits).tolist()
 
         responses, finished = [], set()
         for row, (request, token) in enumerate(zip(self._running, sampled, strict=True)):
@@ -277,6 +264,15 @@ class BatchGenerator:
         if finished:
             self._retire(finished)
         return responses
+
+    def _sample(self, logits: mx.array) -> mx.array:
+        """One token per row, each row by its own sampler (one argmax when all are greedy)."""
+        samplers = [request.sampler for request in self._running]
+        if all(sampler.temperature == 0 for sampler in samplers):
+            return mx.argmax(logits, axis=-1)
+        return mx.concatenate(
+            [sampler(logits[row : row + 1]) for row, sampler in enumerate(samplers)]
+        )
 
     def _advance(self, request: _Request, token: int) -> BatchResponse:
         """Record a request's new token: its text, and whether it ends the request."""
@@ -317,14 +313,18 @@ def batch_generate(
     stop: list[str] | None = None,
     enable_thinking: bool = False,
     prefill_step_size: int = 512,
+    kv_bits: int | None = None,
     progress: bool = False,
 ) -> list[BatchResult]:
     """Generate for every prompt (text, token ids or chat messages) together; the results in
     prompt order. Greedy when `temperature` is 0; `seed` seeds each prompt's sampler alike.
-    `progress` shows a bar of finished prompts."""
+    `kv_bits` quantizes the full-attention KV caches; `progress` shows a bar of finished
+    prompts."""
     if not prompts:
         raise BatchRequestError("prompts: the list is empty; give at least one prompt")
-    generator = BatchGenerator(model, processor, prefill_step_size=prefill_step_size)
+    generator = BatchGenerator(
+        model, processor, prefill_step_size=prefill_step_size, kv_bits=kv_bits
+    )
     ids = [
         generator.submit(
             prompt,

@@ -4,16 +4,25 @@ Rows are right-aligned: every row's newest position sits in the same column, and
 holds fewer positions than its neighbours is padded on the left. Each step appends one position
 to every row; `make_mask` hides the padding, and on sliding-window layers the positions past a
 row's own window, so each row attends exactly to what its solo cache would show it.
+
+A cache stores "parts": arrays [rows, kv heads, columns, width] that grow together (keys and
+values; or for a quantized cache the keys' codes and scales, then the values').
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
+
+from ..cache import QuantizedFullAttentionCache, SlidingWindowCache
+from ..kv_quant import KVQuantization, QuantizedKV, quantize_vectors, rotate
+from ..rotation import rotation_signs
 
 
 class BatchKVCache:
-    """Keys and values [rows, kv heads, columns, head dim] of a full-attention layer
-    (`window=None`) or a sliding-window one, for one-token decode steps."""
+    """Float keys and values of a full-attention layer (`window=None`) or a sliding-window
+    one, for one-token decode steps."""
 
     # `cache.attention_mask` asks caches that set this for their own per-row mask
     masks_rows = True
@@ -21,11 +30,19 @@ class BatchKVCache:
 
     def __init__(self, window: int | None = None):
         self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.parts: list[mx.array] | None = None
         self.end = 0  # the column after every row's newest position
         self.lengths: list[int] = []  # valid columns per row, right-aligned at `end`
         self.positions: list[int] = []  # each row's next absolute position
+
+    @classmethod
+    def like(cls, solo: Any) -> BatchKVCache:
+        """The batch cache for layers whose solo cache is `solo`."""
+        if isinstance(solo, QuantizedFullAttentionCache):
+            return BatchQuantizedKVCache(solo.quantization, solo.seed)
+        if isinstance(solo, SlidingWindowCache):
+            return cls(solo.window)
+        return cls()
 
     @property
     def offset(self) -> mx.array:
@@ -36,107 +53,146 @@ class BatchKVCache:
     def rows(self) -> int:
         return len(self.lengths)
 
+    @property
+    def keys(self) -> mx.array | None:
+        return None if self.parts is None else self.parts[0]
+
     def _kept(self, length: int) -> int:
         """How many of a row's past positions a future query can still see."""
         return length if self.window is None else min(length, self.window - 1)
 
-    def add_row(self, keys: mx.array | None, values: mx.array | None, position: int) -> None:
-        """Append a sequence whose past positions are `keys` / `values` [1, kv heads, L, D]
-        (None when it has none yet); `position` is its next absolute position."""
-        length = 0 if keys is None else keys.shape[2]
+    # ------------------------------------------------------------------ rows joining, leaving
+    def add_row(self, solo: Any) -> None:
+        """Append the sequence that `solo` (a prefilled solo cache of the same layer) holds."""
+        parts = self._solo_parts(solo)
+        length = 0 if not parts else parts[0].shape[2]
         if length > self._kept(length):
             drop = length - self._kept(length)
-            keys, values, length = keys[..., drop:, :], values[..., drop:, :], length - drop
-        if length and self.keys is None:
-            self._allocate(keys.shape, keys.dtype, values.shape[-1])
-        if self.keys is not None:
+            parts, length = [p[..., drop:, :] for p in parts], length - drop
+        if length and self.parts is None:
+            self._allocate(parts)
+        if self.parts is not None:
             if length > self.end:
                 self._shift_right(length - self.end)
-            width = self.keys.shape[2]
-            new_keys = mx.zeros((1, *self.keys.shape[1:]), self.keys.dtype)
-            new_values = mx.zeros((1, *self.values.shape[1:]), self.values.dtype)
-            if length:
-                new_keys[..., self.end - length : self.end, :] = keys
-                new_values[..., self.end - length : self.end, :] = values
-            assert new_keys.shape[2] == width
-            self.keys = mx.concatenate([self.keys, new_keys])
-            self.values = mx.concatenate([self.values, new_values])
+            row = [mx.zeros((1, *p.shape[1:]), p.dtype) for p in self.parts]
+            for new, old in zip(row, parts, strict=False):
+                new[..., self.end - length : self.end, :] = old
+            self.parts = [mx.concatenate([p, r]) for p, r in zip(self.parts, row, strict=True)]
         self.lengths.append(length)
-        self.positions.append(position)
+        self.positions.append(solo.offset)
+
+    @staticmethod
+    def _solo_parts(solo: Any) -> list[mx.array]:
+        state = list(solo.state)
+        if state and isinstance(solo, SlidingWindowCache):
+            state = [p[..., -solo.stored :, :] for p in state]  # older columns are spare
+        return state
 
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (indices, in their new order) and free its memory."""
         self.lengths = [self.lengths[i] for i in rows]
         self.positions = [self.positions[i] for i in rows]
         if not rows:
-            self.keys = self.values = None
-            self.end = 0
+            self.parts, self.end = None, 0
             return
-        if self.keys is None:
+        if self.parts is None:
             return
         index = mx.array(rows)
         # columns before the longest remaining row are padding for everyone: cut them off
         first = self.end - max(self.lengths)
-        self.keys = self.keys[index, :, first:, :]
-        self.values = self.values[index, :, first:, :]
+        self.parts = [p[index, :, first:, :] for p in self.parts]
         self.end -= first
 
-    def _allocate(self, shape: tuple[int, ...], dtype: mx.Dtype, value_dim: int) -> None:
-        _, kv_heads, _, key_dim = shape
-        self.keys = mx.zeros((self.rows, kv_heads, self.step, key_dim), dtype)
-        self.values = mx.zeros((self.rows, kv_heads, self.step, value_dim), dtype)
-        self.end = 0
+    # ------------------------------------------------------------------ storage
+    def _blank(self, like: list[mx.array], rows: int, width: int) -> list[mx.array]:
+        return [mx.zeros((rows, p.shape[1], width, p.shape[3]), p.dtype) for p in like]
+
+    def _allocate(self, like: list[mx.array]) -> None:
+        self.parts, self.end = self._blank(like, self.rows, self.step), 0
 
     def _shift_right(self, by: int) -> None:
         """Move every row `by` columns right (more left padding), with room after `end`."""
-        rows, kv_heads, _, key_dim = self.keys.shape
-        width = self.end + by + self.step
-        keys = mx.zeros((rows, kv_heads, width, key_dim), self.keys.dtype)
-        values = mx.zeros((rows, kv_heads, width, self.values.shape[-1]), self.values.dtype)
-        keys[..., by : by + self.end, :] = self.keys[..., : self.end, :]
-        values[..., by : by + self.end, :] = self.values[..., : self.end, :]
-        self.keys, self.values, self.end = keys, values, self.end + by
+        parts = self._blank(self.parts, self.rows, self.end + by + self.step)
+        for new, old in zip(parts, self.parts, strict=True):
+            new[..., by : by + self.end, :] = old[..., : self.end, :]
+        self.parts, self.end = parts, self.end + by
 
     def _make_room(self) -> None:
         """Start a new buffer holding only the columns some row can still see."""
-        rows, kv_heads, _, key_dim = self.keys.shape
         keep = max(self.lengths, default=0)
-        keys = mx.zeros((rows, kv_heads, keep + self.step, key_dim), self.keys.dtype)
-        values = mx.zeros((rows, kv_heads, keep + self.step, self.values.shape[-1]), keys.dtype)
+        parts = self._blank(self.parts, self.rows, keep + self.step)
         if keep:
-            keys[..., :keep, :] = self.keys[..., self.end - keep : self.end, :]
-            values[..., :keep, :] = self.values[..., self.end - keep : self.end, :]
-        self.keys, self.values, self.end = keys, values, keep
+            for new, old in zip(parts, self.parts, strict=True):
+                new[..., :keep, :] = old[..., self.end - keep : self.end, :]
+        self.parts, self.end = parts, keep
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    # ------------------------------------------------------------------ a decode step
+    def _encode(self, keys: mx.array, values: mx.array) -> list[mx.array]:
+        return [keys, values]
+
+    def _view(self, parts: list[mx.array]) -> Any:
+        return tuple(parts)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Any:
         """Append one position per row; return the columns the new queries may see."""
         if keys.shape[2] != 1:
             raise ValueError("a batch cache takes one position per row and step")
-        if self.keys is None:
-            self._allocate(keys.shape, keys.dtype, values.shape[-1])
-        elif self.end >= self.keys.shape[2]:
+        new = self._encode(keys, values)
+        if self.parts is None:
+            self._allocate(new)
+        elif self.end >= self.parts[0].shape[2]:
             self._make_room()
-        self.keys[..., self.end : self.end + 1, :] = keys
-        self.values[..., self.end : self.end + 1, :] = values
+        for part, column in zip(self.parts, new, strict=True):
+            part[..., self.end : self.end + 1, :] = column
         self.end += 1
         self.lengths = [self._kept(n + 1) for n in self.lengths]
         self.positions = [p + 1 for p in self.positions]
-        start = self.end - self._visible_width()
-        return self.keys[..., start : self.end, :], self.values[..., start : self.end, :]
+        start = self.end - self._visible_width(self.end)
+        return self._view([p[..., start : self.end, :] for p in self.parts])
 
-    def _visible_width(self) -> int:
-        return self.end if self.window is None else min(self.end, self.window)
+    def _visible_width(self, end: int) -> int:
+        return end if self.window is None else min(end, self.window)
 
     def make_mask(self, n_queries: int) -> mx.array:
-        """[rows, 1, 1, columns]: True where a row's query may attend, for the columns
-        `update_and_fetch` returns next."""
+        """[rows, 1, 1, columns]: True where a row's query may attend, over the columns the
+        next `update_and_fetch` returns."""
         if n_queries != 1:
             raise ValueError("a batch cache takes one position per row and step")
-        end = self.end + 1
-        width = end if self.window is None else min(end, self.window)
+        width = self._visible_width(self.end + 1)
         seen = mx.array([min(n + 1, width) for n in self.lengths])
         return (mx.arange(width)[None] >= (width - seen)[:, None])[:, None, None, :]
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
+
+
+class BatchQuantizedKVCache(BatchKVCache):
+    """Rotated, quantized keys and values of a full-attention layer, quantized per vector as
+    the solo `QuantizedFullAttentionCache` does (same rotation), so rows match solo runs."""
+
+    def __init__(self, quantization: KVQuantization, seed: int):
+        super().__init__(None)
+        self.quantization = quantization
+        self.seed = seed
+        self._signs: mx.array | None = None
+
+    def _rotation(self, head_dim: int) -> mx.array:
+        if self._signs is None or self._signs.shape[0] != head_dim:
+            self._signs = rotation_signs(head_dim, self.seed)
+        return self._signs
+
+    def _encode(self, keys: mx.array, values: mx.array) -> list[mx.array]:
+        q = self.quantization
+        signs = self._rotation(keys.shape[-1])
+        return [
+            *quantize_vectors(rotate(keys, signs), q.key_bits),
+            *quantize_vectors(rotate(values, signs), q.value_bits),
+        ]
+
+    def _view(self, parts: list[mx.array]) -> QuantizedKV:
+        q = self.quantization
+        head_dim = parts[0].shape[-1] * 32 // q.key_bits
+        return QuantizedKV(
+            tuple(parts[:2]), tuple(parts[2:]), self._rotation(head_dim), q.key_bits, q.value_bits
+        )
