@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import media_messages
 
 from mlx_gemma4 import BatchGenerator, Gemma4Error, batch_generate, load, stream_generate
 from mlx_gemma4.errors import BatchRequestError, PromptTooLongError
@@ -108,30 +108,32 @@ def test_text_prompts_chat_messages_stop_strings(chat_checkpoint):
         assert result.tokens == [r.token for r in pieces]
         assert result.text == "".join(r.text for r in pieces)
     text = results[0].text
-    if len(text) > 3:  # a stop string cuts the text where the solo run cuts it
-        stop = text[2:4]
-        cut = batch_generate(model, processor, ["hello"], max_tokens=12, stop=[stop])[0]
-        assert cut.finish_reason == "stop"
-        assert cut.text == "".join(
-            r.text for r in stream_generate(model, processor, "hello", max_tokens=12, stop=[stop])
-        )
+    assert len(text) > 3
+    stop = text[2:4]  # a stop string cuts the text where the solo run cuts it
+    cut = batch_generate(model, processor, ["hello"], max_tokens=12, stop=[stop])[0]
+    solo_cut = list(stream_generate(model, processor, "hello", max_tokens=12, stop=[stop]))
+    assert cut.finish_reason == "stop" == solo_cut[-1].finish_reason
+    assert cut.text == "".join(r.text for r in solo_cut)
+    assert cut.tokens == [r.token for r in solo_cut]
 
 
-def test_an_image_in_one_of_the_prompts(chat_checkpoint):
+def test_an_image_and_audio_among_the_prompts(chat_checkpoint):
     model, processor = load(chat_checkpoint("multimodal")[0])
-    image_chat = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": random_image(96, 96)},
-                {"type": "text", "text": "what is it"},
-            ],
-        }
+    prompts = [
+        media_messages("image"),
+        "hello there",
+        media_messages("audio"),
+        [{"role": "user", "content": "hi"}],
     ]
-    prompts = [image_chat, "hello there", [{"role": "user", "content": "hi"}]]
-    results = batch_generate(model, processor, prompts, max_tokens=8, prefill_step_size=7)
-    for prompt, result in zip(prompts, results, strict=True):
-        assert result.tokens == solo(model, processor, prompt, max_tokens=8)
+    settings = dict(max_tokens=8, max_soft_tokens=70)
+    generator = BatchGenerator(model, processor, prefill_step_size=7)  # chunks around images
+    ids = [generator.submit(prompt, **settings) for prompt in prompts]
+    tokens = {i: [] for i in ids}
+    while not generator.done:
+        for response in generator.step():
+            tokens[response.request_id].append(response.token)
+    for i, prompt in zip(ids, prompts, strict=True):
+        assert tokens[i] == solo(model, processor, prompt, **settings)
 
 
 def test_bad_requests_are_refused_and_the_others_go_on(chat_checkpoint):
