@@ -82,6 +82,38 @@ def test_quantized_kv_batch_equals_solo_runs(chat_checkpoint, variant):
         assert result.tokens == solo(model, processor, prompt, max_tokens=10, kv_bits=4)
 
 
+def run_all(generator: BatchGenerator) -> dict[int, list]:
+    responses: dict[int, list] = {}
+    while not generator.done:
+        for response in generator.step():
+            responses.setdefault(response.request_id, []).append(response)
+    return responses
+
+
+def test_a_prompt_that_extends_an_earlier_one_prefills_only_its_new_tokens(chat_checkpoint):
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    first = id_prompts([20], seed=7)[0]
+    generator = BatchGenerator(model, processor, prefix_cache_bytes=2**24)
+    start = generator.submit(first, max_tokens=6)
+    assert [r.reused_tokens for r in run_all(generator)[start]] == [0] * 6
+    assert len(generator.pool) == 1
+    # the next turn: past the window (8) beyond the kept prefix, beside an unrelated request
+    second = first + [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
+    other = id_prompts([9], seed=8)[0]
+    turn, unrelated = (generator.submit(p, max_tokens=8) for p in (second, other))
+    responses = run_all(generator)
+    assert responses[turn][0].reused_tokens == len(first) - 1
+    assert responses[unrelated][0].reused_tokens == 1  # only <bos> in common
+    assert [r.token for r in responses[turn]] == solo(model, processor, second, max_tokens=8)
+    assert [r.token for r in responses[unrelated]] == solo(model, processor, other, max_tokens=8)
+    # the extended prompt replaced the one it extends; a budget too small keeps nothing
+    assert len(generator.pool) == 2
+    tight = BatchGenerator(model, processor, prefix_cache_bytes=16)
+    tight.submit(first, max_tokens=2)
+    run_all(tight)
+    assert len(tight.pool) == 0
+
+
 def test_seeded_sampling_is_the_same_in_any_company(chat_checkpoint):
     model, processor = load(chat_checkpoint("ple_kv_shared")[0])
     prompt = id_prompts([10], seed=3)[0]

@@ -25,6 +25,7 @@ from ..processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from ..prompt_cache import PromptCache
 from ..streaming import StopStrings, TextStream
 from .batch_cache import BatchKVCache
+from .prefix_pool import PrefixCachePool
 
 
 @dataclass
@@ -38,6 +39,7 @@ class BatchResponse:
     finish_reason: str | None  # "stop", "length" or None while generating
     prompt_tokens: int
     generation_tokens: int
+    reused_tokens: int = 0  # prompt tokens served from the prefix pool
 
 
 @dataclass
@@ -96,6 +98,7 @@ class _Request:
     text: TextStream
     stops: StopStrings
     next_token: int
+    reused_tokens: int
     generated: list[int] = field(default_factory=list)
 
 
@@ -105,7 +108,9 @@ class BatchGenerator:
     `prefill_step_size` is the number of prompt tokens prefilled per step (one request's chunk
     at a time) before the step's decode forward. `kv_bits` (or `kv_key_bits` and
     `kv_value_bits` apart) quantizes the full-attention layers' keys and values, as
-    `stream_generate` does.
+    `stream_generate` does. `prefix_cache_bytes` keeps up to that many bytes of prefilled
+    prompt caches (`PrefixCachePool`): a prompt that extends a kept one prefills only its new
+    tokens.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class BatchGenerator:
         kv_bits: int | None = None,
         kv_key_bits: int | None = None,
         kv_value_bits: int | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         self.model = model
         self.processor = processor
@@ -126,6 +132,7 @@ class BatchGenerator:
         self._pending: deque[_Request] = deque()
         self._running: list[_Request] = []
         self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+        self.pool = PrefixCachePool(model, prefix_cache_bytes) if prefix_cache_bytes else None
         self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
 
     @property
@@ -175,7 +182,10 @@ class BatchGenerator:
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
                 f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens"
             )
-        prompt_cache = PromptCache(self.model, self.kv_quantization)
+        if self.pool is None:
+            prompt_cache = PromptCache(self.model, self.kv_quantization)
+        else:
+            prompt_cache = self.pool.take(prompt_ids, self.kv_quantization)
         inputs = prompt_inputs(self.model, prompt_ids, media, prompt_cache)
         stop_ids = set(self.processor.stop_token_ids)
         request = _Request(
@@ -190,6 +200,7 @@ class BatchGenerator:
             text=TextStream(self.processor, stop_ids),
             stops=StopStrings(list(stop or ())),
             next_token=prompt_ids[-1],
+            reused_tokens=len(prompt_ids) - len(inputs.todo),
         )
         self._pending.append(request)
         return request.id
@@ -237,12 +248,15 @@ class BatchGenerator:
             inputs.text_ids[:, start:end], cache, part(inputs.embeddings), part(inputs.blocks)
         )
         mx.eval([c.state for c in cache])
+        request.prompt_cache.tokens.extend(inputs.todo[start:end])
         return end - start
 
     def _join(self, request: _Request) -> None:
         """Move a prefilled request's caches into the batch as a new row."""
         for solo, batch in zip(request.prompt_cache.cache, self._caches, strict=True):
             batch.add_row(solo)
+        if self.pool is not None:
+            self.pool.put(request.prompt_cache)
         request.prompt_cache = None  # its caches now live in the batch
         request.inputs = None
         self._running.append(request)
@@ -290,7 +304,16 @@ class BatchGenerator:
             finish = "stop"
         elif finish:
             answer += request.stops.drain()
-        return BatchResponse(request.id, token, answer, thought, finish, len(request.prompt_ids), n)
+        return BatchResponse(
+            request.id,
+            token,
+            answer,
+            thought,
+            finish,
+            len(request.prompt_ids),
+            n,
+            request.reused_tokens,
+        )
 
     def _retire(self, rows: set[int]) -> None:
         keep = [row for row in range(len(self._running)) if row not in rows]
