@@ -9,6 +9,7 @@ from .errors import Gemma4Error
 
 if TYPE_CHECKING:
     from .agent import AgentResult, run_agent
+    from .engine import BatchGenerator, BatchResult, batch_generate
     from .generation import GenerationResponse, generate, stream_generate
     from .kv_quant import KVQuantization
     from .loading import load, load_model
@@ -23,6 +24,8 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "AgentResult",
+    "BatchGenerator",
+    "BatchResult",
     "Gemma4Error",
     "GenerationResponse",
     "KVQuantization",
@@ -31,6 +34,7 @@ __all__ = [
     "SamplingOptions",
     "ToolCall",
     "__version__",
+    "batch_generate",
     "generate",
     "load",
     "load_model",
@@ -53,6 +57,9 @@ _LAZY = {
     "parse_tool_calls": "tool_calls",
     "run_agent": "agent",
     "AgentResult": "agent",
+    "batch_generate": "engine",
+    "BatchGenerator": "engine",
+    "BatchResult": "engine",
 }
 
 

@@ -165,8 +165,10 @@ def vision_block_mask(cache: SlidingWindowCache, blocks: mx.array) -> mx.array:
 
 
 def attention_mask(cache, n_queries: int):
-    """The mask for `n_queries` new positions attending through `cache`."""
-    if isinstance(cache, SlidingWindowCache):
+    """The mask for `n_queries` new positions attending through `cache`.
+
+    Caches that set `masks_rows` (the engine's batch caches) mask each row themselves."""
+    if isinstance(cache, SlidingWindowCache) or getattr(cache, "masks_rows", False):
         return cache.make_mask(n_queries)
     return None if n_queries == 1 else "causal"
 

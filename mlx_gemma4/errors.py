@@ -73,3 +73,8 @@ class ConstraintError(Gemma4Error):
 
 class MemoryModelError(Gemma4Error):
     """A memory estimate asked for with an unusable context, batch or chunk size."""
+
+
+class BatchRequestError(Gemma4Error):
+    """A batched-generation request that cannot run: no prompts, an empty prompt, an option
+    the engine does not take."""

@@ -1,0 +1,385 @@
+"""The batch generator: requests join and leave at any step, one forward decodes them all.
+
+A request is prefilled alone, in chunks between decode steps (exactly the solo prefill), then
+its caches join the batch as a new row. Each decode step feeds every running row its last token
+in one forward over the batch caches, samples each row with its own settings and random key,
+and retires the rows that finished, freeing their cache rows at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from ..errors import BatchRequestError, PromptTooLongError
+from ..generation import PromptInputs, prefill_chunks, prompt_inputs, refuse_media_without_tower
+from ..kv_quant import KVQuantization
+from ..processing import Processor
+from ..processing.images import DEFAULT_BUDGET
+from ..processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
+from ..prompt_cache import PromptCache
+from ..streaming import StopStrings, TextStream
+from .batch_cache import BatchKVCache
+from .prefix_pool import PrefixCachePool
+
+
+@dataclass
+class BatchResponse:
+    """What one step did for one request: a new token, or the request's end."""
+
+    request_id: int
+    token: int
+    text: str  # new answer text
+    thought: str  # new thinking text
+    finish_reason: str | None  # "stop", "length" or None while generating
+    prompt_tokens: int
+    generation_tokens: int
+    reused_tokens: int = 0  # prompt tokens served from the prefix pool
+
+
+@dataclass
+class BatchResult:
+    """One prompt's whole generation (`batch_generate`)."""
+
+    text: str
+    thought: str
+    tokens: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class RowSampler:
+    """A request's sampler with its own random key, so seeded sampling draws the same tokens
+    whatever else is in the batch (and the same as a solo run seeded alike)."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int, min_p: float, seed):
+        self.temperature = temperature
+        self.filters: list[Callable[[mx.array], mx.array]] = []
+        # mlx-lm's order: nucleus, min-p, top-k
+        if 0 < top_p < 1.0:
+            self.filters.append(lambda x: apply_top_p(x, top_p))
+        if min_p != 0.0:
+            self.filters.append(lambda x: apply_min_p(x, min_p))
+        if top_k > 0:
+            self.filters.append(lambda x: apply_top_k(x, top_k))
+        self.key = None if seed is None else mx.random.key(seed)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """Logits [1, vocab] -> token [1]."""
+        if self.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for apply in self.filters:
+            logprobs = apply(logprobs)
+        key = None
+        if self.key is not None:
+            # the split a global generator seeded alike would make: keep one half, draw with
+            # the other
+            self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    inputs: PromptInputs
+    prompt_cache: PromptCache
+    chunks: Iterator[tuple[int, int]]
+    max_tokens: int
+    sampler: RowSampler
+    stop_ids: set[int]
+    text: TextStream
+    stops: StopStrings
+    next_token: int
+    reused_tokens: int
+    generated: list[int] = field(default_factory=list)
+
+
+class BatchGenerator:
+    """Decodes many requests together; `submit` them, call `step` until `done`.
+
+    `prefill_step_size` is the number of prompt tokens prefilled per step (one request's chunk
+    at a time) before the step's decode forward. `kv_bits` (or `kv_key_bits` and
+    `kv_value_bits` apart) quantizes the full-attention layers' keys and values, as
+    `stream_generate` does. `prefix_cache_bytes` keeps up to that many bytes of prefilled
+    prompt caches (`PrefixCachePool`): a prompt that extends a kept one prefills only its new
+    tokens.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor: Processor,
+        *,
+        prefill_step_size: int = 512,
+        kv_bits: int | None = None,
+        kv_key_bits: int | None = None,
+        kv_value_bits: int | None = None,
+        prefix_cache_bytes: int = 0,
+    ):
+        self.model = model
+        self.processor = processor
+        self.prefill_step_size = prefill_step_size
+        self.context = model.config.text_config.max_position_embeddings
+        self._ids = itertools.count()
+        self._pending: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
+        self.pool = PrefixCachePool(model, prefix_cache_bytes) if prefix_cache_bytes else None
+        self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
+
+    @property
+    def done(self) -> bool:
+        """True when no request is waiting or running."""
+        return not self._pending and not self._running
+
+    def submit(
+        self,
+        prompt: str | list[int] | list[dict],
+        *,
+        images: list | None = None,
+        max_soft_tokens: int = DEFAULT_BUDGET,
+        videos: list | None = None,
+        audio: list | None = None,
+        video_soft_tokens: int = DEFAULT_VIDEO_BUDGET,
+        max_frames: int = MAX_FRAMES,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        enable_thinking: bool = False,
+    ) -> int:
+        """Queue a request (text, token ids or chat messages, as `stream_generate` takes them);
+        return its id. A request that cannot run raises here and leaves the others as they are.
+        """
+        if isinstance(prompt, (list, str)) and len(prompt) == 0:
+            raise BatchRequestError("prompt: it is empty; give at least one token or character")
+        if max_tokens < 1:
+            raise BatchRequestError(f"max_tokens: {max_tokens} is not positive; give 1 or more")
+        prompt_ids, media = self.processor.prepare(
+            prompt,
+            images,
+            max_soft_tokens,
+            videos=videos,
+            video_soft_tokens=video_soft_tokens,
+            max_frames=max_frames,
+            audio=audio,
+            enable_thinking=enable_thinking,
+        )
+        refuse_media_without_tower(self.model, media)
+        if len(prompt_ids) + max_tokens > self.context:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
+                f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens"
+            )
+        if self.pool is None:
+            prompt_cache = PromptCache(self.model, self.kv_quantization)
+        else:
+            prompt_cache = self.pool.take(prompt_ids, self.kv_quantization)
+        inputs = prompt_inputs(self.model, prompt_ids, media, prompt_cache)
+        stop_ids = set(self.processor.stop_token_ids)
+        request = _Request(
+            id=next(self._ids),
+            prompt_ids=prompt_ids,
+            inputs=inputs,
+            prompt_cache=prompt_cache,
+            chunks=prefill_chunks(len(inputs.todo), self.prefill_step_size, inputs.block_spans),
+            max_tokens=max_tokens,
+            sampler=RowSampler(temperature, top_p, top_k, min_p, seed),
+            stop_ids=stop_ids,
+            text=TextStream(self.processor, stop_ids),
+            stops=StopStrings(list(stop or ())),
+            next_token=prompt_ids[-1],
+            reused_tokens=len(prompt_ids) - len(inputs.todo),
+        )
+        self._pending.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting or running request and free its cache rows; False if unknown."""
+        for request in self._pending:
+            if request.id == request_id:
+                self._pending.remove(request)
+                return True
+        for row, request in enumerate(self._running):
+            if request.id == request_id:
+                self._retire({row})
+                return True
+        return False
+
+    def step(self) -> list[BatchResponse]:
+        """Prefill up to `prefill_step_size` waiting prompt tokens, then decode one token for
+        every running request; the responses of this step's tokens."""
+        self._prefill()
+        if not self._running:
+            return []
+        return self._decode()
+
+    # ------------------------------------------------------------------------------ prefill
+    def _prefill(self) -> None:
+        budget = self.prefill_step_size
+        while self._pending and (budget > 0 or not self._running):
+            request = self._pending[0]
+            chunk = next(request.chunks, None)
+            if chunk is None:
+                self._pending.popleft()
+                self._join(request)
+                continue
+            budget -= self._prefill_chunk(request, *chunk)
+
+    def _prefill_chunk(self, request: _Request, start: int, end: int) -> int:
+        """Run one chunk of the request's prompt through its own (solo) caches."""
+        inputs, cache = request.inputs, request.prompt_cache.cache
+
+        def part(array: mx.array | None) -> mx.array | None:
+            return None if array is None else array[:, start:end]
+
+        self.model.language_model(
+            inputs.text_ids[:, start:end], cache, part(inputs.embeddings), part(inputs.blocks)
+        )
+        mx.eval([c.state for c in cache])
+        request.prompt_cache.tokens.extend(inputs.todo[start:end])
+        return end - start
+
+    def _join(self, request: _Request) -> None:
+        """Move a prefilled request's caches into the batch as a new row."""
+        for solo, batch in zip(request.prompt_cache.cache, self._caches, strict=True):
+            batch.add_row(solo)
+        if self.pool is not None:
+            self.pool.put(request.prompt_cache)
+        request.prompt_cache = None  # its caches now live in the batch
+        request.inputs = None
+        self._running.append(request)
+
+    # ------------------------------------------------------------------------------ decode
+    def _decode(self) -> list[BatchResponse]:
+        model = self.model
+        tokens = mx.array([[request.next_token] for request in self._running])
+        hidden = model.language_model(model.text_ids(tokens), self._caches)
+        logits = model.logits(hidden[:, -1, :])
+        sampled = self._sample(logits).tolist()
+
+        responses, finished = [], set()
+        for row, (request, token) in enumerate(zip(self._running, sampled, strict=True)):
+            response = self._advance(request, token)
+            responses.append(response)
+            if response.finish_reason is not None:
+                finished.add(row)
+        if finished:
+            self._retire(finished)
+        return responses
+
+    def _sample(self, logits: mx.array) -> mx.array:
+        """One token per row, each row by its own sampler (one argmax when all are greedy)."""
+        samplers = [request.sampler for request in self._running]
+        if all(sampler.temperature == 0 for sampler in samplers):
+            return mx.argmax(logits, axis=-1)
+        return mx.concatenate(
+            [sampler(logits[row : row + 1]) for row, sampler in enumerate(samplers)]
+        )
+
+    def _advance(self, request: _Request, token: int) -> BatchResponse:
+        """Record a request's new token: its text, and whether it ends the request."""
+        request.generated.append(token)
+        request.next_token = token
+        n = len(request.generated)
+        finish = "stop" if token in request.stop_ids else None
+        answer, thought = request.text.add(token)
+        if finish is None and n == request.max_tokens:
+            finish = "length"
+            more_answer, more_thought = request.text.flush()
+            answer, thought = answer + more_answer, thought + more_thought
+        answer, hit_stop = request.stops.feed(answer)
+        if hit_stop:
+            finish = "stop"
+        elif finish:
+            answer += request.stops.drain()
+        return BatchResponse(
+            request.id,
+            token,
+            answer,
+            thought,
+            finish,
+            len(request.prompt_ids),
+            n,
+            request.reused_tokens,
+        )
+
+    def _retire(self, rows: set[int]) -> None:
+        keep = [row for row in range(len(self._running)) if row not in rows]
+        self._running = [self._running[row] for row in keep]
+        for cache in self._caches:
+            cache.keep_rows(keep)
+
+
+def batch_generate(
+    model,
+    processor: Processor,
+    prompts: list[str | list[int] | list[dict]],
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    enable_thinking: bool = False,
+    prefill_step_size: int = 512,
+    kv_bits: int | None = None,
+    progress: bool = False,
+) -> list[BatchResult]:
+    """Generate for every prompt (text, token ids or chat messages) together; the results in
+    prompt order. Greedy when `temperature` is 0; `seed` seeds each prompt's sampler alike.
+    `kv_bits` quantizes the full-attention KV caches; `progress` shows a bar of finished
+    prompts."""
+    if not prompts:
+        raise BatchRequestError("prompts: the list is empty; give at least one prompt")
+    generator = BatchGenerator(
+        model, processor, prefill_step_size=prefill_step_size, kv_bits=kv_bits
+    )
+    ids = [
+        generator.submit(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            stop=stop,
+            enable_thinking=enable_thinking,
+        )
+        for prompt in prompts
+    ]
+    results = {i: BatchResult("", "", [], None, 0, 0) for i in ids}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc="batch_generate", unit="prompt")
+    while not generator.done:
+        for response in generator.step():
+            result = results[response.request_id]
+            result.text += response.text
+            result.thought += response.thought
+            result.tokens.append(response.token)
+            result.prompt_tokens = response.prompt_tokens
+            result.generation_tokens = response.generation_tokens
+            if response.finish_reason is not None:
+                result.finish_reason = response.finish_reason
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    return [results[i] for i in ids]
