@@ -119,6 +119,22 @@ def prompt_inputs(model, ids: list[int], media: Media, prompt_cache: PromptCache
     return PromptInputs(todo, text_ids, embeddings, blocks, local)
 
 
+def prefill_chunk(
+    model, prompt_cache: PromptCache, inputs: PromptInputs, start: int, end: int
+) -> None:
+    """Run prompt positions [start, end) of `inputs.todo` through the caches and record them."""
+
+    def part(array: mx.array | None) -> mx.array | None:
+        return None if array is None else array[:, start:end]
+
+    cache = prompt_cache.cache
+    model.language_model(
+        inputs.text_ids[:, start:end], cache, part(inputs.embeddings), part(inputs.blocks)
+    )
+    mx.eval([c.state for c in cache])
+    prompt_cache.tokens.extend(inputs.todo[start:end])
+
+
 def generate_step(
     model,
     prompt: list[int],
@@ -135,19 +151,8 @@ def generate_step(
     `normalize=False` hands the sampler raw logits (enough for greedy decoding).
     """
     cache, todo = prompt_cache.cache, inputs.todo
-
-    def part(array: mx.array | None, start: int, end: int) -> mx.array | None:
-        return None if array is None else array[:, start:end]
-
     for start, end in prefill_chunks(len(todo), prefill_step_size, inputs.block_spans):
-        model.language_model(
-            inputs.text_ids[:, start:end],
-            cache,
-            part(inputs.embeddings, start, end),
-            part(inputs.blocks, start, end),
-        )
-        mx.eval([c.state for c in cache])
-        prompt_cache.tokens.extend(todo[start:end])
+        prefill_chunk(model, prompt_cache, inputs, start, end)
         mx.clear_cache()
     todo = todo[-1:]
 

@@ -19,7 +19,8 @@ def _model_fingerprint(model) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -79,7 +80,7 @@ class PromptCache:
         The kept prefix never ends inside one of `blocks` ([start, end) spans of image tokens,
         which must be processed together).
         """
-        keep = min(_common_prefix(self.tokens, prompt), len(prompt) - 1)
+        keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
         keep = next((start for start, end in blocks if start < keep < end), keep)
         drop = len(self.tokens) - keep
         if drop and not self._trim(drop):

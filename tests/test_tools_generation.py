@@ -15,6 +15,7 @@ from conftest import random_image
 
 from mlx_gemma4 import ToolCall, generate, load, parse_tool_calls, run_agent, stream_generate
 from mlx_gemma4.errors import ToolError
+from mlx_gemma4.prompt_cache import common_prefix
 from mlx_gemma4.tools import tool_declarations
 
 Q = '<|"|>'
@@ -250,13 +251,6 @@ def test_an_image_and_tools(tool_checkpoint):
 # --------------------------------------------------------------------------- the agent loop
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 @pytest.mark.parametrize("thinking", [False, True])
 def test_agent_loop_reuses_the_prompt_cache_across_steps(tool_checkpoint, thinking):
     model, processor = tool_checkpoint()
@@ -288,7 +282,7 @@ def test_agent_loop_reuses_the_prompt_cache_across_steps(tool_checkpoint, thinki
     prompt_two = processor.prepare(after_call, tools=declarations, enable_thinking=thinking)[0]
     assert (first.prompt_tokens, second.prompt_tokens) == (len(prompt_one), len(prompt_two))
     cached = prompt_one + tokens(processor, step_one)  # what the cache held after step one
-    assert second.reused_tokens == _common_prefix(cached, prompt_two)
+    assert second.reused_tokens == common_prefix(cached, prompt_two)
     if thinking:  # the history renders exactly what the model wrote: nothing is re-read
         assert second.reused_tokens == len(cached)
     else:  # the empty thought channel of the generation prompt is not kept in the history

@@ -17,7 +17,13 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from ..errors import BatchRequestError, PromptTooLongError
-from ..generation import PromptInputs, prefill_chunks, prompt_inputs, refuse_media_without_tower
+from ..generation import (
+    PromptInputs,
+    prefill_chunk,
+    prefill_chunks,
+    prompt_inputs,
+    refuse_media_without_tower,
+)
 from ..kv_quant import KVQuantization
 from ..processing import Processor
 from ..processing.images import DEFAULT_BUDGET
@@ -239,16 +245,7 @@ class BatchGenerator:
 
     def _prefill_chunk(self, request: _Request, start: int, end: int) -> int:
         """Run one chunk of the request's prompt through its own (solo) caches."""
-        inputs, cache = request.inputs, request.prompt_cache.cache
-
-        def part(array: mx.array | None) -> mx.array | None:
-            return None if array is None else array[:, start:end]
-
-        self.model.language_model(
-            inputs.text_ids[:, start:end], cache, part(inputs.embeddings), part(inputs.blocks)
-        )
-        mx.eval([c.state for c in cache])
-        request.prompt_cache.tokens.extend(inputs.todo[start:end])
+        prefill_chunk(self.model, request.prompt_cache, request.inputs, start, end)
         return end - start
 
     def _join(self, request: _Request) -> None:

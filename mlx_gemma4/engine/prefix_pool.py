@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..kv_quant import KVQuantization
-from ..prompt_cache import PromptCache, _common_prefix
+from ..prompt_cache import PromptCache, common_prefix
 
 
 def _copy_layer(model_cache: Any, source: Any) -> Any:
@@ -46,7 +46,7 @@ class PrefixCachePool:
         for key, entry in self._entries.items():
             if entry.kv_quantization != kv_quantization:
                 continue
-            length = _common_prefix(entry.tokens, prompt)
+            length = common_prefix(entry.tokens, prompt)
             if length > best_length:
                 best, best_length = key, length
         fresh = PromptCache(self.model, kv_quantization)
@@ -64,7 +64,7 @@ class PrefixCachePool:
         if not prompt_cache.tokens or _cache_bytes(prompt_cache) > self.max_bytes:
             return
         for key, entry in list(self._entries.items()):
-            covered = _common_prefix(entry.tokens, prompt_cache.tokens) == len(entry.tokens)
+            covered = common_prefix(entry.tokens, prompt_cache.tokens) == len(entry.tokens)
             if covered and entry.kv_quantization == prompt_cache.kv_quantization:
                 del self._entries[key]
         copy = PromptCache(self.model, prompt_cache.kv_quantization)
