@@ -133,7 +133,9 @@ def _run(console, source, out, method, bits, group_size, mode, override, codeboo
         TimeElapsedColumn(),
         TextColumn("[dim]{task.description}"),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    # a bar only where someone watches: off a terminal it would leave a stray blank line
+    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    with bar as progress:
         task = progress.add_task("", total=None, stage="loading")
         loaded = load_model(source)
         total = sum(1 for _, m in loaded.named_modules() if hasattr(m, "to_quantized"))
