@@ -25,6 +25,7 @@ from ..generation import (
     refuse_media_without_tower,
 )
 from ..kv_quant import KVQuantization
+from ..memory import format_bytes, kv_cache_bytes
 from ..processing import Processor
 from ..processing.images import DEFAULT_BUDGET
 from ..processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
@@ -105,6 +106,8 @@ class _Request:
     stops: StopStrings
     next_token: int
     reused_tokens: int
+    kv_bytes: int  # the KV a row of this request's length may take (`BatchGenerator.row_kv_bytes`)
+    admitted: bool = False  # holds a share of the KV budget (prefilling or running)
     generated: list[int] = field(default_factory=list)
 
 
@@ -117,6 +120,14 @@ class BatchGenerator:
     `stream_generate` does. `prefix_cache_bytes` keeps up to that many bytes of prefilled
     prompt caches (`PrefixCachePool`): a prompt that extends a kept one prefills only its new
     tokens.
+
+    `kv_budget_bytes` bounds the KV caches of the admitted requests (those prefilling or
+    running). A request needs the KV of its prompt plus `max_tokens` positions, from the memory
+    model (`row_kv_bytes`). Rows are right-aligned, so every row is as wide as the longest: the
+    admitted requests reserve `kv_reserved_bytes` = their count x the largest need among them.
+    A request that does not fit in the budget beside the admitted ones waits, first come first
+    served (a smaller later request does not pass a waiting larger one); one that does not fit
+    even alone is refused at `submit`.
     """
 
     def __init__(
@@ -129,8 +140,14 @@ class BatchGenerator:
         kv_key_bits: int | None = None,
         kv_value_bits: int | None = None,
         prefix_cache_bytes: int = 0,
+        kv_budget_bytes: int | None = None,
     ):
+        if kv_budget_bytes is not None and kv_budget_bytes < 1:
+            raise BatchRequestError(
+                f"kv_budget_bytes: {kv_budget_bytes} is not positive; give a byte count or None"
+            )
         self.model = model
+        self.kv_budget_bytes = kv_budget_bytes
         self.processor = processor
         self.prefill_step_size = prefill_step_size
         self.context = model.config.text_config.max_position_embeddings
@@ -140,6 +157,35 @@ class BatchGenerator:
         self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
         self.pool = PrefixCachePool(model, prefix_cache_bytes) if prefix_cache_bytes else None
         self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
+
+    @property
+    def running(self) -> int:
+        """How many requests are decoding (their rows are in the batch)."""
+        return len(self._running)
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """The KV the admitted requests reserve: one row per request, as wide as the longest."""
+        return self._footprint([r.kv_bytes for r in self._admitted()])
+
+    @staticmethod
+    def _footprint(row_bytes: list[int]) -> int:
+        return len(row_bytes) * max(row_bytes, default=0)
+
+    def _admitted(self) -> list[_Request]:
+        return self._running + [r for r in self._pending if r.admitted]
+
+    def row_kv_bytes(self, positions: int) -> int:
+        """The most KV one batch row of up to `positions` positions takes: the memory model's
+        per-sequence KV bytes with the batch cache's spare columns added (`BatchKVCache.step`,
+        room a buffer keeps past its newest position)."""
+        return kv_cache_bytes(
+            self.model.config.text_config,
+            positions + BatchKVCache.step,
+            dtype=self.model.language_model.norm.weight.dtype,
+            kv_quantization=self.kv_quantization,
+            prefill_step_size=self.prefill_step_size,
+        )
 
     @property
     def done(self) -> bool:
@@ -188,6 +234,14 @@ class BatchGenerator:
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
                 f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens"
             )
+        kv_bytes = self.row_kv_bytes(len(prompt_ids) + max_tokens)
+        if self.kv_budget_bytes is not None and kv_bytes > self.kv_budget_bytes:
+            raise BatchRequestError(
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} needs "
+                f"{format_bytes(kv_bytes)} of KV cache, more than kv_budget_bytes="
+                f"{self.kv_budget_bytes:,} ({format_bytes(self.kv_budget_bytes)}); shorten the "
+                "prompt, lower max_tokens or raise the budget"
+            )
         if self.pool is None:
             prompt_cache = PromptCache(self.model, self.kv_quantization)
         else:
@@ -207,6 +261,7 @@ class BatchGenerator:
             stops=StopStrings(list(stop or ())),
             next_token=prompt_ids[-1],
             reused_tokens=len(prompt_ids) - len(inputs.todo),
+            kv_bytes=kv_bytes,
         )
         self._pending.append(request)
         return request.id
@@ -236,12 +291,23 @@ class BatchGenerator:
         budget = self.prefill_step_size
         while self._pending and (budget > 0 or not self._running):
             request = self._pending[0]
+            if not request.admitted and not self._admit(request):
+                return  # it waits until running requests finish and free their share
             chunk = next(request.chunks, None)
             if chunk is None:
                 self._pending.popleft()
                 self._join(request)
                 continue
             budget -= self._prefill_chunk(request, *chunk)
+
+    def _admit(self, request: _Request) -> bool:
+        """Give the request its share of the KV budget if what is left holds it."""
+        if self.kv_budget_bytes is not None:
+            rows = [r.kv_bytes for r in self._admitted()] + [request.kv_bytes]
+            if self._footprint(rows) > self.kv_budget_bytes:
+                return False
+        request.admitted = True
+        return True
 
     def _prefill_chunk(self, request: _Request, start: int, end: int) -> int:
         """Run one chunk of the request's prompt through its own (solo) caches."""
