@@ -106,3 +106,23 @@ def test_a_request_larger_than_the_budget_is_refused_and_the_others_go_on(chat_c
     tokens, _ = run_within_budget(generator, ids)
     for i, prompt in zip(ids, prompts, strict=True):
         assert tokens[i] == solo(model, processor, prompt, max_tokens=10)
+
+
+def test_a_waiting_request_takes_its_prefix_when_admitted(chat_checkpoint):
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    first = id_prompts([20], seed=14)[0]
+    second = first + [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]  # the next turn, past the window
+    probe = BatchGenerator(model, processor)
+    one_at_a_time = 2 * probe.row_kv_bytes(len(second) + 8) - 1
+    generator = BatchGenerator(
+        model, processor, prefix_cache_bytes=2**24, kv_budget_bytes=one_at_a_time
+    )
+    ids = [generator.submit(first, max_tokens=6), generator.submit(second, max_tokens=8)]
+    responses: dict[int, list] = {i: [] for i in ids}
+    while not generator.done:
+        assert generator.running <= 1
+        for response in generator.step():
+            responses[response.request_id].append(response)
+    # it waited for the first turn, whose prefilled prompt the pool then held
+    assert responses[ids[1]][0].reused_tokens == len(first) - 1
+    assert [r.token for r in responses[ids[1]]] == solo(model, processor, second, max_tokens=8)

@@ -28,6 +28,7 @@ from ..kv_quant import KVQuantization
 from ..memory import format_bytes, kv_cache_bytes
 from ..processing import Processor
 from ..processing.images import DEFAULT_BUDGET
+from ..processing.processor import Media
 from ..processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from ..prompt_cache import PromptCache
 from ..streaming import StopStrings, TextStream
@@ -96,18 +97,20 @@ class RowSampler:
 class _Request:
     id: int
     prompt_ids: list[int]
-    inputs: PromptInputs
-    prompt_cache: PromptCache
-    chunks: Iterator[tuple[int, int]]
+    media: Media | None  # until its prefill is set up
     max_tokens: int
     sampler: RowSampler
     stop_ids: set[int]
     text: TextStream
     stops: StopStrings
     next_token: int
-    reused_tokens: int
     kv_bytes: int  # the KV a row of this request's length may take (`BatchGenerator.row_kv_bytes`)
-    admitted: bool = False  # holds a share of the KV budget (prefilling or running)
+    # set when the request is admitted (holds a share of the KV budget) and starts its prefill
+    prompt_cache: PromptCache | None = None
+    inputs: PromptInputs | None = None
+    chunks: Iterator[tuple[int, int]] | None = None
+    reused_tokens: int = 0
+    admitted: bool = False
     generated: list[int] = field(default_factory=list)
 
 
@@ -242,25 +245,17 @@ class BatchGenerator:
                 f"{self.kv_budget_bytes:,} ({format_bytes(self.kv_budget_bytes)}); shorten the "
                 "prompt, lower max_tokens or raise the budget"
             )
-        if self.pool is None:
-            prompt_cache = PromptCache(self.model, self.kv_quantization)
-        else:
-            prompt_cache = self.pool.take(prompt_ids, self.kv_quantization)
-        inputs = prompt_inputs(self.model, prompt_ids, media, prompt_cache)
         stop_ids = set(self.processor.stop_token_ids)
         request = _Request(
             id=next(self._ids),
             prompt_ids=prompt_ids,
-            inputs=inputs,
-            prompt_cache=prompt_cache,
-            chunks=prefill_chunks(len(inputs.todo), self.prefill_step_size, inputs.block_spans),
+            media=media,
             max_tokens=max_tokens,
             sampler=RowSampler(temperature, top_p, top_k, min_p, seed),
             stop_ids=stop_ids,
             text=TextStream(self.processor, stop_ids),
             stops=StopStrings(list(stop or ())),
             next_token=prompt_ids[-1],
-            reused_tokens=len(prompt_ids) - len(inputs.todo),
             kv_bytes=kv_bytes,
         )
         self._pending.append(request)
@@ -301,12 +296,24 @@ class BatchGenerator:
             budget -= self._prefill_chunk(request, *chunk)
 
     def _admit(self, request: _Request) -> bool:
-        """Give the request its share of the KV budget if what is left holds it."""
+        """Give the request its share of the KV budget if what is left holds it, and set up its
+        prefill: only now does it take a cache (a pooled prefix, which a request that finished
+        while it waited may have left) and run the media towers."""
         if self.kv_budget_bytes is not None:
             rows = [r.kv_bytes for r in self._admitted()] + [request.kv_bytes]
             if self._footprint(rows) > self.kv_budget_bytes:
                 return False
         request.admitted = True
+        if self.pool is None:
+            request.prompt_cache = PromptCache(self.model, self.kv_quantization)
+        else:
+            request.prompt_cache = self.pool.take(request.prompt_ids, self.kv_quantization)
+        inputs = prompt_inputs(self.model, request.prompt_ids, request.media, request.prompt_cache)
+        request.inputs, request.media = inputs, None
+        request.chunks = prefill_chunks(
+            len(inputs.todo), self.prefill_step_size, inputs.block_spans
+        )
+        request.reused_tokens = len(request.prompt_ids) - len(inputs.todo)
         return True
 
     def _prefill_chunk(self, request: _Request, start: int, end: int) -> int:
