@@ -250,3 +250,16 @@ def video_chat(frames: int = 3) -> list[dict]:
     clip = Video([random_image(96, 48, seed=i) for i in range(frames)], [0.0, 0.5, 1.0][:frames])
     content = [{"type": "video", "video": clip}, {"type": "text", "text": "what happens"}]
     return [{"role": "user", "content": content}]
+
+
+def solo(model, processor, prompt, **kwargs) -> list[int]:
+    """The tokens of one prompt's own `stream_generate` run: what a batch must reproduce."""
+    from mlx_gemma4 import stream_generate
+
+    return [r.token for r in stream_generate(model, processor, prompt, **kwargs)]
+
+
+def id_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths (BOS first), reproducible by seed."""
+    rng = np.random.default_rng(seed)
+    return [[2, *rng.integers(5, 90, n - 1).tolist()] for n in lengths]

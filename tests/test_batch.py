@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from conftest import media_messages
+from conftest import id_prompts, media_messages, solo
 
 from mlx_gemma4 import BatchGenerator, Gemma4Error, batch_generate, load, stream_generate
 from mlx_gemma4.errors import BatchRequestError, PromptTooLongError
-
-
-def solo(model, processor, prompt, **kwargs) -> list[int]:
-    return [r.token for r in stream_generate(model, processor, prompt, **kwargs)]
-
-
-def id_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[2, *rng.integers(5, 90, n - 1).tolist()] for n in lengths]
 
 
 @pytest.mark.parametrize("variant", ["ple_kv_shared", "moe_k_eq_v", "dense"])

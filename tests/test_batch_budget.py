@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_batch import id_prompts, solo
+from conftest import id_prompts, solo
 
 from mlx_gemma4 import BatchGenerator, load
 from mlx_gemma4.engine.batch_cache import BatchKVCache
