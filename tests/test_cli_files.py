@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import soundfile
+from checkpoints import as_unprivileged
 from PIL import Image
 
 STATS = " tok/s; prompt "
@@ -73,46 +74,20 @@ def test_transcribe_checks_out_before_any_work(gemma4, tmp_path, several):
 
 # ----------------------------------------------------------------------------- unreadable media
 
-# Run as root, permission bits do not stop reads; the check then runs in a child that drops to
-# the user `nobody` after its imports, so the file is really refused by the kernel.
-_OPEN_AS_ANOTHER_USER = textwrap.dedent(
+# The opener runs in a child without the capabilities that let root read past permission bits
+# (`as_unprivileged`), so a mode-000 file is really refused by the kernel.
+_OPEN = textwrap.dedent(
     """
-    import os, sys
-    import soundfile  # imported now: load_audio imports it lazily
+    import sys
     from mlx_gemma4.errors import Gemma4Error
     from mlx_gemma4.processing import audio, images, video
     openers = {"image": images.open_image, "audio": audio.load_audio, "video": video.load_video}
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
     try:
         openers[sys.argv[1]](sys.argv[2])
     except Gemma4Error as e:
         print(f"{type(e).__name__}: {e}")
     """
 )
-
-
-@pytest.fixture
-def unreadable_file():
-    """`unreadable_file(name)`: a file in a folder `nobody` may search (pytest's own folders are
-    private), readable by its owner only."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp(prefix="gemma4-unreadable-"))
-    folder.chmod(0o755)
-
-    def make(name: str) -> Path:
-        file = folder / name
-        file.write_bytes(b"some bytes that are never read")
-        file.chmod(0o600 if os.geteuid() == 0 else 0o000)
-        return file
-
-    yield make
-    shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize(
@@ -123,10 +98,12 @@ def unreadable_file():
         ("video", "v.mp4", "VideoError"),
     ],
 )
-def test_unreadable_media_say_permission_denied_not_corrupt(unreadable_file, kind, name, error):
-    file = unreadable_file(name)
+def test_unreadable_media_say_permission_denied_not_corrupt(tmp_path, kind, name, error):
+    file = tmp_path / name
+    file.write_bytes(b"some bytes that are never read")
+    file.chmod(0o000)
     result = subprocess.run(
-        [sys.executable, "-c", _OPEN_AS_ANOTHER_USER, kind, str(file)],
+        as_unprivileged([sys.executable, "-c", _OPEN, kind, str(file)]),
         capture_output=True,
         text=True,
         timeout=120,
