@@ -11,12 +11,15 @@ import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
 from .config import DTYPES, ModelConfig
+from .config_unified import UNIFIED_MODEL_TYPE
 from .errors import ConfigError, QuantizationError, UnsupportedDtypeError, WeightsError
 from .files import access_error
 from .models.gemma4 import Model
+from .models.unified import model_for
 from .models.layers import CodebookLinear, Rotation
 from .packing import AFFINE_BITS, FLOAT_MODES, MODES
 from .processing import Processor
+from .processing.unified import configure_processor
 from .weights import canonical_weights, check_weights, without_absent_audio
 
 # MLX's quantization modes; the float modes each allow one (bits, group size) pair.
@@ -164,7 +167,7 @@ def load_model(
 
     weights, origin = read_weights(weight_files(folder))
     config = without_absent_audio(config, weights)
-    model = Model(config)
+    model = model_for(config)
     weights, where, towers = canonical_weights(weights, origin, model)
     if config.quantization is not None:
         quantize_like_checkpoint(model, weights, config.quantization)
@@ -176,7 +179,7 @@ def load_model(
     model.load_weights(list(_cast_floats(weights, compute_dtype).items()))
     model.eval()
     mx.eval(model.parameters())
-    built = {name for name in ("vision_tower", "audio_tower") if name in model}
+    built = {name for name in model.encoders if name in model}
     model.towers = frozenset(key.split(".")[0] for key in towers) | built
     model.path = folder
     return model
@@ -192,8 +195,11 @@ def load(
     model = load_model(path_or_repo, dtype=dtype, revision=revision)
     config = model.config
     try:
-        return model, Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
+        processor = Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
     except OSError as e:  # an unreadable tokenizer file; transformers lets it through
         if not isinstance(e, PermissionError) or e.filename is None:
             raise
         raise access_error(e.filename, "read", e) from e
+    if config.model_type == UNIFIED_MODEL_TYPE:
+        configure_processor(processor, config)
+    return model, processor

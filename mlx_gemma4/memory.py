@@ -25,6 +25,7 @@ from .kv_quant import KVQuantization
 from .models import attention as attention_module
 from .models.gemma4 import Model
 from .models.layers import QuantizedLinear, on_cpu
+from .models.unified import model_for
 
 __all__ = [
     "MemoryEstimate",
@@ -112,7 +113,7 @@ def config_model(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> Model:
 
     Built lazily: its arrays are never evaluated, so only their shapes cost anything.
     """
-    model = Model(config)
+    model = model_for(config)
     model.set_dtype(dtype)
     quantization = config.quantization
     if quantization:
