@@ -4,7 +4,9 @@ encoder-free embedders that stand where the other sizes have vision and audio to
 Its text decoder is the shared one (`TextConfig`) with these differences, read off transformers'
 `Gemma4UnifiedTextConfig` and `Gemma4UnifiedModel`: no per-layer embeddings and no MoE block;
 a 1024-token default window; image and video blocks attend to each other both ways on every
-layer (full-attention ones too) and, on sliding layers, past the window (`vision_blocks_everywhere`).
+layer (full-attention ones too) and, on sliding layers, past the window
+(`vision_blocks_everywhere`).
+(`vision_blocks_everywhere`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from .config_unified import UNIFIED_MODEL_TYPE
 from .errors import ConfigError, QuantizationError, UnsupportedDtypeError, WeightsError
 from .files import access_error
 from .models.gemma4 import Model
-from .models.unified import model_for
 from .models.layers import CodebookLinear, Rotation
+from .models.unified import model_for
 from .packing import AFFINE_BITS, FLOAT_MODES, MODES
 from .processing import Processor
 from .processing.unified import configure_processor

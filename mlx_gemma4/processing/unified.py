@@ -34,7 +34,8 @@ class WaveformFrames(AudioFeatures):
 
 
 def waveform_frames(waves: list[np.ndarray], frame: int = 640) -> WaveformFrames:
-    """16 kHz clips -> frames of `frame` samples, batched as `Gemma4UnifiedAudioFeatureExtractor`."""
+    """16 kHz clips -> frames of `frame` samples, batched as transformers'
+    `Gemma4UnifiedAudioFeatureExtractor` batches them."""
     waves = [np.asarray(w, dtype=np.float32)[:MAX_SAMPLES] for w in waves]
     counts = [-(-len(w) // frame) for w in waves]
     features = np.zeros((len(waves), max(counts) * frame), dtype=np.float32)
