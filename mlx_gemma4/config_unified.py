@@ -6,7 +6,6 @@ Its text decoder is the shared one (`TextConfig`) with these differences, read o
 a 1024-token default window; image and video blocks attend to each other both ways on every
 layer (full-attention ones too) and, on sliding layers, past the window
 (`vision_blocks_everywhere`).
-(`vision_blocks_everywhere`).
 """
 
 from __future__ import annotations

@@ -67,3 +67,27 @@ def waveform_frames(lengths: list[int], seed: int = 0):
     features = (0.1 * rng.standard_normal((len(lengths), frames, FRAME))).astype(np.float32)
     mask = np.arange(frames)[None, :] < np.array(lengths)[:, None]
     return features * mask[..., None], mask
+
+
+_BUILT: dict[tuple, tuple[Path, torch.nn.Module]] = {}
+
+
+def tiny_unified(tmp_path_factory, hub_form: bool = True, tokenizer: bool = True, **parts):
+    """(checkpoint folder, transformers model) of a tiny gemma4_unified model, built once per
+    session for each set of arguments; `parts`: `vision=False` / `audio=False` leave one out."""
+    from checkpoints import save_tokenizer
+
+    key = (hub_form, tokenizer, tuple(sorted(parts.items())))
+    if key not in _BUILT:
+        folder = tmp_path_factory.mktemp("unified")
+        model = build_unified(folder, hub_form=hub_form, **parts)
+        if tokenizer:
+            save_tokenizer(folder)
+        _BUILT[key] = (folder, model)
+    return _BUILT[key]
+
+
+def token_types(ids, image: int, video: int, audio: int) -> np.ndarray:
+    """transformers' `mm_token_type_ids` for `ids`: 1 image, 2 video, 3 audio, 0 text."""
+    ids = np.asarray(ids)
+    return (1 * (ids == image) + 2 * (ids == video) + 3 * (ids == audio)).astype(np.int64)

@@ -43,21 +43,43 @@ _EMBEDDER_OF: dict[str, tuple[str, type[Gemma4Error], str]] = {
 }
 
 
+def _blockwise_mean(x: mx.array, block: int) -> mx.array:
+    """Mean over the last axis, summed in `block`-sized parts first: float32 sums of thousands
+    of values lose about ten times more precision in one serial pass (the CPU backend's)."""
+    parts = x.reshape(*x.shape[:-1], -1, block).sum(axis=-1)
+    return parts.sum(axis=-1, keepdims=True) / x.shape[-1]
+
+
 class VisionEmbedder(nn.Module):
     """Merged pixel patches -> LayerNorm, dense, LayerNorm, + 2-D position embedding, LayerNorm."""
 
     def __init__(self, config: UnifiedVisionConfig):
         super().__init__()
         width = config.mm_embed_dim
+        # float32 reductions over a 6912-value patch run per 16 px sub-patch (768 values)
+        self.sub_patch = 3 * config.patch_size**2
         self.patch_ln1 = nn.LayerNorm(config.patch_values)
         self.patch_dense = Linear(config.patch_values, width, bias=True)
         self.patch_ln2 = nn.LayerNorm(width)
         self.pos_embedding = mx.zeros((config.mm_posemb_size, 2, width))
         self.pos_norm = nn.LayerNorm(width)
 
+    def _embed_patches(self, patches: mx.array) -> mx.array:
+        """LayerNorm and dense over whole patches; in float32 the long sums go by sub-patch."""
+        dense = self.patch_dense
+        if patches.dtype != mx.float32 or not isinstance(dense, nn.Linear):
+            return dense(self.patch_ln1(patches))
+        norm, block = self.patch_ln1, self.sub_patch
+        centered = patches - _blockwise_mean(patches, block)
+        variance = _blockwise_mean(centered * centered, block)
+        h = centered * mx.rsqrt(variance + norm.eps) * norm.weight + norm.bias
+        parts = h.reshape(h.shape[0], -1, block).transpose(1, 0, 2)  # [sub-patches, n, block]
+        weight = dense.weight.reshape(dense.weight.shape[0], -1, block).transpose(1, 2, 0)
+        return (parts @ weight).sum(axis=0) + dense.bias
+
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
         """[n, 3 * 48^2] pixels in [0, 1] and their [n, 2] (x, y) positions -> [n, width]."""
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches)))
+        h = self.patch_ln2(self._embed_patches(patches))
         table = self.pos_embedding.astype(h.dtype)
         h = h + table[positions[:, 0], 0] + table[positions[:, 1], 1]
         return self.pos_norm(h)
