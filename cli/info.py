@@ -41,6 +41,11 @@ def _parameters(model: nn.Module) -> str:
     for name in ("vision", "audio"):
         if f"{name}_tower" in model:
             parts[name] = [model[f"{name}_tower"], model[f"embed_{name}"]]
+    # gemma4_unified: encoder-free embedders instead of towers
+    if "vision_embedder" in model:
+        parts["vision"] = [model.vision_embedder, model.embed_vision]
+    if "audio_tower" not in model and "embed_audio" in model:
+        parts["audio"] = [model.embed_audio]
     counts = {name: sum(map(get_total_parameters, modules)) for name, modules in parts.items()}
     return ", ".join(f"{count / 1e6:,.2f} M {name}" for name, count in counts.items())
 
@@ -51,8 +56,11 @@ def describe(model: nn.Module) -> dict[str, str]:
     kinds = Counter(text.layer_types)
     params = tree_flatten(model.parameters())
     dtypes = Counter(str(p.dtype).removeprefix("mlx.core.") for _, p in params)
-    towers = {"vision": "vision_tower", "audio": "audio_tower"}
-    modalities = ["text"] + [name for name, tower in towers.items() if tower in model.towers]
+    towers = {
+        "vision": ("vision_tower", "vision_embedder"),
+        "audio": ("audio_tower", "embed_audio"),
+    }
+    modalities = ["text"] + [name for name, kinds in towers.items() if model.towers & set(kinds)]
     return {
         "variant": text.variant,
         "parameters": _parameters(model),

@@ -3,6 +3,8 @@ tiny random checkpoints, for text, images, video frames and audio."""
 
 from __future__ import annotations
 
+import itertools
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -142,7 +144,7 @@ def test_chunked_prefill_then_decode_past_the_window(unified):
     image_end = ids.index(EOI) + 1
     cuts = [0, 2, image_end, image_end + 5, *range(image_end + 6, len(ids) + 1)]
     logits = []
-    for start, end in zip(cuts, cuts[1:]):
+    for start, end in itertools.pairwise(cuts):
         hidden = model.language_model(
             text_ids[:, start:end],
             cache,
