@@ -148,6 +148,25 @@ def test_prompt_cache_reuses_media_turns(float_model, modality):
     assert np.abs(reused - fresh).max() <= 1e-4 * np.abs(fresh).max()
 
 
+def test_batch_with_media_equals_solo_runs(float_model):
+    from conftest import solo
+
+    from mlx_gemma4 import BatchGenerator
+
+    model, processor = float_model
+    prompts = [media_messages(kind) for kind in ("image", "audio", "video")]
+    prompts.append([{"role": "user", "content": "hello"}])
+    options = dict(max_tokens=6, max_soft_tokens=70, video_soft_tokens=70)
+    generator = BatchGenerator(model, processor, prefill_step_size=7)
+    ids = [generator.submit(prompt, **options) for prompt in prompts]
+    tokens = {i: [] for i in ids}
+    while not generator.done:
+        for response in generator.step():
+            tokens[response.request_id].append(response.token)
+    for i, prompt in zip(ids, prompts, strict=True):
+        assert tokens[i] == solo(model, processor, prompt, **options)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
