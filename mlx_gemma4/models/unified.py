@@ -58,6 +58,7 @@ class VisionEmbedder(nn.Module):
         width = config.mm_embed_dim
         # float32 reductions over a 6912-value patch run per 16 px sub-patch (768 values)
         self.sub_patch = 3 * config.patch_size**2
+        object.__setattr__(self, "_split", {})  # a derived copy, not a parameter
         self.patch_ln1 = nn.LayerNorm(config.patch_values)
         self.patch_dense = Linear(config.patch_values, width, bias=True)
         self.patch_ln2 = nn.LayerNorm(width)
@@ -74,8 +75,17 @@ class VisionEmbedder(nn.Module):
         variance = _blockwise_mean(centered * centered, block)
         h = centered * mx.rsqrt(variance + norm.eps) * norm.weight + norm.bias
         parts = h.reshape(h.shape[0], -1, block).transpose(1, 0, 2)  # [sub-patches, n, block]
-        weight = dense.weight.reshape(dense.weight.shape[0], -1, block).transpose(1, 2, 0)
-        return (parts @ weight).sum(axis=0) + dense.bias
+        return (parts @ self._split_weight()).sum(axis=0) + dense.bias
+
+    def _split_weight(self) -> mx.array:
+        """The dense weight as [sub-patches, block, width], made contiguous once per weight."""
+        weight = self.patch_dense.weight
+        kept = self._split.get("weight")
+        if kept is None or kept[0] is not weight:
+            split = weight.reshape(weight.shape[0], -1, self.sub_patch).transpose(1, 2, 0)
+            kept = (weight, mx.contiguous(split))
+            self._split["weight"] = kept
+        return kept[1]
 
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
         """[n, 3 * 48^2] pixels in [0, 1] and their [n, 2] (x, y) positions -> [n, width]."""
