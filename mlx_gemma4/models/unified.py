@@ -180,7 +180,9 @@ class UnifiedModel(Model):
                 f"input_features_mask of shape {mask.shape} does not match input features of "
                 f"shape {tuple(input_features.shape)}; expected [clips, frames]"
             )
-        frames = input_features.reshape(-1, samples)[_real_rows(mask)]
+        frames = input_features.reshape(-1, samples)
+        if not mask.all():
+            frames = frames[_real_rows(mask)]
         return self.embed_audio(frames)
 
 
