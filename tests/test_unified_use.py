@@ -211,6 +211,19 @@ def test_missing_embedders_are_one_line_errors(tmp_path_factory, gemma4, tmp_pat
     assert describe(load_model(no_audio))["modalities"] == "text, vision"
 
 
+def test_a_text_and_vision_export_loads_without_its_audio_embedder(unified, tmp_path):
+    folder = tmp_path / "no-audio-weights"
+    shutil.copytree(unified[0], folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if "embed_audio" not in k}
+    assert len(kept) < len(weights)
+    mx.save_safetensors(str(folder / "model.safetensors"), kept)
+    model, processor = load(folder)
+    assert describe(model)["modalities"] == "text, vision"
+    with pytest.raises(AudioError, match="no audio embedder"):
+        next(stream_generate(model, processor, media_messages("audio"), max_tokens=2))
+
+
 def test_bad_config_is_one_line(unified, gemma4, tmp_path):
     folder = tmp_path / "bad"
     shutil.copytree(unified[0], folder)
