@@ -320,6 +320,7 @@ class ModelConfig:
     def _from_unified_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Gemma 4 12B: the shared text decoder and the encoder-free embedders."""
         text = TextConfig.from_dict(unified_text_raw(raw))
+        # token ids, stop ids and quantization read as for gemma4; the text config replaced
         towerless = {k: v for k, v in raw.items() if k not in ("vision_config", "audio_config")}
         config = cls.from_dict({**towerless, "model_type": MULTIMODAL_MODEL_TYPE})
         config.text_config, config.model_type, config.raw = text, UNIFIED_MODEL_TYPE, raw

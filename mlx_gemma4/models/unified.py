@@ -16,8 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import ModelConfig
-from ..config_unified import UNIFIED_MODEL_TYPE, UnifiedVisionConfig
+from ..config import UNIFIED_MODEL_TYPE, ModelConfig, UnifiedVisionConfig
 from ..errors import AudioError, Gemma4Error, ImageError, VideoError
 from .gemma4 import Model
 from .layers import Linear
