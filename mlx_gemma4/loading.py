@@ -10,8 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
-from .config import DTYPES, ModelConfig
-from .config_unified import UNIFIED_MODEL_TYPE
+from .config import DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
 from .errors import ConfigError, QuantizationError, UnsupportedDtypeError, WeightsError
 from .files import access_error
 from .models.gemma4 import Model
