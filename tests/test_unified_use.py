@@ -5,6 +5,7 @@ commands, and bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -171,8 +172,6 @@ def test_batch_with_media_equals_solo_runs(float_model):
 
 
 def test_ask_transcribe_detect_and_chat(unified, gemma4, tmp_path):
-    from conftest import run_chat
-
     folder = unified[0]
     picture, clip = tmp_path / "in.png", tmp_path / "clip.wav"
     random_image(96, 64).save(picture)
@@ -186,9 +185,13 @@ def test_ask_transcribe_detect_and_chat(unified, gemma4, tmp_path):
         "detect", picture, "cats", "--out", tmp_path / "o.png", "-m", folder, "--budget", "70"
     )
     assert result.returncode == 0, result.stderr
-    chat = run_chat(folder, f"/image {picture}\nwhat is it?\nand now?\n")
+    script = f"/image {picture}\nwhat is it?\nand now?\n"
+    chat = gemma4("chat", "-m", folder, "-n", "3", "--temp", "0", stdin=script)
     assert chat.returncode == 0, chat.stderr
     assert f"attached {picture}" in chat.stdout
+    stats = [line for line in chat.stderr.splitlines() if line.startswith("[")]
+    assert len(stats) == 2
+    assert int(re.search(r"\((\d+) cached\)", stats[1]).group(1)) > 60  # the image turn reused
 
 
 # ----------------------------------------------------------------------------- bad input
