@@ -114,6 +114,19 @@ def test_media_on_quantized_checkpoints(float_model, quantized, maker, modality)
     assert mean_relative_error(model(inputs["input_ids"]), expected) > FAR
 
 
+def test_mlx_vlm_loads_what_gemma4_quantize_writes(float_model, quantized):
+    from mlx_vlm.utils import load_model as load_mlx_vlm
+
+    ours = quantized("cli-affine")
+    peer = load_mlx_vlm(ours.path)
+    inputs = float_model[1](media_messages("image"), max_soft_tokens=70)
+    pixels, positions = inputs["pixel_values"], inputs["image_position_ids"]
+    ids = inputs["input_ids"][:, :6]
+    assert mx.allclose(ours(ids), peer(ids).logits, atol=1e-4).item()
+    features = ours.vision_features(pixels, positions)
+    assert mx.allclose(features, peer.get_image_features(pixels, positions), atol=1e-4).item()
+
+
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_quantized_kv_cache_with_media(float_model, modality):
     model, processor = float_model
