@@ -88,7 +88,8 @@ class VisionEmbedder(nn.Module):
 
     def __call__(self, patches: mx.array, positions: mx.array) -> mx.array:
         """[n, 3 * 48^2] pixels in [0, 1] and their [n, 2] (x, y) positions -> [n, width]."""
-        h = self.patch_ln2(self._embed_patches(patches))
+        # as the reference, pixels take the embedder's dtype
+        h = self.patch_ln2(self._embed_patches(patches.astype(self.patch_ln1.weight.dtype)))
         table = self.pos_embedding.astype(h.dtype)
         h = h + table[positions[:, 0], 0] + table[positions[:, 1], 1]
         return self.pos_norm(h)
