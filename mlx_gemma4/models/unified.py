@@ -91,7 +91,7 @@ class VisionEmbedder(nn.Module):
         # as the reference, pixels take the embedder's dtype
         h = self.patch_ln2(self._embed_patches(patches.astype(self.patch_ln1.weight.dtype)))
         table = self.pos_embedding.astype(h.dtype)
-        h = h + table[positions[:, 0], 0] + table[positions[:, 1], 1]
+        h = h + (table[positions[:, 0], 0] + table[positions[:, 1], 1])
         return self.pos_norm(h)
 
 
