@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import first_logits, media_messages, random_image, to_numpy, tones
-from test_quantized_media import BITS, CLOSE, FAR, mean_relative_error, quantize_into
+from quantized_makers import BITS, CLOSE, FAR, mean_relative_error, quantize_into
 from unified_checkpoints import merged_patches, tiny_unified
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
