@@ -24,7 +24,7 @@ from .completions import (
     stream,
 )
 from .driver import EngineDriver, Job
-from .http import APIError, RequestLog, api_key_check, install_error_handlers
+from .http import APIError, BodyLimit, RequestLog, api_key_check, install_error_handlers
 from .messages import MIB, MediaPolicy, chat_messages
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .transcriptions import TranscriptionFormat, transcribe_upload
@@ -79,12 +79,12 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     app = FastAPI(
         title="mlx-gemma4",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
         docs_url=None,
         redoc_url=None,
     )
     app.state.driver = driver
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog)
     install_error_handlers(app)
     authorized = [Depends(api_key_check(settings.api_key))]

@@ -79,6 +79,7 @@ class EngineDriver:
         self._waiting: deque[Job] = deque()
         self._active: dict[int, Job] = {}
         self._stopping = False
+        self.cancelled = 0  # jobs dropped before their end (their clients left)
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
     # ---------------------------------------------------------------------- any thread
@@ -110,9 +111,13 @@ class EngineDriver:
         return self._stopping
 
     def stats(self) -> dict[str, int]:
-        """How many requests run in the engine and how many wait for a slot (approximate: read
-        from another thread)."""
-        return {"running": len(self._active), "waiting": len(self._waiting)}
+        """How many requests run in the engine, wait for a slot, were cancelled (approximate:
+        read from another thread)."""
+        return {
+            "running": len(self._active),
+            "waiting": len(self._waiting),
+            "cancelled": self.cancelled,
+        }
 
     # ---------------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -148,8 +153,10 @@ class EngineDriver:
         elif kind == "cancel":
             if job in self._waiting:
                 self._waiting.remove(job)
+                self.cancelled += 1
             elif job.request_id is not None and self._active.pop(job.request_id, None):
                 self.generator.cancel(job.request_id)
+                self.cancelled += 1
         elif kind == "stop":
             self._stopping = True
 

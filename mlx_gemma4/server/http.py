@@ -179,3 +179,51 @@ class RequestLog:
             await self.app(scope, receive, logged_send)
         finally:
             line(" (client gone)" if state["status"] else " (no response)")
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised while the body arrives: FastAPI passes HTTP exceptions on unchanged."""
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` (by its Content-Length, or counted as
+    it arrives) is answered 413 with an OpenAI error object, before the app reads it all."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"the request body is larger than the server's limit of {self.max_bytes:,} bytes",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        state = {"received": 0, "started": False}
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes:
+                    raise _BodyTooLarge(413, self._too_large().message)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not state["started"]:
+                await self._too_large().response()(scope, receive, send)
