@@ -4,6 +4,12 @@ A request is prefilled alone, in chunks between decode steps (exactly the solo p
 its caches join the batch as a new row. Each decode step feeds every running row its last token
 in one forward over the batch caches, samples each row with its own settings and random key,
 and retires the rows that finished, freeing their cache rows at once.
+
+Decode steps are pipelined as in `generate_step`: a step queues the next forward, fed with the
+tokens it sampled while they are still being computed, before it reads them, so the device
+never waits for Python between steps. A row whose next token is its last by `max_tokens` is
+left out of the next forward; a row that stops on a token leaves the batch when that token is
+read, its place in the forward already queued discarded.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class _Request:
     chunks: Iterator[tuple[int, int]] | None = None
     reused_tokens: int = 0
     admitted: bool = False
+    sampled: int = 0  # tokens sampled for it (read or still being computed)
 
 
 class BatchGenerator:
@@ -131,6 +138,10 @@ class BatchGenerator:
         self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
         self.pool = PrefixCachePool(model, prefix_cache_bytes) if prefix_cache_bytes else None
         self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
+        # the tokens the last queued forward samples, one per request in `_queued_rows`, not
+        # yet read
+        self._queued: mx.array | None = None
+        self._queued_rows: list[_Request] = []
 
     @property
     def running(self) -> int:
@@ -264,9 +275,9 @@ class BatchGenerator:
             if request.id == request_id:
                 self._pending.remove(request)
                 return True
-        for row, request in enumerate(self._running):
+        for request in self._running:
             if request.id == request_id:
-                self._retire({row})
+                self._retire({request.id})
                 return True
         return False
 
@@ -330,34 +341,60 @@ class BatchGenerator:
 
     # ------------------------------------------------------------------------------ decode
     def _decode(self) -> list[BatchResponse]:
-        model = self.model
-        tokens = mx.array([[request.next_token] for request in self._running])
-        hidden = model.language_model(model.text_ids(tokens), self._caches)
-        logits = model.logits(hidden[:, -1, :])
-        sampled = self._sample(logits).tolist()
-
+        if self._queued is None:
+            self._queue_forward()
+        tokens, rows = self._queued, self._queued_rows
+        self._queued, self._queued_rows = None, []
+        # rows whose queued token is their last by max_tokens take no part in the next forward
+        self._retire({r.id for r in self._running if r.sampled >= r.output.max_tokens})
+        if self._running:
+            self._queue_forward(tokens, rows)
         responses, finished = [], set()
-        for row, (request, token) in enumerate(zip(self._running, sampled, strict=True)):
+        for request, token in zip(rows, tokens.tolist(), strict=True):
             response = self._advance(request, token)
             responses.append(response)
             if response.finish_reason is not None:
-                finished.add(row)
-        if finished:
-            self._retire(finished)
+                finished.add(request.id)
+        self._retire(finished)
         return responses
 
-    def _sample(self, logits: mx.array) -> mx.array:
+    def _queue_forward(self, previous: mx.array | None = None, rows: list[_Request] = ()) -> None:
+        """Start the forward that samples every running row's next token. A row in `rows` is
+        fed its token in `previous` (still being computed); one that just joined, the last
+        token of its prompt."""
+        index = {request.id: i for i, request in enumerate(rows)}
+        carried = [index[r.id] for r in self._running if r.id in index]
+        parts = []
+        if carried and carried == list(range(len(rows))):
+            parts.append(previous)
+        elif carried:
+            parts.append(previous[mx.array(carried)])
+        joined = [r.next_token for r in self._running if r.id not in index]
+        if joined:
+            parts.append(mx.array(joined, dtype=mx.uint32))
+        inputs = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        model = self.model
+        hidden = model.language_model(model.text_ids(inputs[:, None]), self._caches)
+        logits = model.logits(hidden[:, -1, :])
+        self._queued = self._sample(inputs, logits)
+        self._queued_rows = list(self._running)
+        for request in self._running:
+            request.sampled += 1
+        mx.async_eval(self._queued)
+
+    def _sample(self, inputs: mx.array, logits: mx.array) -> mx.array:
         """One token per row: each row's logits processors on its own row (reading its own
-        history), then every row by its own sampler, rows alike together."""
+        history: the prompt, then every token fed so far), then every row by its own sampler,
+        rows alike together."""
         rows = [row for row, request in enumerate(self._running) if request.processors]
+        for row in rows:
+            request = self._running[row]
+            if request.sampled:  # the token fed now was sampled by an earlier step
+                request.history = mx.concatenate([request.history, inputs[row : row + 1]])
         if rows:
             processed = [self._process(self._running[row], logits[row : row + 1]) for row in rows]
             logits[mx.array(rows)] = mx.concatenate(processed)
-        tokens = sample_rows(logits, [request.sampler for request in self._running])
-        for row in rows:
-            request = self._running[row]
-            request.history = mx.concatenate([request.history, tokens[row : row + 1]])
-        return tokens
+        return sample_rows(logits, [request.sampler for request in self._running])
 
     @staticmethod
     def _process(request: _Request, logits: mx.array) -> mx.array:
@@ -382,11 +419,18 @@ class BatchGenerator:
             piece.malformed_tool_call,
         )
 
-    def _retire(self, rows: set[int]) -> None:
-        keep = [row for row in range(len(self._running)) if row not in rows]
-        self._running = [self._running[row] for row in keep]
-        for cache in self._caches:
-            cache.keep_rows(keep)
+    def _retire(self, request_ids: set[int]) -> None:
+        """Drop these requests' rows from the batch (freeing their caches) and from the queued
+        forward's tokens."""
+        keep = [row for row, r in enumerate(self._running) if r.id not in request_ids]
+        if len(keep) < len(self._running):
+            self._running = [self._running[row] for row in keep]
+            for cache in self._caches:
+                cache.keep_rows(keep)
+        queued = [i for i, r in enumerate(self._queued_rows) if r.id not in request_ids]
+        if len(queued) < len(self._queued_rows):
+            self._queued_rows = [self._queued_rows[i] for i in queued]
+            self._queued = self._queued[mx.array(queued)] if queued else None
 
 
 def batch_generate(
