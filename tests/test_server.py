@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -75,6 +76,8 @@ def served(chat_checkpoint, tmp_path_factory):
         model_name="tiny",
         api_key=KEY,
         prefix_cache_bytes=2**26,
+        max_concurrency=16,  # the load test's 32 clients queue for the engine
+        transcription_max_tokens=12,
         max_body_bytes=2**20,
         media=MediaPolicy(allow_local_paths=True, max_media_bytes=2**19),
     )
@@ -224,6 +227,81 @@ def test_text_completions_and_models(served):
     assert health["status"] == "ok" and health["model"] == "tiny"
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+}
+ASK_WEATHER = [{"role": "user", "content": "weather in Oslo?"}]
+
+
+def test_tool_calls_plain_and_streamed_then_the_tool_answer(served):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    expected = served.solo(ASK_WEATHER, max_tokens=60, tools=[WEATHER], tool_choice=forced)
+    (call,) = expected["tool_calls"]
+    answer = chat(served, ASK_WEATHER, max_tokens=60, tools=[WEATHER], tool_choice=forced)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" == expected["finish_reason"]
+    (got,) = choice.message.tool_calls
+    assert got.function.name == "get_weather"
+    assert json.loads(got.function.arguments) == call.arguments
+    assert got.id.startswith("call_")
+
+    whole, _ = streamed(served, ASK_WEATHER, max_tokens=60, tools=[WEATHER], tool_choice=forced)
+    assert whole["finish"] == "tool_calls"
+    (delta,) = whole["calls"].values()
+    assert delta.index == 0 and delta.type == "function"
+    assert delta.function.name == "get_weather"
+    assert json.loads(delta.function.arguments) == call.arguments
+
+    # the client runs the tool and sends its result back, as OpenAI's clients do
+    turn = [
+        *ASK_WEATHER,
+        {"role": "assistant", "content": None, "tool_calls": [got.model_dump()]},
+        {"role": "tool", "tool_call_id": got.id, "content": json.dumps({"temp": 21})},
+    ]
+    after = served.solo(turn, max_tokens=8, tools=[WEATHER])
+    answer = chat(served, turn, max_tokens=8, tools=[WEATHER])
+    assert answer.choices[0].message.content == after["text"]
+    assert answer.usage.prompt_tokens == after["prompt_tokens"]
+
+
+def test_json_schema_and_json_object_answers(served):
+    import jsonschema
+
+    expected = served.solo(ASK_WEATHER, max_tokens=80, json_schema=PERSON)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    answer = chat(served, ASK_WEATHER, max_tokens=80, response_format=fmt)
+    text = answer.choices[0].message.content
+    assert text == expected["text"]
+    jsonschema.validate(json.loads(text), PERSON)
+    whole, _ = streamed(served, ASK_WEATHER, max_tokens=80, response_format=fmt)
+    assert whole["text"] == text
+    answer = chat(served, ASK_WEATHER, max_tokens=80, response_format={"type": "json_object"})
+    assert (
+        answer.choices[0].message.content
+        == served.solo(ASK_WEATHER, max_tokens=80, json_schema=True)["text"]
+    )
+
+
 # --------------------------------------------------------------------------- media
 
 
@@ -269,7 +347,7 @@ def test_input_audio_and_transcription(served):
     from mlx_gemma4.options import SamplingOptions
 
     reference = transcribe_wave(
-        *served.reference, wave, "tones.wav", sampling=SamplingOptions(max_tokens=448)
+        *served.reference, wave, "tones.wav", sampling=SamplingOptions(max_tokens=12)
     )
     result = served.client.audio.transcriptions.create(
         model="tiny", file=("tones.wav", wav_bytes(wave))

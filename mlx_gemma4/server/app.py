@@ -15,6 +15,7 @@ from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..engine import BatchGenerator
+from ..options import SamplingOptions
 from .completions import (
     Reply,
     accepted,
@@ -37,7 +38,7 @@ class ServerSettings:
     """How the server runs. `max_concurrency`: requests decoded at once (None: as many as the
     KV budget admits); `kv_budget_bytes`, `kv_bits`, `prefix_cache_bytes` and
     `prefill_step_size` go to the `BatchGenerator`; `default_max_tokens` is a request's limit
-    when it gives none."""
+    when it gives none, `transcription_max_tokens` an audio chunk's."""
 
     model_name: str = "gemma4"
     api_key: str | None = None
@@ -47,6 +48,7 @@ class ServerSettings:
     prefix_cache_bytes: int = 1024 * MIB
     prefill_step_size: int = 512
     default_max_tokens: int = 2048
+    transcription_max_tokens: int = 448  # per 30 s chunk: fast speech, with room
     max_body_bytes: int = 64 * MIB
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
@@ -110,8 +112,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
-        options = sampling_options(body, body.token_limit() or settings.default_max_tokens)
-        job = Job(body.prompt, options, asyncio.get_running_loop())
+        sampling = sampling_options(body, body.token_limit() or settings.default_max_tokens)
+        job = Job(body.prompt, {"sampling": sampling}, asyncio.get_running_loop())
         await run_job(job)
         reply = Reply("text_completion", settings.model_name)
         if body.stream:
@@ -134,7 +136,9 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             file,
             language=language,
             response_format=response_format,
-            temperature=temperature,
+            sampling=SamplingOptions(
+                max_tokens=settings.transcription_max_tokens, temperature=temperature
+            ),
             policy=settings.media,
         )
 

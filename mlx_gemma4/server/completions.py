@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.sse import format_sse_event
 
+from ..options import SamplingOptions
 from .driver import EngineDriver, EngineFailure, Job, ServerStopping
 from .http import APIError, log
 from .schemas import ChatCompletionRequest, SamplingFields
@@ -22,26 +23,26 @@ from .schemas import ChatCompletionRequest, SamplingFields
 DEFAULT_TEMPERATURE = 1.0
 
 
-def sampling_options(body: SamplingFields, max_tokens: int) -> dict[str, Any]:
-    """The engine's sampling keywords for a request (`max_tokens`: its limit or the server's)."""
-    options: dict[str, Any] = dict(
+def sampling_options(body: SamplingFields, max_tokens: int) -> SamplingOptions:
+    """A request's sampling (`max_tokens`: its limit or the server's default)."""
+    return SamplingOptions(
         max_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=body.top_p or 0.0,
         top_k=body.top_k or 0,
         min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
-        stop=list(body.stop_strings()),
+        stop=body.stop_strings(),
     )
-    if body.repetition_penalty is not None:
-        options["repetition_penalty"] = body.repetition_penalty
-    return options
 
 
 def chat_options(body: ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
     """Everything `BatchGenerator.submit` takes for a chat request besides its messages."""
-    options = sampling_options(body, max_tokens)
-    options["enable_thinking"] = body.thinking()
+    options: dict[str, Any] = {
+        "sampling": sampling_options(body, max_tokens),
+        "enable_thinking": body.thinking(),
+    }
     if body.tools:
         options["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
         choice = body.tool_choice
@@ -100,10 +101,9 @@ class Outcome:
             delta["reasoning_content"] = response.thought
         if response.text:
             delta["content"] = response.text
-        calls = getattr(response, "tool_calls", None) or []
-        if calls:
+        if response.tool_calls:
             first = len(self.tool_calls)
-            new = [call.to_openai() for call in calls]
+            new = [call.to_openai() for call in response.tool_calls]
             self.tool_calls += new
             delta["tool_calls"] = [{"index": first + i, **c} for i, c in enumerate(new)]
         if response.finish_reason is not None:
