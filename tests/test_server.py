@@ -79,7 +79,9 @@ def served(chat_checkpoint, tmp_path_factory):
         max_concurrency=16,  # the load test's 32 clients queue for the engine
         transcription_max_tokens=12,
         max_body_bytes=2**20,
-        media=MediaPolicy(allow_local_paths=True, max_media_bytes=2**19),
+        media=MediaPolicy(
+            allow_local_paths=True, max_media_bytes=2**19, max_image_pixels=100 * 100
+        ),
     )
     app = create_app(model, processor, settings)
     port = free_port()
@@ -324,6 +326,21 @@ def test_an_image_as_data_url_and_as_local_path(served, tmp_path):
         assert answer.usage.prompt_tokens == expected["prompt_tokens"]
 
 
+def test_a_video_as_data_url(served, tmp_path):
+    pytest.importorskip("av")
+    from test_video import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", n_frames=3)
+    question = {"type": "text", "text": "what happens?"}
+    ours = [{"role": "user", "content": [{"type": "video", "video": str(clip)}, question]}]
+    expected = served.solo(ours, max_tokens=6)
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    parts = [{"type": "video_url", "video_url": {"url": url}}, question]
+    answer = chat(served, [{"role": "user", "content": parts}], max_tokens=6)
+    assert answer.choices[0].message.content == expected["text"]
+    assert answer.usage.prompt_tokens == expected["prompt_tokens"]
+
+
 def wav_bytes(wave: np.ndarray) -> bytes:
     import soundfile
 
@@ -446,6 +463,7 @@ def test_media_that_may_not_be_read_is_refused(served, tmp_path):
         ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "not a readable"),
         ("data:image/png;base64," + big, "limit"),
         ("gopher://x", "unsupported URL scheme"),
+        (png_data_url(random_image(120, 100)), "pixel limit"),
     ]
     for url, says in cases:
         response = served.post("/v1/chat/completions", json=image_request(url))
