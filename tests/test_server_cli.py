@@ -53,6 +53,10 @@ def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, t
             "--api-key",
             "k",
             "--no-allow-local-paths",
+            "--max-concurrency",
+            "1",
+            "--kv-bits",
+            "4",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -92,12 +96,27 @@ def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, t
                         if len(events) >= 3:
                             started.set()
 
+        waiting: list[httpx.Response] = []
+
+        def wait_behind() -> None:  # --max-concurrency 1: it waits for the stream's slot
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            waiting.append(
+                httpx.post(url + "/v1/chat/completions", headers=headers, json=body, timeout=60)
+            )
+
         reader = threading.Thread(target=stream)
         reader.start()
         assert started.wait(60), "the stream did not start"
+        queued = threading.Thread(target=wait_behind)
+        queued.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["waiting"] == 0:
+            assert time.monotonic() < deadline, "the second request did not wait"
+            time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         reader.join(30)
-        assert not reader.is_alive(), "the stream did not end"
+        queued.join(30)
+        assert not reader.is_alive() and not queued.is_alive(), "a request did not end"
         _, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
@@ -107,10 +126,13 @@ def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, t
     last = json.loads(events[-1])
     assert last["error"]["code"] == "server_shutting_down"
     assert "[DONE]" not in events
+    assert waiting[0].status_code == 503
+    assert waiting[0].json()["error"]["code"] == "server_shutting_down"
     assert "Traceback" not in stderr
     # one line per request, the stream's included
     assert stderr.count("POST /v1/chat/completions 200") == 1
     assert stderr.count("POST /v1/chat/completions 400") == 1
+    assert stderr.count("POST /v1/chat/completions 503") == 1
     assert stderr.count("GET /v1/models 401") == 1
 
 

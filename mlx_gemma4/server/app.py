@@ -91,19 +91,12 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     install_error_handlers(app)
     authorized = [Depends(api_key_check(settings.api_key))]
 
-    async def run_job(job: Job) -> None:
-        try:
-            await accepted(driver, job)
-        except asyncio.CancelledError:
-            driver.cancel(job)
-            raise
-
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = await run_in_threadpool(chat_messages, body.messages, settings.media)
         options = chat_options(body, body.token_limit() or settings.default_max_tokens)
         job = Job(messages, options, asyncio.get_running_loop())
-        await run_job(job)
+        await accepted(driver, job)
         reply = Reply("chat.completion", settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -114,7 +107,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def completions(body: CompletionRequest, request: Request):
         sampling = sampling_options(body, body.token_limit() or settings.default_max_tokens)
         job = Job(body.prompt, {"sampling": sampling}, asyncio.get_running_loop())
-        await run_job(job)
+        await accepted(driver, job)
         reply = Reply("text_completion", settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage

@@ -187,8 +187,15 @@ def job_error(error: BaseException) -> APIError:
 
 async def accepted(driver: EngineDriver, job: Job) -> None:
     """Wait until the engine took the job; its refusal (a library error) raises here, as a 400
-    before any response starts."""
-    await asyncio.wrap_future(driver.submit(job))
+    before any response starts, and so does the server stopping (503). A handler cancelled
+    meanwhile (its client left) cancels the job."""
+    try:
+        await asyncio.wrap_future(driver.submit(job))
+    except (ServerStopping, EngineFailure) as error:
+        raise job_error(error) from None
+    except asyncio.CancelledError:
+        driver.cancel(job)
+        raise
 
 
 async def collect(driver: EngineDriver, job: Job, request: Request) -> Outcome:

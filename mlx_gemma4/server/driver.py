@@ -78,7 +78,9 @@ class EngineDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._active: dict[int, Job] = {}
-        self._stopping = False
+        self._stopping = False  # the engine thread's view
+        self._closed = False  # no more submissions (set by any thread, under the lock)
+        self._lock = threading.Lock()
         self.cancelled = 0  # jobs dropped before their end (their clients left)
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
@@ -88,7 +90,11 @@ class EngineDriver:
 
     def submit(self, job: Job) -> Future:
         """Queue `job`; the future resolves when the engine took it (or refused it)."""
-        self._commands.put(("submit", job))
+        with self._lock:  # so that no job is queued behind the stop command, unanswered
+            if self._closed:
+                job.accepted.set_exception(ServerStopping("the server is shutting down"))
+            else:
+                self._commands.put(("submit", job))
         return job.accepted
 
     def cancel(self, job: Job) -> None:
@@ -98,7 +104,9 @@ class EngineDriver:
     def stop_soon(self) -> None:
         """Ask the thread to end every job with `ServerStopping` and finish (returns at once:
         safe in a signal handler)."""
-        self._commands.put(("stop", None))
+        with self._lock:
+            self._closed = True
+            self._commands.put(("stop", None))
 
     def stop(self, timeout: float = 30.0) -> None:
         """`stop_soon`, then wait for the thread (at most `timeout` seconds: a step ends first)."""
@@ -108,7 +116,7 @@ class EngineDriver:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self._closed
 
     def stats(self) -> dict[str, int]:
         """How many requests run in the engine, wait for a slot, were cancelled (approximate:
