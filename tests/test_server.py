@@ -53,7 +53,8 @@ class Served:
 
     def post(self, path: str, key: str | None = KEY, headers=None, **kwargs) -> httpx.Response:
         headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
-        return httpx.post(self.url + path, headers=headers, timeout=60, **kwargs)
+        kwargs.setdefault("timeout", 60)
+        return httpx.post(self.url + path, headers=headers, **kwargs)
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -182,6 +183,38 @@ def test_sampling_fields_reach_the_engine(served):
         )
         assert answer.choices[0].message.content == cut["text"]
         assert answer.choices[0].finish_reason == "stop"
+
+
+def test_repetition_penalty_reaches_the_engine(served):
+    expected = served.solo(HELLO, max_tokens=16, repetition_penalty=1.5)
+    assert expected["text"] != served.solo(HELLO, max_tokens=16)["text"]
+    answer = chat(served, HELLO, max_tokens=16, extra_body={"repetition_penalty": 1.5})
+    assert answer.choices[0].message.content == expected["text"]
+
+
+def test_thoughts_go_to_reasoning_content():
+    """A random tiny model never opens its thought channel: the routing on its own."""
+    from mlx_gemma4.engine import BatchResponse
+    from mlx_gemma4.server.completions import Outcome, Reply
+
+    outcome, reply = Outcome(), Reply("chat.completion", "tiny")
+    steps = [("", "Let me see. "), ("", "Yes."), ("Hi!", "")]
+    deltas = [
+        outcome.add(BatchResponse(0, 5, text, thought, None, 7, n, 3))
+        for n, (text, thought) in enumerate(steps, start=1)
+    ]
+    assert deltas == [
+        {"reasoning_content": "Let me see. "},
+        {"reasoning_content": "Yes."},
+        {"content": "Hi!"},
+    ]
+    message = reply.whole(outcome)["choices"][0]["message"]
+    assert message == {
+        "role": "assistant",
+        "content": "Hi!",
+        "reasoning_content": "Let me see. Yes.",
+    }
+    assert reply.whole(outcome)["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
 
 
 def test_the_next_turn_reports_its_cached_prompt_tokens(served):
@@ -487,6 +520,15 @@ def test_a_client_that_leaves_cancels_its_sequence(served):
     deadline = time.monotonic() + 20
     while served.health()["cancelled"] == before:
         assert time.monotonic() < deadline, "the sequence was not cancelled"
+        time.sleep(0.05)
+    assert served.health()["running"] == 0
+    # a client that gives up on a whole (not streamed) answer cancels it too
+    body = {"messages": HELLO, "max_tokens": 3000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        served.post("/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 20
+    while served.health()["cancelled"] == before + 1:
+        assert time.monotonic() < deadline, "the whole answer was not cancelled"
         time.sleep(0.05)
     assert served.health()["running"] == 0
 

@@ -21,6 +21,7 @@ from .schemas import ChatCompletionRequest, SamplingFields
 
 # OpenAI's defaults where a request says nothing
 DEFAULT_TEMPERATURE = 1.0
+DISCONNECT_CHECK_SECONDS = 0.5
 
 
 def sampling_options(body: SamplingFields, max_tokens: int) -> SamplingOptions:
@@ -199,16 +200,21 @@ async def accepted(driver: EngineDriver, job: Job) -> None:
 
 
 async def collect(driver: EngineDriver, job: Job, request: Request) -> Outcome:
-    """The whole outcome of an accepted job; a client that leaves cancels it."""
+    """The whole outcome of an accepted job; a client that leaves cancels it (checked twice a
+    second, whether tokens are flowing or not)."""
     outcome = Outcome()
     finished = False
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + DISCONNECT_CHECK_SECONDS
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(job.tokens.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            if loop.time() >= check_at:
                 if await request.is_disconnected():
-                    raise APIError(499, "the client disconnected") from None
+                    raise APIError(499, "the client disconnected")
+                check_at = loop.time() + DISCONNECT_CHECK_SECONDS
+            try:
+                item = await asyncio.wait_for(job.tokens.get(), DISCONNECT_CHECK_SECONDS)
+            except asyncio.TimeoutError:
                 continue
             if item is None:
                 finished = True
