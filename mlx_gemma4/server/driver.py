@@ -131,14 +131,27 @@ class EngineDriver:
     def _run(self) -> None:
         self.generator = self._make_generator()
         while True:
-            idle = self.generator.done and not self._waiting
-            self._take_commands(block=idle)
-            if self._stopping:
-                self._end_all(ServerStopping("the server is shutting down"))
-                return
-            self._fill_slots()
-            if not self.generator.done:
-                self._step()
+            try:
+                if self._iterate():
+                    return
+            except Exception as error:
+                # The batch's state is unknown after an unexpected error: end every job (their
+                # clients get a server error, the log the traceback), start a fresh generator.
+                log.exception("the engine failed")
+                self._end_all(EngineFailure(type(error).__name__))
+                self.generator = self._make_generator()
+
+    def _iterate(self) -> bool:
+        """Take the commands, fill free slots, step once; True when the driver stopped."""
+        idle = self.generator.done and not self._waiting
+        self._take_commands(block=idle)
+        if self._stopping:
+            self._end_all(ServerStopping("the server is shutting down"))
+            return True
+        self._fill_slots()
+        if not self.generator.done:
+            self._step()
+        return False
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -186,15 +199,7 @@ class EngineDriver:
             job.accepted.set_result(job.request_id)
 
     def _step(self) -> None:
-        try:
-            responses = self.generator.step()
-        except Exception as error:
-            # The batch's state is unknown after an error mid-step: end every job, start over.
-            log.exception("the engine failed during a step")
-            self._end_all(EngineFailure(type(error).__name__))
-            self.generator = self._make_generator()
-            return
-        for response in responses:
+        for response in self.generator.step():
             job = self._active.get(response.request_id)
             if job is None:
                 continue

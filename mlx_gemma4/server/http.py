@@ -4,6 +4,7 @@ traceback), the API key check, and one log line per request."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -60,6 +61,9 @@ def from_library_error(error: Gemma4Error) -> APIError:
     return APIError(400, str(error), code=code)
 
 
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none)$|\[")
+
+
 def _field(location: tuple) -> str:
     """`("body", "messages", 0, "content")` -> `messages[0].content`."""
     text = ""
@@ -70,7 +74,7 @@ def _field(location: tuple) -> str:
             text += f"[{part}]"
         elif not text:
             text = str(part)
-        elif "[" in str(part) or str(part).startswith(("function-", "tagged-")):
+        elif _UNION_BRANCH.search(str(part)):
             continue  # pydantic's names for union branches say nothing to a client
         else:
             text += f".{part}"
@@ -82,7 +86,10 @@ def validation_error(error: RequestValidationError) -> APIError:
     problems = error.errors()
     if not problems:
         return APIError(400, "the request body is not valid")
-    first = problems[0]
+    if problems[0].get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    # the deepest problem: for a union (text or parts) the branch the client meant
+    first = max(problems, key=lambda problem: len(problem.get("loc", ())))
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     field = _field(tuple(first.get("loc", ())))
