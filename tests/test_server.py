@@ -258,6 +258,9 @@ def test_text_completions_and_models(served):
     )
     assert "".join(p.choices[0].text for p in pieces if p.choices) == expected["text"]
     assert [m.id for m in served.client.models.list().data] == ["tiny"]
+    assert served.client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny' only"):
+        served.client.models.retrieve("gpt-4o")
     health = served.health()
     assert health["status"] == "ok" and health["model"] == "tiny"
 

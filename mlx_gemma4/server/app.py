@@ -31,6 +31,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 from .transcriptions import TranscriptionFormat, transcribe_upload
 
 STATIC = Path(__file__).parent / "static"
+NO_CACHE = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies pass events on
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         reply = Reply("chat.completion", settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(stream(driver, job, reply, usage))
+            return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
         return reply.whole(await collect(driver, job, request))
 
     @app.post("/v1/completions", dependencies=authorized)
@@ -111,7 +112,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         reply = Reply("text_completion", settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(stream(driver, job, reply, usage))
+            return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
         return reply.whole(await collect(driver, job, request))
 
     @app.post("/v1/audio/transcriptions", dependencies=authorized)
@@ -135,19 +136,27 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             policy=settings.media,
         )
 
+    served_model = {
+        "id": settings.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "mlx-gemma4",
+    }
+
     @app.get("/v1/models", dependencies=authorized)
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": settings.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "mlx-gemma4",
-                }
-            ],
-        }
+        return {"object": "list", "data": [served_model]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    async def model_info(model_id: str):
+        if model_id != settings.model_name:
+            raise APIError(
+                404,
+                f"model {model_id!r}: this server serves {settings.model_name!r} only",
+                param="model",
+                code="model_not_found",
+            )
+        return served_model
 
     @app.get("/health")
     async def health():
