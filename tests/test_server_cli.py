@@ -150,3 +150,14 @@ def test_an_address_in_use_is_one_line_before_the_model_loads(gemma4, tmp_path):
 def test_only_loopback_addresses_allow_local_paths_by_default():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.4")
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [(["--kv-bits", "1"], "bits"), (["--log-level", "loud"], "--log-level: 'loud'")],
+)
+def test_bad_flags_are_one_line_before_the_model_loads(gemma4, tmp_path, flags, says):
+    result = gemma4("serve", "--model", tmp_path / "nothing-here", "--port", free_port(), *flags)
+    assert result.returncode == 1
+    assert says in result.stderr and "nothing-here" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
