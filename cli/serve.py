@@ -90,7 +90,14 @@ def serve(
     from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app
     from mlx_gemma4.server import serve as run
 
-    local = _is_loopback(host) if allow_local_paths is None else allow_local_paths
+    loopback = _is_loopback(host)
+    local = loopback if allow_local_paths is None else allow_local_paths
+    if not loopback and api_key is None:
+        typer.echo(
+            f"warning: listening on {host} without --api-key: anyone who can reach this "
+            "address can use the model",
+            err=True,
+        )
     settings = ServerSettings(
         model_name=model,
         api_key=api_key,

@@ -412,6 +412,17 @@ def test_input_audio_and_transcription(served):
         data={"response_format": "srt"},
     )
     assert srt.status_code == 200 and srt.text.startswith("1\n00:00:00,000 --> 00:00:01,500")
+    english = transcribe_wave(
+        *served.reference,
+        wave,
+        "tones.wav",
+        translate_to="English",
+        sampling=SamplingOptions(max_tokens=12),
+    )
+    translated = served.post(
+        "/v1/audio/translations", files={"file": ("tones.wav", wav_bytes(wave))}
+    )
+    assert translated.json() == {"text": english.text}
 
 
 # --------------------------------------------------------------------------- security, errors
@@ -445,6 +456,8 @@ def test_requests_without_the_api_key_get_401(served):
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
         ({"messages": HELLO, "n": 2}, 400, "n"),
         ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": HELLO, "logprobs": True}, 400, "logprobs: not offered"),
+        ({"messages": HELLO, "frequency_penalty": 0.5}, 400, "use repetition_penalty"),
         ({"messages": HELLO, "max_tokens": 5000}, 400, "context of 4096 tokens"),
         ({"messages": HELLO, "tool_choice": "required"}, 400, "no tools are given"),
         (
@@ -463,6 +476,8 @@ def test_requests_without_the_api_key_get_401(served):
         "bad role",
         "n",
         "max_tokens 0",
+        "logprobs",
+        "frequency_penalty",
         "over-long",
         "tool_choice without tools",
         "schema missing",

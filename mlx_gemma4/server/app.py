@@ -115,6 +115,27 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
         return reply.whole(await collect(driver, job, request))
 
+    async def audio_endpoint(
+        request: Request,
+        file: UploadFile,
+        language: str | None,
+        response_format: TranscriptionFormat,
+        temperature: float,
+        translate_to: str | None = None,
+    ):
+        return await transcribe_upload(
+            driver,
+            request,
+            file,
+            language=language,
+            translate_to=translate_to,
+            response_format=response_format,
+            sampling=SamplingOptions(
+                max_tokens=settings.transcription_max_tokens, temperature=temperature
+            ),
+            policy=settings.media,
+        )
+
     @app.post("/v1/audio/transcriptions", dependencies=authorized)
     async def transcriptions(
         request: Request,
@@ -124,16 +145,19 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         response_format: Annotated[TranscriptionFormat, Form()] = TranscriptionFormat.json,
         temperature: Annotated[float, Form(ge=0.0, le=2.0)] = 0.0,
     ):
-        return await transcribe_upload(
-            driver,
-            request,
-            file,
-            language=language,
-            response_format=response_format,
-            sampling=SamplingOptions(
-                max_tokens=settings.transcription_max_tokens, temperature=temperature
-            ),
-            policy=settings.media,
+        return await audio_endpoint(request, file, language, response_format, temperature)
+
+    @app.post("/v1/audio/translations", dependencies=authorized)
+    async def translations(
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str | None, Form()] = None,
+        response_format: Annotated[TranscriptionFormat, Form()] = TranscriptionFormat.json,
+        temperature: Annotated[float, Form(ge=0.0, le=2.0)] = 0.0,
+    ):
+        """Speech in any language -> English text, as OpenAI's endpoint."""
+        return await audio_endpoint(
+            request, file, None, response_format, temperature, translate_to="English"
         )
 
     served_model = {

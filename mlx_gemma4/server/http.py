@@ -93,7 +93,9 @@ def validation_error(error: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     field = _field(tuple(first.get("loc", ())))
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if field == "body" and ": " in message:  # a check of the whole body names its field
+        field, message = message.split(": ", 1)
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     return APIError(400, f"{field}: {message}{more}", param=field)
 

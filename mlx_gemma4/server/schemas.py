@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Lenient(BaseModel):
@@ -126,6 +126,21 @@ class SamplingFields(_Lenient):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    # not offered: refused when asked for, rather than silently ignored
+    logprobs: bool | int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_offered(self):
+        if self.logprobs:
+            raise ValueError("logprobs: not offered by this server; leave it out")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name}: not offered by this server; use repetition_penalty (e.g. 1.1)"
+                )
+        return self
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

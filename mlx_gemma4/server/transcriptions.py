@@ -1,5 +1,6 @@
-"""`POST /v1/audio/transcriptions`: an uploaded recording of any length, split into chunks that
-the engine transcribes together (`transcription.chunk_requests`), the seams joined."""
+"""`POST /v1/audio/transcriptions` and `/translations`: an uploaded recording of any length,
+split into chunks that the engine transcribes (or translates) together
+(`transcription.chunk_requests`), the seams joined."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ async def transcribe_upload(
     file: UploadFile,
     *,
     language: str | None,
+    translate_to: str | None = None,
     response_format: TranscriptionFormat,
     sampling: SamplingOptions,
     policy: MediaPolicy,
@@ -50,7 +52,7 @@ async def transcribe_upload(
     name = file.filename or "audio"
     suffix = PurePosixPath(name).suffix.lower() or ".wav"
     wave = await run_in_threadpool(decode_audio, data, suffix, "file")
-    chunks, requests = await run_in_threadpool(chunk_requests, wave, language)
+    chunks, requests = await run_in_threadpool(chunk_requests, wave, language, translate_to)
     loop = asyncio.get_running_loop()
     options = {"sampling": sampling}
     jobs = [None if m is None else Job(m, options, loop) for m in requests]
@@ -69,7 +71,7 @@ async def transcribe_upload(
     answers = iter(outcomes)
     texts = ["" if job is None else next(answers).text.strip() for job in jobs]
     transcript = assemble_transcript(
-        name, len(wave) / SAMPLE_RATE, chunks, texts, language=language
+        name, len(wave) / SAMPLE_RATE, chunks, texts, language, translate_to
     )
     if response_format is TranscriptionFormat.json:
         return {"text": transcript.text}
