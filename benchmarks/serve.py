@@ -127,6 +127,8 @@ def chat(url: str, text: str, max_tokens: int) -> Outcome:
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
+        # thinking off in both (mlx-lm's tokenizer wrapper turns it on when not told)
+        "chat_template_kwargs": {"enable_thinking": False},
     }
     request = urllib.request.Request(
         f"{url}/v1/chat/completions",

@@ -118,7 +118,8 @@ def say(page, text: str) -> None:
 
 
 def wait_for_answer(page, number: int, state: str = "done", timeout: float = 30) -> str:
-    """The text of the `number`-th answer (from 1) once its state is `state`."""
+    """The `number`-th answer (from 1) once its state is `state`, as the conversation keeps it
+    (what the next turn sends back); its bubble must show that text rendered as Markdown."""
     selector = ".message.assistant[data-state]"
 
     def settled(driver):
@@ -131,12 +132,22 @@ def wait_for_answer(page, number: int, state: str = "done", timeout: float = 30)
     answer = page.find_elements(By.CSS_SELECTOR, selector)[number - 1]
     errors = answer.find_elements(By.CSS_SELECTOR, ".error")
     assert answer.get_attribute("data-state") == state, [e.text for e in errors]
-    bubbles = answer.find_elements(By.CSS_SELECTOR, ".bubble")
-    return bubbles[0].get_attribute("textContent") if bubbles else ""
+    if state == "error":
+        return ""
+    kept = page.execute_script("return state.messages.at(-1)")
+    assert kept["role"] == "assistant"
+    bubbles = answer.find_elements(By.CSS_SELECTOR, ".bubble")  # none for an empty answer
+    shown = bubbles[0].get_attribute("textContent") if bubbles else ""
+    rendered = page.execute_script(
+        "return renderMarkdown(arguments[0]).textContent", kept["content"]
+    )
+    assert shown == rendered
+    return kept["content"]
 
 
 def test_typed_messages_stream_the_greedy_answer_and_keep_the_conversation(page, loaded):
-    assert page.find_element(By.ID, "model").text  # the name /v1/models gives
+    model = page.find_element(By.ID, "model")  # the name /v1/models gives, shown in the bar
+    WebDriverWait(page, 10).until(lambda _: model.get_attribute("textContent"))
     say(page, "Hello there, how are you?")
     first = wait_for_answer(page, 1)
     conversation = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -246,3 +257,34 @@ def test_stop_ends_the_answer_and_the_server_drops_the_request(page, server):
     while server_stats(server).get("running", 0) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert server_stats(server).get("running", 0) == 0
+
+
+MARKDOWN = """## Title
+Some **bold**, *italic* and `code`, a [link](https://example.org/a) and
+[another](javascript:alert(1)).
+
+- one
+- two
+
+3. three
+
+```html
+<script>alert(1)</script>
+```"""
+
+
+def test_answers_render_markdown_as_text_never_as_html(page):
+    html = page.execute_script(
+        "const box = document.createElement('div');"
+        "box.append(renderMarkdown(arguments[0]));"
+        "return box.innerHTML;",
+        MARKDOWN,
+    )
+    assert html.startswith("<h4>Title</h4><p>Some <strong>bold</strong>, <em>italic</em> and ")
+    assert '<code>code</code>, a <a href="https://example.org/a" target="_blank"' in html
+    assert "<br>[another](javascript:alert(1)).</p>" in html  # only http(s) links become links
+    assert "<ul><li>one</li><li>two</li></ul>" in html
+    assert '<ol start="3"><li>three</li></ol>' in html
+    assert (
+        '<pre><code data-language="html">&lt;script&gt;alert(1)&lt;/script&gt;</code></pre>' in html
+    )

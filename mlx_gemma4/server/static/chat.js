@@ -135,6 +135,7 @@ class AnswerView {
     this.thoughts = null;
     this.text = "";
     this.thought = "";
+    this.pending = null; // the animation frame that will render the text
   }
 
   addThought(delta) {
@@ -151,13 +152,20 @@ class AnswerView {
 
   addText(delta) {
     this.text += delta;
-    this.bubble.append(delta);
+    // Markdown is rendered again from the whole text, at most once a frame
+    this.pending ??= requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    if (this.pending) cancelAnimationFrame(this.pending);
+    this.pending = null;
+    this.bubble.replaceChildren(renderMarkdown(this.text));
   }
 
   finish(state, note) {
+    this.render();
     this.message.dataset.state = state;
     this.message.removeAttribute("aria-busy");
-    this.bubble.normalize();
     if (this.thoughts) this.summary.textContent = "Thoughts";
     if (!this.text) this.bubble.remove();
     if (note) addPart(this.message, "div", "meta", note);
