@@ -103,11 +103,13 @@ def loaded(checkpoint):
     return load(checkpoint)
 
 
-def greedy_answer(loaded, messages: list[dict], max_tokens: int = MAX_TOKENS) -> str:
+def greedy_answer(loaded, messages: list[dict], **options) -> str:
     from mlx_gemma4 import stream_generate
 
     model, processor = loaded
-    responses = stream_generate(model, processor, messages, max_tokens=max_tokens, temperature=0)
+    responses = stream_generate(
+        model, processor, messages, max_tokens=MAX_TOKENS, temperature=0, **options
+    )
     return "".join(r.text for r in responses)
 
 
@@ -288,3 +290,66 @@ def test_answers_render_markdown_as_text_never_as_html(page):
     assert (
         '<pre><code data-language="html">&lt;script&gt;alert(1)&lt;/script&gt;</code></pre>' in html
     )
+
+
+def test_the_thinking_switch_turns_thinking_on_for_the_next_turns(page, loaded):
+    page.find_element(By.ID, "thinking").click()
+    say(page, "Hello")
+    answer = wait_for_answer(page, 1)
+    question = [{"role": "user", "content": "Hello"}]
+    assert answer == greedy_answer(loaded, question, enable_thinking=True)
+    assert answer != greedy_answer(loaded, question)
+    page.refresh()  # the switch is remembered
+    assert page.find_element(By.ID, "thinking").is_selected()
+
+
+ANSWER_VIEW = """
+const view = new AnswerView();
+view.addThought("Let me see. ");
+view.addThought("Two and two.");
+view.addText("It is **4**.");
+view.finish("done", "2 generated");
+return [view.message.outerHTML, view.thoughts.open];
+"""
+
+
+def test_thoughts_stream_into_a_collapsed_details_above_the_answer(page):
+    # the tiny random model never thinks aloud, so the view is driven directly
+    html, opened = page.execute_script(ANSWER_VIEW)
+    assert not opened
+    assert (
+        '<details class="thoughts"><summary>Thoughts</summary>'
+        '<div class="thoughts-text">Let me see. Two and two.</div></details>'
+        '<div class="bubble"><p>It is <strong>4</strong>.</p></div>'
+        '<div class="meta">2 generated</div>'
+    ) in html
+
+
+SSE = """
+const done = arguments[arguments.length - 1];
+const chunks = arguments[0];
+const body = new ReadableStream({
+  start(controller) {
+    const encoder = new TextEncoder();
+    for (const chunk of chunks) controller.enqueue(encoder.encode(chunk));
+    controller.close();
+  },
+});
+(async () => {
+  const events = [];
+  for await (const event of serverSentEvents(body)) events.push(event);
+  done(events);
+})();
+"""
+
+
+def test_the_event_stream_reader_takes_events_split_anywhere(page):
+    stream = ': ping\r\n\r\ndata: {"a": 1}\r\n\r\nevent: error\ndata: x\ndata: y\n\ndata: [DONE]'
+    for cut in range(len(stream) + 1):  # "\r\n" split between reads included
+        chunks = [stream[:cut], stream[cut:]]
+        events = page.execute_async_script(SSE, chunks)
+        assert events == [
+            {"event": "message", "data": '{"a": 1}'},
+            {"event": "error", "data": "x\ny"},
+            {"event": "message", "data": "[DONE]"},
+        ], cut

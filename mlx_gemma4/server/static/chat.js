@@ -90,7 +90,7 @@ function addMessage(role) {
 
 function addPart(parent, tag, className, text) {
   const element = document.createElement(tag);
-  element.className = className;
+  if (className) element.className = className;
   if (text !== undefined) element.textContent = text;
   parent.append(element);
   return element;
