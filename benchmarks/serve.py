@@ -14,6 +14,7 @@ stop only at `max_tokens` or a stop token the random model rarely samples.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 from common import CACHE, base_parser, e2b_shaped_checkpoint, parse, print_table
 from structured import gemma_sized_tokenizer
 
+RETRIES = 5
 WORDS = (
     "river stone light garden paper window music winter bridge market orange silver cloud "
     "engine forest letter planet summer yellow doctor island mirror pocket rabbit candle "
@@ -119,6 +121,7 @@ class Outcome:
     seconds: float
     prompt_tokens: int
     completion_tokens: int
+    retries: int  # connections the server reset or refused before it took the request
 
 
 def chat(url: str, text: str, max_tokens: int) -> Outcome:
@@ -136,9 +139,19 @@ def chat(url: str, text: str, max_tokens: int) -> Outcome:
         headers={"Content-Type": "application/json"},
     )
     start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=900) as response:
-        usage = json.loads(response.read())["usage"]
-    return Outcome(time.perf_counter() - start, usage["prompt_tokens"], usage["completion_tokens"])
+    for retries in range(RETRIES + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=900) as response:
+                usage = json.loads(response.read())["usage"]
+            break
+        except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+            # mlx_lm.server's listen backlog is 5 (ThreadingHTTPServer's default): a burst of
+            # connections can overflow it. Clients retry, as OpenAI's does; the wait counts.
+            if retries == RETRIES:
+                raise
+            time.sleep(0.5 * (retries + 1))
+    seconds = time.perf_counter() - start
+    return Outcome(seconds, usage["prompt_tokens"], usage["completion_tokens"], retries)
 
 
 @dataclass
@@ -149,6 +162,7 @@ class Level:
     p99: float
     prompt_tokens: float
     completion_tokens: float
+    retries: int
 
 
 def run_level(url: str, clients: int, requests: int, first: int, args) -> Level:
@@ -167,6 +181,7 @@ def run_level(url: str, clients: int, requests: int, first: int, args) -> Level:
         latencies[p99_index],
         statistics.mean(o.prompt_tokens for o in outcomes),
         statistics.mean(o.completion_tokens for o in outcomes),
+        sum(o.retries for o in outcomes),
     )
 
 
@@ -184,7 +199,8 @@ def measure(name: str, folder: Path, args) -> dict[int, Level]:
                 f"{name:>10} x{clients:<3} {level.requests_per_second:6.2f} req/s "
                 f"{level.tokens_per_second:7.1f} tok/s  p50 {level.p50:6.2f} s  "
                 f"p99 {level.p99:6.2f} s  (prompt {level.prompt_tokens:.0f}, "
-                f"generated {level.completion_tokens:.1f} tokens a request)",
+                f"generated {level.completion_tokens:.1f} tokens a request, "
+                f"{level.retries} connections retried)",
                 flush=True,
             )
         return levels
@@ -227,6 +243,7 @@ def main() -> None:
                 f"{ours.tokens_per_second / theirs.tokens_per_second:.2f}x",
                 f"{ours.p50:.1f} / {theirs.p50:.1f}",
                 f"{ours.p99:.1f} / {theirs.p99:.1f}",
+                f"{ours.retries} / {theirs.retries}",
             ]
         )
     print_table(
@@ -241,6 +258,7 @@ def main() -> None:
             "tok/s ratio",
             "p50 latency s",
             "p99 latency s",
+            "connections retried",
         ],
         rows,
     )
