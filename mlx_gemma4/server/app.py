@@ -15,6 +15,7 @@ from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..engine import BatchGenerator
+from ..options import SamplingOptions
 from .completions import (
     Reply,
     accepted,
@@ -24,12 +25,13 @@ from .completions import (
     stream,
 )
 from .driver import EngineDriver, Job
-from .http import APIError, RequestLog, api_key_check, install_error_handlers
+from .http import APIError, BodyLimit, RequestLog, api_key_check, install_error_handlers
 from .messages import MIB, MediaPolicy, chat_messages
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .transcriptions import TranscriptionFormat, transcribe_upload
 
 STATIC = Path(__file__).parent / "static"
+NO_CACHE = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies pass events on
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class ServerSettings:
     """How the server runs. `max_concurrency`: requests decoded at once (None: as many as the
     KV budget admits); `kv_budget_bytes`, `kv_bits`, `prefix_cache_bytes` and
     `prefill_step_size` go to the `BatchGenerator`; `default_max_tokens` is a request's limit
-    when it gives none."""
+    when it gives none, `transcription_max_tokens` an audio chunk's."""
 
     model_name: str = "gemma4"
     api_key: str | None = None
@@ -47,6 +49,7 @@ class ServerSettings:
     prefix_cache_bytes: int = 1024 * MIB
     prefill_step_size: int = 512
     default_max_tokens: int = 2048
+    transcription_max_tokens: int = 448  # per 30 s chunk: fast speech, with room
     max_body_bytes: int = 64 * MIB
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
@@ -79,44 +82,37 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     app = FastAPI(
         title="mlx-gemma4",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
         docs_url=None,
         redoc_url=None,
     )
     app.state.driver = driver
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog)
     install_error_handlers(app)
     authorized = [Depends(api_key_check(settings.api_key))]
-
-    async def run_job(job: Job) -> None:
-        try:
-            await accepted(driver, job)
-        except asyncio.CancelledError:
-            driver.cancel(job)
-            raise
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = await run_in_threadpool(chat_messages, body.messages, settings.media)
         options = chat_options(body, body.token_limit() or settings.default_max_tokens)
         job = Job(messages, options, asyncio.get_running_loop())
-        await run_job(job)
+        await accepted(driver, job)
         reply = Reply("chat.completion", settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(stream(driver, job, reply, usage))
+            return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
         return reply.whole(await collect(driver, job, request))
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
-        options = sampling_options(body, body.token_limit() or settings.default_max_tokens)
-        job = Job(body.prompt, options, asyncio.get_running_loop())
-        await run_job(job)
+        sampling = sampling_options(body, body.token_limit() or settings.default_max_tokens)
+        job = Job(body.prompt, {"sampling": sampling}, asyncio.get_running_loop())
+        await accepted(driver, job)
         reply = Reply("text_completion", settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(stream(driver, job, reply, usage))
+            return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
         return reply.whole(await collect(driver, job, request))
 
     @app.post("/v1/audio/transcriptions", dependencies=authorized)
@@ -134,23 +130,33 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             file,
             language=language,
             response_format=response_format,
-            temperature=temperature,
+            sampling=SamplingOptions(
+                max_tokens=settings.transcription_max_tokens, temperature=temperature
+            ),
             policy=settings.media,
         )
 
+    served_model = {
+        "id": settings.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "mlx-gemma4",
+    }
+
     @app.get("/v1/models", dependencies=authorized)
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": settings.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "mlx-gemma4",
-                }
-            ],
-        }
+        return {"object": "list", "data": [served_model]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    async def model_info(model_id: str):
+        if model_id != settings.model_name:
+            raise APIError(
+                404,
+                f"model {model_id!r}: this server serves {settings.model_name!r} only",
+                param="model",
+                code="model_not_found",
+            )
+        return served_model
 
     @app.get("/health")
     async def health():

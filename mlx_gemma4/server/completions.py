@@ -14,34 +14,36 @@ from typing import Any
 from fastapi import Request
 from fastapi.sse import format_sse_event
 
+from ..options import SamplingOptions
 from .driver import EngineDriver, EngineFailure, Job, ServerStopping
 from .http import APIError, log
 from .schemas import ChatCompletionRequest, SamplingFields
 
 # OpenAI's defaults where a request says nothing
 DEFAULT_TEMPERATURE = 1.0
+DISCONNECT_CHECK_SECONDS = 0.5
 
 
-def sampling_options(body: SamplingFields, max_tokens: int) -> dict[str, Any]:
-    """The engine's sampling keywords for a request (`max_tokens`: its limit or the server's)."""
-    options: dict[str, Any] = dict(
+def sampling_options(body: SamplingFields, max_tokens: int) -> SamplingOptions:
+    """A request's sampling (`max_tokens`: its limit or the server's default)."""
+    return SamplingOptions(
         max_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=body.top_p or 0.0,
         top_k=body.top_k or 0,
         min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
-        stop=list(body.stop_strings()),
+        stop=body.stop_strings(),
     )
-    if body.repetition_penalty is not None:
-        options["repetition_penalty"] = body.repetition_penalty
-    return options
 
 
 def chat_options(body: ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
     """Everything `BatchGenerator.submit` takes for a chat request besides its messages."""
-    options = sampling_options(body, max_tokens)
-    options["enable_thinking"] = body.thinking()
+    options: dict[str, Any] = {
+        "sampling": sampling_options(body, max_tokens),
+        "enable_thinking": body.thinking(),
+    }
     if body.tools:
         options["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
         choice = body.tool_choice
@@ -100,10 +102,9 @@ class Outcome:
             delta["reasoning_content"] = response.thought
         if response.text:
             delta["content"] = response.text
-        calls = getattr(response, "tool_calls", None) or []
-        if calls:
+        if response.tool_calls:
             first = len(self.tool_calls)
-            new = [call.to_openai() for call in calls]
+            new = [call.to_openai() for call in response.tool_calls]
             self.tool_calls += new
             delta["tool_calls"] = [{"index": first + i, **c} for i, c in enumerate(new)]
         if response.finish_reason is not None:
@@ -187,21 +188,33 @@ def job_error(error: BaseException) -> APIError:
 
 async def accepted(driver: EngineDriver, job: Job) -> None:
     """Wait until the engine took the job; its refusal (a library error) raises here, as a 400
-    before any response starts."""
-    await asyncio.wrap_future(driver.submit(job))
+    before any response starts, and so does the server stopping (503). A handler cancelled
+    meanwhile (its client left) cancels the job."""
+    try:
+        await asyncio.wrap_future(driver.submit(job))
+    except (ServerStopping, EngineFailure) as error:
+        raise job_error(error) from None
+    except asyncio.CancelledError:
+        driver.cancel(job)
+        raise
 
 
 async def collect(driver: EngineDriver, job: Job, request: Request) -> Outcome:
-    """The whole outcome of an accepted job; a client that leaves cancels it."""
+    """The whole outcome of an accepted job; a client that leaves cancels it (checked twice a
+    second, whether tokens are flowing or not)."""
     outcome = Outcome()
     finished = False
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + DISCONNECT_CHECK_SECONDS
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(job.tokens.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            if loop.time() >= check_at:
                 if await request.is_disconnected():
-                    raise APIError(499, "the client disconnected") from None
+                    raise APIError(499, "the client disconnected")
+                check_at = loop.time() + DISCONNECT_CHECK_SECONDS
+            try:
+                item = await asyncio.wait_for(job.tokens.get(), DISCONNECT_CHECK_SECONDS)
+            except asyncio.TimeoutError:
                 continue
             if item is None:
                 finished = True

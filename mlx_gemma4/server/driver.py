@@ -78,7 +78,10 @@ class EngineDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._active: dict[int, Job] = {}
-        self._stopping = False
+        self._stopping = False  # the engine thread's view
+        self._closed = False  # no more submissions (set by any thread, under the lock)
+        self._lock = threading.Lock()
+        self.cancelled = 0  # jobs dropped before their end (their clients left)
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
     # ---------------------------------------------------------------------- any thread
@@ -87,7 +90,11 @@ class EngineDriver:
 
     def submit(self, job: Job) -> Future:
         """Queue `job`; the future resolves when the engine took it (or refused it)."""
-        self._commands.put(("submit", job))
+        with self._lock:  # so that no job is queued behind the stop command, unanswered
+            if self._closed:
+                job.accepted.set_exception(ServerStopping("the server is shutting down"))
+            else:
+                self._commands.put(("submit", job))
         return job.accepted
 
     def cancel(self, job: Job) -> None:
@@ -97,7 +104,9 @@ class EngineDriver:
     def stop_soon(self) -> None:
         """Ask the thread to end every job with `ServerStopping` and finish (returns at once:
         safe in a signal handler)."""
-        self._commands.put(("stop", None))
+        with self._lock:
+            self._closed = True
+            self._commands.put(("stop", None))
 
     def stop(self, timeout: float = 30.0) -> None:
         """`stop_soon`, then wait for the thread (at most `timeout` seconds: a step ends first)."""
@@ -107,25 +116,42 @@ class EngineDriver:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self._closed
 
     def stats(self) -> dict[str, int]:
-        """How many requests run in the engine and how many wait for a slot (approximate: read
-        from another thread)."""
-        return {"running": len(self._active), "waiting": len(self._waiting)}
+        """How many requests run in the engine, wait for a slot, were cancelled (approximate:
+        read from another thread)."""
+        return {
+            "running": len(self._active),
+            "waiting": len(self._waiting),
+            "cancelled": self.cancelled,
+        }
 
     # ---------------------------------------------------------------------- engine thread
     def _run(self) -> None:
         self.generator = self._make_generator()
         while True:
-            idle = self.generator.done and not self._waiting
-            self._take_commands(block=idle)
-            if self._stopping:
-                self._end_all(ServerStopping("the server is shutting down"))
-                return
-            self._fill_slots()
-            if not self.generator.done:
-                self._step()
+            try:
+                if self._iterate():
+                    return
+            except Exception as error:
+                # The batch's state is unknown after an unexpected error: end every job (their
+                # clients get a server error, the log the traceback), start a fresh generator.
+                log.exception("the engine failed")
+                self._end_all(EngineFailure(type(error).__name__))
+                self.generator = self._make_generator()
+
+    def _iterate(self) -> bool:
+        """Take the commands, fill free slots, step once; True when the driver stopped."""
+        idle = self.generator.done and not self._waiting
+        self._take_commands(block=idle)
+        if self._stopping:
+            self._end_all(ServerStopping("the server is shutting down"))
+            return True
+        self._fill_slots()
+        if not self.generator.done:
+            self._step()
+        return False
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -148,8 +174,10 @@ class EngineDriver:
         elif kind == "cancel":
             if job in self._waiting:
                 self._waiting.remove(job)
+                self.cancelled += 1
             elif job.request_id is not None and self._active.pop(job.request_id, None):
                 self.generator.cancel(job.request_id)
+                self.cancelled += 1
         elif kind == "stop":
             self._stopping = True
 
@@ -171,15 +199,7 @@ class EngineDriver:
             job.accepted.set_result(job.request_id)
 
     def _step(self) -> None:
-        try:
-            responses = self.generator.step()
-        except Exception as error:
-            # The batch's state is unknown after an error mid-step: end every job, start over.
-            log.exception("the engine failed during a step")
-            self._end_all(EngineFailure(type(error).__name__))
-            self.generator = self._make_generator()
-            return
-        for response in responses:
+        for response in self.generator.step():
             job = self._active.get(response.request_id)
             if job is None:
                 continue

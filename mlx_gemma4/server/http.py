@@ -4,6 +4,7 @@ traceback), the API key check, and one log line per request."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -60,6 +61,9 @@ def from_library_error(error: Gemma4Error) -> APIError:
     return APIError(400, str(error), code=code)
 
 
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none)$|\[")
+
+
 def _field(location: tuple) -> str:
     """`("body", "messages", 0, "content")` -> `messages[0].content`."""
     text = ""
@@ -70,7 +74,7 @@ def _field(location: tuple) -> str:
             text += f"[{part}]"
         elif not text:
             text = str(part)
-        elif "[" in str(part) or str(part).startswith(("function-", "tagged-")):
+        elif _UNION_BRANCH.search(str(part)):
             continue  # pydantic's names for union branches say nothing to a client
         else:
             text += f".{part}"
@@ -82,7 +86,10 @@ def validation_error(error: RequestValidationError) -> APIError:
     problems = error.errors()
     if not problems:
         return APIError(400, "the request body is not valid")
-    first = problems[0]
+    if problems[0].get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    # the deepest problem: for a union (text or parts) the branch the client meant
+    first = max(problems, key=lambda problem: len(problem.get("loc", ())))
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     field = _field(tuple(first.get("loc", ())))
@@ -179,3 +186,51 @@ class RequestLog:
             await self.app(scope, receive, logged_send)
         finally:
             line(" (client gone)" if state["status"] else " (no response)")
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised while the body arrives: FastAPI passes HTTP exceptions on unchanged."""
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` (by its Content-Length, or counted as
+    it arrives) is answered 413 with an OpenAI error object, before the app reads it all."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"the request body is larger than the server's limit of {self.max_bytes:,} bytes",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        state = {"received": 0, "started": False}
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes:
+                    raise _BodyTooLarge(413, self._too_large().message)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not state["started"]:
+                await self._too_large().response()(scope, receive, send)

@@ -11,14 +11,13 @@ from fastapi import Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
+from ..options import SamplingOptions
 from ..processing.audio import SAMPLE_RATE
 from ..transcription import Format, as_json, assemble_transcript, chunk_requests, render
 from .completions import accepted, collect
 from .driver import EngineDriver, Job
 from .http import APIError
 from .messages import MediaPolicy, decode_audio
-
-MAX_TOKENS_PER_CHUNK = 448  # 30 s of fast speech, with room
 
 
 class TranscriptionFormat(str, Enum):
@@ -36,7 +35,7 @@ async def transcribe_upload(
     *,
     language: str | None,
     response_format: TranscriptionFormat,
-    temperature: float,
+    sampling: SamplingOptions,
     policy: MediaPolicy,
 ):
     data = await file.read()
@@ -53,7 +52,7 @@ async def transcribe_upload(
     wave = await run_in_threadpool(decode_audio, data, suffix, "file")
     chunks, requests = await run_in_threadpool(chunk_requests, wave, language)
     loop = asyncio.get_running_loop()
-    options = dict(max_tokens=MAX_TOKENS_PER_CHUNK, temperature=temperature)
+    options = {"sampling": sampling}
     jobs = [None if m is None else Job(m, options, loop) for m in requests]
     try:
         for job in jobs:

@@ -1,0 +1,163 @@
+"""`gemma4 serve` as a user runs it: a real child process on loopback, stopped by SIGTERM while a
+stream is running (the stream ends with an error event, the process exits 0, nothing hangs)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import gemma4_command, random_image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+from mlx_gemma4.cli.serve import _is_loopback  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not answer /health in time")
+
+
+def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, tmp_path):
+    folder, _ = chat_checkpoint("dense")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            *gemma4_command(),
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "--api-key",
+            "k",
+            "--no-allow-local-paths",
+            "--max-concurrency",
+            "1",
+            "--kv-bits",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_health(url, process)
+        headers = {"Authorization": "Bearer k"}
+        assert httpx.get(url + "/v1/models").status_code == 401
+        image = tmp_path / "a.png"
+        random_image(8, 8).save(image)
+        parts = [{"type": "image_url", "image_url": {"url": str(image)}}]
+        refused = httpx.post(
+            url + "/v1/chat/completions",
+            headers=headers,
+            json={"messages": [{"role": "user", "content": parts}]},
+        )
+        assert refused.status_code == 400
+        assert "local file paths are not allowed" in refused.json()["error"]["message"]
+
+        events: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            body = {
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 4000,
+                "temperature": 0,
+                "stream": True,
+            }
+            with httpx.stream(
+                "POST", url + "/v1/chat/completions", headers=headers, json=body, timeout=60
+            ) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[len("data: ") :])
+                        if len(events) >= 3:
+                            started.set()
+
+        waiting: list[httpx.Response] = []
+
+        def wait_behind() -> None:  # --max-concurrency 1: it waits for the stream's slot
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            waiting.append(
+                httpx.post(url + "/v1/chat/completions", headers=headers, json=body, timeout=60)
+            )
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60), "the stream did not start"
+        queued = threading.Thread(target=wait_behind)
+        queued.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["waiting"] == 0:
+            assert time.monotonic() < deadline, "the second request did not wait"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        reader.join(30)
+        queued.join(30)
+        assert not reader.is_alive() and not queued.is_alive(), "a request did not end"
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "server_shutting_down"
+    assert "[DONE]" not in events
+    assert waiting[0].status_code == 503
+    assert waiting[0].json()["error"]["code"] == "server_shutting_down"
+    assert "Traceback" not in stderr
+    # one line per request, the stream's included
+    assert stderr.count("POST /v1/chat/completions 200") == 1
+    assert stderr.count("POST /v1/chat/completions 400") == 1
+    assert stderr.count("POST /v1/chat/completions 503") == 1
+    assert stderr.count("GET /v1/models 401") == 1
+
+
+def test_an_address_in_use_is_one_line_before_the_model_loads(gemma4, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gemma4("serve", "--model", tmp_path / "nothing-here", "--port", port)
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_only_loopback_addresses_allow_local_paths_by_default():
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.4")
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [(["--kv-bits", "1"], "bits"), (["--log-level", "loud"], "--log-level: 'loud'")],
+)
+def test_bad_flags_are_one_line_before_the_model_loads(gemma4, tmp_path, flags, says):
+    result = gemma4("serve", "--model", tmp_path / "nothing-here", "--port", free_port(), *flags)
+    assert result.returncode == 1
+    assert says in result.stderr and "nothing-here" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
