@@ -9,13 +9,12 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
-from conftest import gemma4_command, random_image
+from conftest import free_port, gemma4_command, random_image
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.skipif(
     "(apt-get install -y chromium chromium-driver)",
 )
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
