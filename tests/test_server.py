@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from checkpoints import add_tool_tokens
-from conftest import random_image, tones
+from conftest import free_port, random_image, tones
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -58,12 +57,6 @@ class Served:
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +256,10 @@ def test_text_completions_and_models(served):
         served.client.models.retrieve("gpt-4o")
     health = served.health()
     assert health["status"] == "ok" and health["model"] == "tiny"
+    page = httpx.get(served.url + "/")  # the chat page and its files, open like /health
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert httpx.get(served.url + "/static/chat.js").status_code == 200
+    assert error_of(httpx.get(served.url + "/static/nothing.js"))["code"] == "not_found"
 
 
 WEATHER = {

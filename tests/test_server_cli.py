@@ -11,18 +11,12 @@ import threading
 import time
 
 import pytest
-from conftest import gemma4_command, random_image
+from conftest import free_port, gemma4_command, random_image
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from mlx_gemma4.cli.serve import _is_loopback  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
