@@ -92,28 +92,27 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     install_error_handlers(app)
     authorized = [Depends(api_key_check(settings.api_key))]
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        messages = await run_in_threadpool(chat_messages, body.messages, settings.media)
-        options = chat_options(body, body.token_limit() or settings.default_max_tokens)
-        job = Job(messages, options, asyncio.get_running_loop())
+    async def respond(job: Job, kind: str, body, request: Request):
+        """Submit the job; its answer as one body, or streamed as server-sent events."""
         await accepted(driver, job)
-        reply = Reply("chat.completion", settings.model_name)
+        reply = Reply(kind, settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
         return reply.whole(await collect(driver, job, request))
 
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        messages = await run_in_threadpool(chat_messages, body.messages, settings.media)
+        options = chat_options(body, body.token_limit() or settings.default_max_tokens)
+        job = Job(messages, options, asyncio.get_running_loop())
+        return await respond(job, "chat.completion", body, request)
+
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
         sampling = sampling_options(body, body.token_limit() or settings.default_max_tokens)
         job = Job(body.prompt, {"sampling": sampling}, asyncio.get_running_loop())
-        await accepted(driver, job)
-        reply = Reply("text_completion", settings.model_name)
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(stream(driver, job, reply, usage), headers=NO_CACHE)
-        return reply.whole(await collect(driver, job, request))
+        return await respond(job, "text_completion", body, request)
 
     async def audio_endpoint(
         request: Request,

@@ -51,7 +51,7 @@ def chat_options(body: ChatCompletionRequest, max_tokens: int) -> dict[str, Any]
             options["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
     elif body.tool_choice not in (None, "none", "auto"):
         raise APIError(
-            400, "tool_choice: it names a tool but no tools are given", param="tool_choice"
+            400, "tool_choice: it asks for a tool call but no tools are given", param="tool_choice"
         )
     schema = json_schema(body)
     if schema is not None:
