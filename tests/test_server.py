@@ -74,7 +74,7 @@ def served(chat_checkpoint, tmp_path_factory):
         transcription_max_tokens=12,
         max_body_bytes=2**20,
         media=MediaPolicy(
-            allow_local_paths=True, max_media_bytes=2**19, max_image_pixels=100 * 100
+            allow_local_paths=True, max_media_bytes=2**19, max_image_pixels=200 * 150
         ),
     )
     app = create_app(model, processor, settings)
@@ -374,6 +374,22 @@ def test_a_video_as_data_url(served, tmp_path):
     assert answer.usage.prompt_tokens == expected["prompt_tokens"]
 
 
+def test_image_detail_sets_the_soft_token_budget(served):
+    image = random_image(200, 150, seed=2)
+    question = {"type": "text", "text": "what is this?"}
+    ours = [{"role": "user", "content": [{"type": "image", "image": image}, question]}]
+    lengths = set()
+    for detail, budget in (("low", 70), ("auto", 280)):
+        expected = served.solo(ours, max_tokens=4, max_soft_tokens=budget)
+        lengths.add(expected["prompt_tokens"])
+        url = {"url": png_data_url(image), "detail": detail}
+        parts = [{"type": "image_url", "image_url": url}, question]
+        answer = chat(served, [{"role": "user", "content": parts}], max_tokens=4)
+        assert answer.usage.prompt_tokens == expected["prompt_tokens"]
+        assert answer.choices[0].message.content == expected["text"]
+    assert len(lengths) == 2  # the two budgets give the image different token counts
+
+
 def wav_bytes(wave: np.ndarray) -> bytes:
     import soundfile
 
@@ -511,7 +527,7 @@ def test_media_that_may_not_be_read_is_refused(served, tmp_path):
         ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "not a readable"),
         ("data:image/png;base64," + big, "limit"),
         ("gopher://x", "unsupported URL scheme"),
-        (png_data_url(random_image(120, 100)), "pixel limit"),
+        (png_data_url(random_image(200, 151)), "pixel limit"),
     ]
     for url, says in cases:
         response = served.post("/v1/chat/completions", json=image_request(url))

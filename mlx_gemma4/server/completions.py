@@ -14,10 +14,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.sse import format_sse_event
 
-from ..options import SamplingOptions
+from ..options import MediaOptions, SamplingOptions
+from ..processing.images import DEFAULT_BUDGET
 from .driver import EngineDriver, EngineFailure, Job, ServerStopping
 from .http import APIError, log
-from .schemas import ChatCompletionRequest, SamplingFields
+from .schemas import ChatCompletionRequest, ImagePart, SamplingFields
 
 # OpenAI's defaults where a request says nothing
 DEFAULT_TEMPERATURE = 1.0
@@ -56,7 +57,27 @@ def chat_options(body: ChatCompletionRequest, max_tokens: int) -> dict[str, Any]
     schema = json_schema(body)
     if schema is not None:
         options["json_schema"] = schema
+    budget = image_budget(body)
+    if budget is not None:
+        options["media_options"] = MediaOptions(max_soft_tokens=budget)
     return options
+
+
+# An image's `detail` as its soft-token budget; "auto" (or none) keeps the default, 280.
+DETAIL_BUDGETS = {"low": 70, "high": 1120}
+
+
+def image_budget(body: ChatCompletionRequest) -> int | None:
+    """The soft tokens per image the request's `detail`s ask for (one budget per request:
+    the largest asked for), or None for the default."""
+    asked = [
+        DETAIL_BUDGETS.get(part.image_url.detail or "auto", DEFAULT_BUDGET)
+        for message in body.messages
+        if isinstance(message.content, list)
+        for part in message.content
+        if isinstance(part, ImagePart)
+    ]
+    return max(asked) if asked and max(asked) != DEFAULT_BUDGET else None
 
 
 def json_schema(body: ChatCompletionRequest) -> dict | bool | None:
