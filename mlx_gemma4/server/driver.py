@@ -199,28 +199,43 @@ class EngineDriver:
             job.accepted.set_result(job.request_id)
 
     def _step(self) -> None:
+        deliveries: list[tuple[Job, Any]] = []
         for response in self.generator.step():
             job = self._active.get(response.request_id)
             if job is None:
                 continue
-            self._send(job, response)
+            deliveries.append((job, response))
             if response.finish_reason is not None:
                 del self._active[response.request_id]
-                self._send(job, None)
+                deliveries.append((job, None))
+        self._send(deliveries)
 
     def _end_all(self, error: Exception) -> None:
         """End every job with `error` (their rows stay: the generator is stopped or replaced)."""
+        deliveries = []
         for job in [*self._waiting, *self._active.values()]:
             if not job.accepted.done():
                 job.accepted.set_exception(error)
             else:
-                self._send(job, error)
+                deliveries.append((job, error))
+        self._send(deliveries)
         self._waiting.clear()
         self._active.clear()
 
     @staticmethod
-    def _send(job: Job, item: Any) -> None:
-        try:
-            job.loop.call_soon_threadsafe(job.tokens.put_nowait, item)
-        except RuntimeError:  # the loop closed: nobody is listening
-            pass
+    def _send(deliveries: list[tuple[Job, Any]]) -> None:
+        """Hand each item to its job's queue: one wake-up of each event loop per step, not one
+        per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, item in deliveries:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed: nobody is listening
+                pass
+
+
+def _put_all(items: list[tuple[Job, Any]]) -> None:
+    for job, item in items:
+        job.tokens.put_nowait(item)
