@@ -5,6 +5,7 @@ while others decode.
     python benchmarks/batch.py [--layers 5] [--prompt 32] [--decode 8] [--rounds 2]
         [--concurrency 1 4 8 16 32] [--precision float32|4-bit|both] [--arrival 16]
         [--bundled-blas]
+    python benchmarks/batch.py --matmul [--bundled-blas]
 
 Each engine gets the same `concurrency` token-id prompts at once (mlx-lm's prefills them in one
 batch) and decodes greedily, without stop tokens. The figure is steady-state decode throughput:
@@ -14,10 +15,14 @@ Total throughput at 16 sequences over 1 sequence is printed per engine and preci
 
 Time to first token: `arrival` sequences decode; a new prompt of `prompt` tokens is submitted and
 timed until its first token comes out, both engines alike (mlx-lm's with room for one more).
+
+`--matmul` instead times one E2B MLP weight (6144 x 1536) times 1-32 rows: a float32 GEMM, MLX's
+4-bit `quantized_matmul`, and dequantize + GEMM: how much a decode step's cost grows with rows.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 from common import base_parser, e2b_shaped_checkpoint, load_mlx_lm, parse, print_table
@@ -100,6 +105,7 @@ def decode_rate(engine, steps: int) -> float:
         tokens += len(engine.step())
     seconds = time.perf_counter() - start
     engine.close()
+    mx.clear_cache()
     return tokens / seconds
 
 
@@ -114,7 +120,20 @@ def first_token_seconds(engine, prompt: list[int]) -> float:
         pass
     seconds = time.perf_counter() - start
     engine.close()
+    mx.clear_cache()
     return seconds
+
+
+def share_embedding_tables(ours, theirs) -> None:
+    """Let mlx-lm's model read our copy of the two embedding tables (identical arrays, most of
+    the checkpoint's bytes): two models fit the memory of a shared machine."""
+    import mlx.core as mx
+
+    mine, other = ours.language_model, theirs.language_model.model
+    for name in ("embed_tokens", "embed_tokens_per_layer"):
+        table, same = getattr(mine, name).weight, getattr(other, name).weight
+        if table.shape == same.shape and mx.array_equal(table, same).item():
+            getattr(other, name).weight = table
 
 
 def engines(folder, precision: str) -> dict:
@@ -125,6 +144,7 @@ def engines(folder, precision: str) -> dict:
 
     ours, processor = load(folder, dtype=mx.float32)
     theirs = load_mlx_lm(folder)
+    share_embedding_tables(ours, theirs)
     if precision == "4-bit":
         quantize("mlx-gemma4", ours)
         quantize("mlx-lm", theirs)
@@ -134,6 +154,37 @@ def engines(folder, precision: str) -> dict:
     }
 
 
+def matmul_scaling(rounds: int) -> None:
+    import mlx.core as mx
+
+    def best_ms(compute) -> float:
+        times = []
+        for _ in range(max(rounds, 3)):
+            start = time.perf_counter()
+            mx.eval(compute())
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times)
+
+    weight = mx.random.normal((6144, 1536), key=mx.random.key(0)) * 0.02
+    packed = mx.quantize(weight, group_size=64, bits=4)
+    mx.eval(weight, packed)
+    rows = []
+    for n in (1, 4, 8, 16, 32):
+        x = mx.random.normal((n, 1536), key=mx.random.key(n))
+        mx.eval(x)
+        times = [
+            best_ms(lambda x=x: x @ weight.T),
+            best_ms(lambda x=x: mx.quantized_matmul(x, *packed, group_size=64, bits=4)),
+            best_ms(lambda x=x: x @ mx.dequantize(*packed, group_size=64, bits=4).T),
+        ]
+        rows.append([n, *(f"{t:.1f}" for t in times)])
+    print_table(
+        "One 6144 x 1536 weight times n rows (ms, best of rounds)",
+        ["rows", "float32 GEMM", "4-bit quantized_matmul", "dequantize + GEMM"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = base_parser(rounds=2)
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
@@ -141,7 +192,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--precision", choices=["float32", "4-bit", "both"], default="both")
     parser.add_argument("--arrival", type=int, default=16, help="sequences decoding (0: skip)")
+    parser.add_argument("--matmul", action="store_true", help="time matmuls by rows instead")
     args, blas = parse(parser)
+    if args.matmul:
+        print(blas)
+        matmul_scaling(args.rounds)
+        return
     import numpy as np
 
     e2b_shaped_checkpoint(args.layers)
@@ -153,7 +209,10 @@ def main() -> None:
 
     precisions = ("float32", "4-bit") if args.precision == "both" else (args.precision,)
     rows, ttft_rows, scaling = [], [], []
+    makers = {}
     for precision in precisions:
+        makers.clear()  # the previous precision's models go before the next are loaded
+        gc.collect()
         makers = engines(folder, precision)
         rates = {}
         for n in args.concurrency:
