@@ -14,7 +14,6 @@ stop only at `max_tokens` or a stop token the random model rarely samples.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -144,7 +143,9 @@ def chat(url: str, text: str, max_tokens: int) -> Outcome:
             with urllib.request.urlopen(request, timeout=900) as response:
                 usage = json.loads(response.read())["usage"]
             break
-        except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+        except (ConnectionError, urllib.error.URLError) as e:
+            if not isinstance(getattr(e, "reason", e), ConnectionError):  # HTTP errors too
+                raise
             # mlx_lm.server's listen backlog is 5 (ThreadingHTTPServer's default): a burst of
             # connections can overflow it. Clients retry, as OpenAI's does; the wait counts.
             if retries == RETRIES:
@@ -193,7 +194,16 @@ def measure(name: str, folder: Path, args) -> dict[int, Level]:
         levels = {}
         for clients, requests in zip(args.concurrency, args.requests, strict=True):
             # the same prompts for both servers, different ones at each level
-            levels[clients] = run_level(server.url, clients, requests, 1000 * clients, args)
+            try:
+                levels[clients] = run_level(server.url, clients, requests, 1000 * clients, args)
+            except OSError:
+                if server.process.poll() is None:
+                    raise
+                code = server.process.returncode
+                raise SystemExit(
+                    f"{name} exited ({code}{': killed, out of memory?' if code == -9 else ''}) "
+                    f"during the {clients}-client level; its log: {server.log.name}"
+                ) from None
             level = levels[clients]
             print(
                 f"{name:>10} x{clients:<3} {level.requests_per_second:6.2f} req/s "
