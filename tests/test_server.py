@@ -564,6 +564,39 @@ def test_a_client_that_leaves_cancels_its_sequence(served):
     assert served.health()["running"] == 0
 
 
+def wait_for(served: Served, what: str, condition) -> dict:
+    deadline = time.monotonic() + 20
+    while not condition(health := served.health()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return health
+
+
+def test_a_client_that_leaves_while_waiting_for_a_slot_is_dropped(served):
+    before = served.health()["cancelled"]
+    streams = [  # the fixture's 16 slots, all taken
+        served.client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=3000, temperature=0, stream=True
+        )
+        for _ in range(16)
+    ]
+    try:
+        for stream in streams:
+            next(iter(stream))
+        body = {"messages": HELLO, "max_tokens": 4, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            served.post("/v1/chat/completions", json=body, timeout=1.0)
+        health = wait_for(
+            served, "the waiting request was not dropped", lambda h: h["cancelled"] > before
+        )
+        assert health["waiting"] == 0 and health["running"] == 16
+    finally:
+        for stream in streams:
+            stream.close()
+    wait_for(served, "the streams were not cancelled", lambda h: h["running"] == 0)
+    assert served.health()["cancelled"] == before + 17
+
+
 def test_32_concurrent_clients_all_get_their_own_answers(served):
     prompts = [
         [{"role": "user", "content": f"question number {i} " * (1 + i % 3)}] for i in range(8)

@@ -94,7 +94,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     async def respond(job: Job, kind: str, body, request: Request):
         """Submit the job; its answer as one body, or streamed as server-sent events."""
-        await accepted(driver, job)
+        await accepted(driver, job, request)
         reply = Reply(kind, settings.model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage

@@ -207,12 +207,17 @@ def job_error(error: BaseException) -> APIError:
     return APIError(500, "internal server error (see the server's log)", "server_error")
 
 
-async def accepted(driver: EngineDriver, job: Job) -> None:
-    """Wait until the engine took the job; its refusal (a library error) raises here, as a 400
-    before any response starts, and so does the server stopping (503). A handler cancelled
-    meanwhile (its client left) cancels the job."""
+async def accepted(driver: EngineDriver, job: Job, request: Request) -> None:
+    """Wait until the engine took the job (it may wait for a free slot); its refusal (a library
+    error) raises here, as a 400 before any response starts, and so does the server stopping
+    (503). A client that leaves meanwhile (checked twice a second) cancels the job."""
+    taken = asyncio.wrap_future(driver.submit(job))
     try:
-        await asyncio.wrap_future(driver.submit(job))
+        while not (await asyncio.wait({taken}, timeout=DISCONNECT_CHECK_SECONDS))[0]:
+            if await request.is_disconnected():
+                driver.cancel(job)
+                raise APIError(499, "the client disconnected")
+        taken.result()
     except (ServerStopping, EngineFailure) as error:
         raise job_error(error) from None
     except asyncio.CancelledError:

@@ -59,7 +59,7 @@ async def transcribe_upload(
     try:
         for job in jobs:
             if job is not None:
-                await accepted(driver, job)
+                await accepted(driver, job, request)
         outcomes = await asyncio.gather(
             *(collect(driver, job, request) for job in jobs if job is not None)
         )
