@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from mlx_gemma4 import __version__
@@ -18,7 +19,10 @@ from . import ask, chat, detect, generate, info, quantize, serve, transcribe
 
 
 def _say_error(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is text, not markup: "[serve]" or a path with brackets must print as it is
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
 
 
 def _usage_line(error: click_errors.UsageError) -> str:

@@ -86,9 +86,14 @@ def serve(
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise Gemma4Error(f"--log-level: {log_level!r} is not debug, info, warning or error")
     _check_port(host, port)
+    try:
+        from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app
+        from mlx_gemma4.server import serve as run
+    except ImportError as e:
+        raise Gemma4Error(
+            f"gemma4 serve needs {e.name or 'fastapi'}: pip install 'mlx-gemma4[serve]'"
+        ) from None
     from mlx_gemma4 import load
-    from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app
-    from mlx_gemma4.server import serve as run
 
     loopback = _is_loopback(host)
     local = loopback if allow_local_paths is None else allow_local_paths

@@ -4,6 +4,7 @@ stream is running (the stream ends with an error event, the process exits 0, not
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -155,3 +156,19 @@ def test_bad_flags_are_one_line_before_the_model_loads(gemma4, tmp_path, flags, 
     assert result.returncode == 1
     assert says in result.stderr and "nothing-here" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_without_the_serve_extra_it_says_what_to_install(tmp_path):
+    blocked = tmp_path / "blocked" / "fastapi"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('blocked', name='fastapi')\n")
+    result = subprocess.run(
+        [*gemma4_command(), "serve", "--model", str(tmp_path), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(blocked.parent)},
+    )
+    assert result.returncode == 1
+    assert "pip install 'mlx-gemma4[serve]'" in result.stderr
+    assert "Traceback" not in result.stderr
