@@ -1,7 +1,7 @@
 """Serving throughput: `gemma4 serve` beside `mlx_lm.server` on one E2B-shaped text checkpoint.
 
     python benchmarks/serve.py [--layers 5] [--concurrency 1 8 32] [--requests 4 16 64]
-        [--prompt-words 40] [--max-tokens 16] [--rounds 1] [--bundled-blas]
+        [--prompt-words 20] [--max-tokens 16] [--rounds 1] [--tiny] [--bundled-blas]
 
 Both servers run as real subprocesses on 127.0.0.1, one at a time (two would share this
 machine's cores). Against each, `concurrency` clients send non-streamed greedy chat requests
@@ -9,7 +9,8 @@ back to back until `requests` have been answered (a bounded count per level); ev
 has its own prompt (no prefix is shared). Reported per level: requests/s and generated tokens
 per second over the whole level's wall time, and the p50 / p99 request latency. Both servers
 render the same chat template (the package's built-in one, written into the checkpoint) and
-stop only at `max_tokens` or a stop token the random model rarely samples.
+stop only at `max_tokens` or a stop token the random model rarely samples. `--tiny` runs the
+tests' tiny checkpoint instead, to time what each server spends around its model.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def chat_checkpoint(layers: int) -> Path:
         link = folder / source.name
         if not link.exists():
             link.symlink_to(source)
+    (folder / "chat_template.jinja").write_text(BUILTIN_TEMPLATE)
+    return folder
+
+
+def tiny_chat_checkpoint() -> Path:
+    """The tests' tiny text checkpoint (64 wide, 6 layers, 512-piece vocabulary) with their
+    tokenizer and our chat template: its model time is next to nothing, so what a server
+    spends around the model (HTTP, scheduling, sampling, detokenizing) is what is timed."""
+    from mlx_gemma4.processing.chat_template import BUILTIN_TEMPLATE
+
+    folder = CACHE / "tiny-chat"
+    if not (folder / "config.json").exists():
+        sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+        from checkpoints import build_text, save_tokenizer
+
+        build_text("ple_kv_shared", folder)
+        save_tokenizer(folder)
     (folder / "chat_template.jinja").write_text(BUILTIN_TEMPLATE)
     return folder
 
@@ -222,15 +240,21 @@ def main() -> None:
     parser = base_parser(rounds=1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--prompt-words", type=int, default=40, help="words in each prompt")
+    parser.add_argument("--prompt-words", type=int, default=20, help="words in each prompt")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated a request")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tests' tiny checkpoint instead: the servers' overhead, not the model's time",
+    )
     args, blas = parse(parser)
     if len(args.requests) != len(args.concurrency):
         raise SystemExit("--requests needs one count per --concurrency level")
     if any(r < c for r, c in zip(args.requests, args.concurrency, strict=True)):
         raise SystemExit("each --requests count must be at least its --concurrency")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder = chat_checkpoint(args.layers)
+    folder = tiny_chat_checkpoint() if args.tiny else chat_checkpoint(args.layers)
+    shape = "tiny (tests')" if args.tiny else f"{args.layers}-layer E2B-shaped"
 
     best: dict[str, dict[int, Level]] = {}
     for _ in range(args.rounds):
@@ -257,7 +281,7 @@ def main() -> None:
             ]
         )
     print_table(
-        f"gemma4 serve / mlx_lm.server, {args.layers}-layer E2B-shaped checkpoint (float32), "
+        f"gemma4 serve / mlx_lm.server, {shape} checkpoint (float32), "
         f"prompts of ~{best['mlx-gemma4'][args.concurrency[0]].prompt_tokens:.0f} tokens, "
         f"up to {args.max_tokens} generated, greedy, non-streamed ({blas})",
         [
