@@ -606,15 +606,20 @@ def test_32_concurrent_clients_all_get_their_own_answers(served):
         base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=120
     )
 
+    async def ask(i: int, stream: bool) -> tuple[int, str, str | None]:
+        settings = dict(model="tiny", messages=prompts[i], max_tokens=6 + i % 4, temperature=0)
+        if not stream:
+            answer = await client.chat.completions.create(**settings)
+            return i, answer.choices[0].message.content, answer.choices[0].finish_reason
+        text, finish = "", None
+        async for chunk in await client.chat.completions.create(**settings, stream=True):
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return i, text, finish
+
     async def one_client(c: int) -> list[tuple[int, str, str | None]]:
-        results = []
-        for r in range(3):
-            i = (c + r) % len(prompts)
-            answer = await client.chat.completions.create(
-                model="tiny", messages=prompts[i], max_tokens=6 + i % 4, temperature=0
-            )
-            results.append((i, answer.choices[0].message.content, answer.choices[0].finish_reason))
-        return results
+        # half the clients stream; each asks about three different prompts in turn
+        return [await ask((c + r) % len(prompts), stream=c % 2 == 1) for r in range(3)]
 
     async def everyone():
         try:
