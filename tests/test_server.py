@@ -639,3 +639,24 @@ def test_32_concurrent_clients_all_get_their_own_answers(served):
         assert finish in ("stop", "length")
     assert elapsed < 180
     assert served.health()["running"] == 0
+
+
+def test_a_template_that_refuses_the_conversation_is_a_request_error(chat_checkpoint):
+    """A checkpoint's own chat template may raise (Jinja's raise_exception): one line, a 400."""
+    from mlx_gemma4.engine import BatchGenerator
+    from mlx_gemma4.errors import ServerRequestError
+    from mlx_gemma4.server.driver import EngineDriver, Job
+
+    refusing = "{{ raise_exception('Conversation roles must alternate') }}"
+    model, processor = load(chat_checkpoint("dense", chat_template=refusing)[0])
+    driver = EngineDriver(model, lambda: BatchGenerator(model, processor))
+    driver.start()
+    loop = asyncio.new_event_loop()
+    try:
+        refused = driver.submit(Job(HELLO, {}, loop))
+        with pytest.raises(ServerRequestError, match="cannot render them: Conversation roles"):
+            refused.result(timeout=60)
+        assert driver.stats() == {"running": 0, "waiting": 0, "cancelled": 0}
+    finally:
+        driver.stop()
+        loop.close()

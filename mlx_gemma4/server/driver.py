@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+from jinja2 import TemplateError
 from mlx.utils import tree_flatten
 
 from ..engine import BatchGenerator
-from ..errors import Gemma4Error
+from ..errors import Gemma4Error, ServerRequestError
 
 log = logging.getLogger("mlx_gemma4.server")
 
@@ -190,6 +191,12 @@ class EngineDriver:
                 job.request_id = self.generator.submit(job.prompt, **job.options)
             except Gemma4Error as error:
                 job.accepted.set_exception(error)
+                continue
+            except TemplateError as error:  # a checkpoint's template may refuse a conversation
+                reason = (str(error).splitlines() or ["no reason given"])[0]
+                job.accepted.set_exception(
+                    ServerRequestError(f"messages: the chat template cannot render them: {reason}")
+                )
                 continue
             except Exception as error:  # a bug: logged here, never shown to the client
                 log.exception("the engine could not take a request")
