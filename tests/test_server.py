@@ -645,7 +645,7 @@ def test_a_template_that_refuses_the_conversation_is_a_request_error(chat_checkp
     """A checkpoint's own chat template may raise (Jinja's raise_exception): one line, a 400."""
     from mlx_gemma4.engine import BatchGenerator
     from mlx_gemma4.errors import ServerRequestError
-    from mlx_gemma4.server.driver import EngineDriver, Job
+    from mlx_gemma4.server.driver import EngineDriver, Job, ServerStopping
 
     refusing = "{{ raise_exception('Conversation roles must alternate') }}"
     model, processor = load(chat_checkpoint("dense", chat_template=refusing)[0])
@@ -657,6 +657,9 @@ def test_a_template_that_refuses_the_conversation_is_a_request_error(chat_checkp
         with pytest.raises(ServerRequestError, match="cannot render them: Conversation roles"):
             refused.result(timeout=60)
         assert driver.stats() == {"running": 0, "waiting": 0, "cancelled": 0}
+        driver.stop()
+        with pytest.raises(ServerStopping):  # answered at once, never left waiting
+            driver.submit(Job(HELLO, {}, loop)).result(timeout=5)
     finally:
         driver.stop()
         loop.close()

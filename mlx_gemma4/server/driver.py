@@ -81,7 +81,8 @@ class EngineDriver:
         self._active: dict[int, Job] = {}
         self._stopping = False  # the engine thread's view
         self._closed = False  # no more submissions (set by any thread, under the lock)
-        self._lock = threading.Lock()
+        # reentrant: `stop_soon` runs in a signal handler, maybe while this thread is in `submit`
+        self._lock = threading.RLock()
         self.cancelled = 0  # jobs dropped before their end (their clients left)
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
@@ -91,7 +92,7 @@ class EngineDriver:
 
     def submit(self, job: Job) -> Future:
         """Queue `job`; the future resolves when the engine took it (or refused it)."""
-        with self._lock:  # so that no job is queued behind the stop command, unanswered
+        with self._lock:  # no job is left behind the stop command unanswered
             if self._closed:
                 job.accepted.set_exception(ServerStopping("the server is shutting down"))
             else:
@@ -148,6 +149,7 @@ class EngineDriver:
         self._take_commands(block=idle)
         if self._stopping:
             self._end_all(ServerStopping("the server is shutting down"))
+            self._refuse_the_rest()
             return True
         self._fill_slots()
         if not self.generator.done:
@@ -181,6 +183,17 @@ class EngineDriver:
                 self.cancelled += 1
         elif kind == "stop":
             self._stopping = True
+
+    def _refuse_the_rest(self) -> None:
+        """Answer any job queued after the stop (a `submit` the stop signal interrupted)."""
+        with self._lock:
+            while True:
+                try:
+                    kind, job = self._commands.get_nowait()
+                except queue.Empty:
+                    return
+                if kind == "submit":
+                    job.accepted.set_exception(ServerStopping("the server is shutting down"))
 
     def _fill_slots(self) -> None:
         while self._waiting and (
