@@ -285,7 +285,7 @@ def stream_generate(
         json_schema=json_schema,
         logits_processors=logits_processors,
     )
-    prompt_ids, media = turn.prompt_ids, turn.media
+    prompt_ids, media, processors = turn.prompt_ids, turn.media, turn.logits_processors
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = make_sampler(
@@ -307,7 +307,7 @@ def stream_generate(
         inputs,
         prompt_cache,
         sampler,
-        turn.logits_processors,
+        processors,
         prefill_step_size,
         normalize=sampling.temperature > 0,
     )
@@ -317,22 +317,24 @@ def stream_generate(
                 prompt_time = time.perf_counter() - start
                 start = time.perf_counter()
             piece = output.add(token)
+            answer, thought, finish = piece.text, piece.thought, piece.finish_reason
+            new_calls, malformed = piece.tool_calls, piece.malformed_tool_call
             elapsed = max(time.perf_counter() - start, 1e-9)
             yield GenerationResponse(
-                text=piece.text,
-                thought=piece.thought,
+                text=answer,
+                thought=thought,
                 token=token,
-                finish_reason=piece.finish_reason,
+                finish_reason=finish,
                 prompt_tokens=len(prompt_ids),
                 reused_tokens=reused,
                 generation_tokens=n,
                 prompt_tps=(len(prompt_ids) - reused) / max(prompt_time, 1e-9),
                 generation_tps=n / elapsed,
                 peak_memory=mx.get_peak_memory() / 1e9,
-                tool_calls=piece.tool_calls,
-                malformed_tool_call=piece.malformed_tool_call,
+                tool_calls=new_calls,
+                malformed_tool_call=malformed,
             )
-            if piece.finish_reason:
+            if finish:
                 break
     except BaseException:
         # interrupted (Ctrl-C, an error) or closed early: keep what the finished steps cached

@@ -142,9 +142,9 @@ def _cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.
 # ----------------------------------------------------------------------------- entry points
 
 
-def model_config(folder: Path) -> ModelConfig:
-    """The checkpoint folder's config.json, parsed; a bad one is one ConfigError line."""
-    raw_config = read_config(folder)
+def model_config(raw_config: dict[str, Any], folder: Path) -> ModelConfig:
+    """`folder`'s config.json (read as `raw_config`), parsed; a bad one is one ConfigError
+    line."""
     try:
         return ModelConfig.from_dict(raw_config)
     except ConfigError as e:
@@ -166,7 +166,8 @@ def load_model(
     """
     compute_dtype = resolve_dtype(dtype)
     folder = resolve_model_path(path_or_repo, revision)
-    config = model_config(folder)
+    raw_config = read_config(folder)
+    config = model_config(raw_config, folder)
 
     weights, origin = read_weights(weight_files(folder))
     config = without_absent_audio(config, weights)

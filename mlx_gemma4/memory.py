@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
-from .checkpoint import resolve_model_path
+from .checkpoint import read_config, resolve_model_path
 from .config import ModelConfig, TextConfig
 from .errors import MemoryModelError
 from .generation import prefill_chunks
@@ -155,7 +155,7 @@ def model_for_estimate(
     folder = resolve_model_path(path_or_repo, revision, patterns=["config.json"])
     if local and any(folder.glob("*.safetensors")):
         return load_model(folder), True
-    model = config_model(model_config(folder), default_dtype())
+    model = config_model(model_config(read_config(folder), folder), default_dtype())
     model.path = folder
     return model, False
 

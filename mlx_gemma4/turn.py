@@ -56,6 +56,7 @@ class Turn:
     stop_strings: list[str]
     # the constraint (json_schema, tool_choice) first, then the caller's, then the penalty
     logits_processors: list[LogitsProcessor]
+    constraint: LogitsProcessor | None  # the first of them, when the output is constrained
     parse_calls: bool  # tool calls are cut out of the text and returned as ToolCall objects
 
 
@@ -114,6 +115,7 @@ def prepare_turn(
         stop_ids=stop_ids,
         stop_strings=stop_strings,
         logits_processors=processors,
+        constraint=constraint,
         parse_calls=tools is not None and json_schema is None and tool_choice != "none",
     )
 

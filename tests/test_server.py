@@ -606,15 +606,20 @@ def test_32_concurrent_clients_all_get_their_own_answers(served):
         base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=120
     )
 
+    async def ask(i: int, stream: bool) -> tuple[int, str, str | None]:
+        settings = dict(model="tiny", messages=prompts[i], max_tokens=6 + i % 4, temperature=0)
+        if not stream:
+            answer = await client.chat.completions.create(**settings)
+            return i, answer.choices[0].message.content, answer.choices[0].finish_reason
+        text, finish = "", None
+        async for chunk in await client.chat.completions.create(**settings, stream=True):
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return i, text, finish
+
     async def one_client(c: int) -> list[tuple[int, str, str | None]]:
-        results = []
-        for r in range(3):
-            i = (c + r) % len(prompts)
-            answer = await client.chat.completions.create(
-                model="tiny", messages=prompts[i], max_tokens=6 + i % 4, temperature=0
-            )
-            results.append((i, answer.choices[0].message.content, answer.choices[0].finish_reason))
-        return results
+        # half the clients stream; each asks about three different prompts in turn
+        return [await ask((c + r) % len(prompts), stream=c % 2 == 1) for r in range(3)]
 
     async def everyone():
         try:
@@ -634,3 +639,27 @@ def test_32_concurrent_clients_all_get_their_own_answers(served):
         assert finish in ("stop", "length")
     assert elapsed < 180
     assert served.health()["running"] == 0
+
+
+def test_a_template_that_refuses_the_conversation_is_a_request_error(chat_checkpoint):
+    """A checkpoint's own chat template may raise (Jinja's raise_exception): one line, a 400."""
+    from mlx_gemma4.engine import BatchGenerator
+    from mlx_gemma4.errors import ServerRequestError
+    from mlx_gemma4.server.driver import EngineDriver, Job, ServerStopping
+
+    refusing = "{{ raise_exception('Conversation roles must alternate') }}"
+    model, processor = load(chat_checkpoint("dense", chat_template=refusing)[0])
+    driver = EngineDriver(model, lambda: BatchGenerator(model, processor))
+    driver.start()
+    loop = asyncio.new_event_loop()
+    try:
+        refused = driver.submit(Job(HELLO, {}, loop))
+        with pytest.raises(ServerRequestError, match="cannot render them: Conversation roles"):
+            refused.result(timeout=60)
+        assert driver.stats() == {"running": 0, "waiting": 0, "cancelled": 0}
+        driver.stop()
+        with pytest.raises(ServerStopping):  # answered at once, never left waiting
+            driver.submit(Job(HELLO, {}, loop)).result(timeout=5)
+    finally:
+        driver.stop()
+        loop.close()

@@ -1,5 +1,6 @@
-"""`gemma4 serve` as a user runs it: a real child process on loopback, stopped by SIGTERM while a
-stream is running (the stream ends with an error event, the process exits 0, nothing hangs)."""
+"""`gemma4 serve` as a user runs it: a real child process on loopback, stopped by SIGTERM or
+Ctrl-C (SIGINT) while a stream is running (the stream ends with an error event, the process
+exits 0, nothing hangs)."""
 
 from __future__ import annotations
 
@@ -33,33 +34,66 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 180) -
     raise AssertionError("the server did not answer /health in time")
 
 
-def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, tmp_path):
-    folder, _ = chat_checkpoint("dense")
+def start_serve(folder, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`gemma4 serve --model FOLDER FLAGS` on a free loopback port, answering /health."""
     port = free_port()
+    command = [*gemma4_command(), "serve", "--model", str(folder), "--port", str(port), *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            *gemma4_command(),
-            "serve",
-            "--model",
-            str(folder),
-            "--port",
-            str(port),
-            "--api-key",
-            "k",
-            "--no-allow-local-paths",
-            "--max-concurrency",
-            "1",
-            "--kv-bits",
-            "4",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
         wait_for_health(url, process)
-        headers = {"Authorization": "Bearer k"}
+    except BaseException:
+        process.kill()
+        raise
+    return process, url
+
+
+class Stream(threading.Thread):
+    """A long streamed answer read in the background: its `data:` events as they come."""
+
+    def __init__(self, url: str, headers: dict):
+        super().__init__()
+        self.url, self.headers = url, headers
+        self.events: list[str] = []
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        body = {
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4000,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", self.url + "/v1/chat/completions", headers=self.headers, json=body, timeout=60
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line[len("data: ") :])
+                    if len(self.events) >= 3:
+                        self.started.set()
+
+
+def stopped(process: subprocess.Popen, stream: Stream, sig: int) -> str:
+    """Send `sig` while `stream` runs; the server's stderr once it has exited."""
+    assert stream.started.wait(60), "the stream did not start"
+    process.send_signal(sig)
+    stream.join(30)
+    assert not stream.is_alive(), "the stream did not end"
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert json.loads(stream.events[-1])["error"]["code"] == "server_shutting_down"
+    assert "[DONE]" not in stream.events
+    assert "Traceback" not in stderr
+    return stderr
+
+
+def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, tmp_path):
+    folder, _ = chat_checkpoint("dense")
+    flags = ["--api-key", "k", "--no-allow-local-paths", "--max-concurrency", "1"]
+    process, url = start_serve(folder, *flags, "--kv-bits", "4")
+    headers = {"Authorization": "Bearer k"}
+    try:
         assert httpx.get(url + "/v1/models").status_code == 401
         image = tmp_path / "a.png"
         random_image(8, 8).save(image)
@@ -72,25 +106,6 @@ def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, t
         assert refused.status_code == 400
         assert "local file paths are not allowed" in refused.json()["error"]["message"]
 
-        events: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            body = {
-                "messages": [{"role": "user", "content": "hello"}],
-                "max_tokens": 4000,
-                "temperature": 0,
-                "stream": True,
-            }
-            with httpx.stream(
-                "POST", url + "/v1/chat/completions", headers=headers, json=body, timeout=60
-            ) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[len("data: ") :])
-                        if len(events) >= 3:
-                            started.set()
-
         waiting: list[httpx.Response] = []
 
         def wait_behind() -> None:  # --max-concurrency 1: it waits for the stream's slot
@@ -99,36 +114,41 @@ def test_sigterm_ends_streams_with_an_error_and_exits_cleanly(chat_checkpoint, t
                 httpx.post(url + "/v1/chat/completions", headers=headers, json=body, timeout=60)
             )
 
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(60), "the stream did not start"
+        stream = Stream(url, headers)
+        stream.start()
+        assert stream.started.wait(60), "the stream did not start"
         queued = threading.Thread(target=wait_behind)
         queued.start()
         deadline = time.monotonic() + 30
         while httpx.get(url + "/health").json()["waiting"] == 0:
             assert time.monotonic() < deadline, "the second request did not wait"
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        reader.join(30)
+        stderr = stopped(process, stream, signal.SIGTERM)
         queued.join(30)
-        assert not reader.is_alive() and not queued.is_alive(), "a request did not end"
-        _, stderr = process.communicate(timeout=30)
+        assert not queued.is_alive(), "the waiting request did not end"
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 0, stderr
-    last = json.loads(events[-1])
-    assert last["error"]["code"] == "server_shutting_down"
-    assert "[DONE]" not in events
     assert waiting[0].status_code == 503
     assert waiting[0].json()["error"]["code"] == "server_shutting_down"
-    assert "Traceback" not in stderr
     # one line per request, the stream's included
     assert stderr.count("POST /v1/chat/completions 200") == 1
     assert stderr.count("POST /v1/chat/completions 400") == 1
     assert stderr.count("POST /v1/chat/completions 503") == 1
     assert stderr.count("GET /v1/models 401") == 1
+
+
+def test_ctrl_c_stops_it_the_same_way(chat_checkpoint):
+    process, url = start_serve(chat_checkpoint("dense")[0])
+    try:
+        stream = Stream(url, {})
+        stream.start()
+        stopped(process, stream, signal.SIGINT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def test_an_address_in_use_is_one_line_before_the_model_loads(gemma4, tmp_path):

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+from jinja2 import TemplateError
 from mlx.utils import tree_flatten
 
 from ..engine import BatchGenerator
-from ..errors import Gemma4Error
+from ..errors import Gemma4Error, ServerRequestError
 
 log = logging.getLogger("mlx_gemma4.server")
 
@@ -80,7 +81,8 @@ class EngineDriver:
         self._active: dict[int, Job] = {}
         self._stopping = False  # the engine thread's view
         self._closed = False  # no more submissions (set by any thread, under the lock)
-        self._lock = threading.Lock()
+        # reentrant: `stop_soon` runs in a signal handler, maybe while this thread is in `submit`
+        self._lock = threading.RLock()
         self.cancelled = 0  # jobs dropped before their end (their clients left)
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
@@ -90,7 +92,7 @@ class EngineDriver:
 
     def submit(self, job: Job) -> Future:
         """Queue `job`; the future resolves when the engine took it (or refused it)."""
-        with self._lock:  # so that no job is queued behind the stop command, unanswered
+        with self._lock:  # no job is left behind the stop command unanswered
             if self._closed:
                 job.accepted.set_exception(ServerStopping("the server is shutting down"))
             else:
@@ -147,6 +149,7 @@ class EngineDriver:
         self._take_commands(block=idle)
         if self._stopping:
             self._end_all(ServerStopping("the server is shutting down"))
+            self._refuse_the_rest()
             return True
         self._fill_slots()
         if not self.generator.done:
@@ -181,6 +184,17 @@ class EngineDriver:
         elif kind == "stop":
             self._stopping = True
 
+    def _refuse_the_rest(self) -> None:
+        """Answer any job queued after the stop (a `submit` the stop signal interrupted)."""
+        with self._lock:
+            while True:
+                try:
+                    kind, job = self._commands.get_nowait()
+                except queue.Empty:
+                    return
+                if kind == "submit":
+                    job.accepted.set_exception(ServerStopping("the server is shutting down"))
+
     def _fill_slots(self) -> None:
         while self._waiting and (
             self.max_concurrency is None or len(self._active) < self.max_concurrency
@@ -190,6 +204,12 @@ class EngineDriver:
                 job.request_id = self.generator.submit(job.prompt, **job.options)
             except Gemma4Error as error:
                 job.accepted.set_exception(error)
+                continue
+            except TemplateError as error:  # a checkpoint's template may refuse a conversation
+                reason = (str(error).splitlines() or ["no reason given"])[0]
+                job.accepted.set_exception(
+                    ServerRequestError(f"messages: the chat template cannot render them: {reason}")
+                )
                 continue
             except Exception as error:  # a bug: logged here, never shown to the client
                 log.exception("the engine could not take a request")

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import Gemma4Error, ServerRequestError
+from ..memory import format_bytes
 from ..processing.audio import load_audio
 from ..processing.images import MAX_PIXELS, open_image
 from ..processing.video import MAX_FRAMES, Video, load_video
@@ -99,7 +100,7 @@ def _part(part, where: str, policy: MediaPolicy) -> dict[str, Any]:
 def decode_base64(data: str, where: str, policy: MediaPolicy) -> bytes:
     if len(data) * 3 // 4 > policy.max_media_bytes:
         raise ServerRequestError(
-            f"{where}: larger than the server's limit of {policy.max_media_bytes // MIB} MiB "
+            f"{where}: larger than the server's limit of {format_bytes(policy.max_media_bytes)} "
             "per media part; send a smaller file"
         )
     try:
@@ -150,7 +151,7 @@ def _size_checked(path: str, where: str, policy: MediaPolicy) -> None:
     if size > policy.max_media_bytes:
         raise ServerRequestError(
             f"{where}: {path} is larger than the server's limit of "
-            f"{policy.max_media_bytes // MIB} MiB per media part"
+            f"{format_bytes(policy.max_media_bytes)} per media part"
         )
 
 

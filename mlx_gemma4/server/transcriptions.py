@@ -12,6 +12,7 @@ from fastapi import Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
+from ..memory import format_bytes
 from ..options import SamplingOptions
 from ..processing.audio import SAMPLE_RATE
 from ..transcription import Format, as_json, assemble_transcript, chunk_requests, render
@@ -46,7 +47,7 @@ async def transcribe_upload(
     if len(data) > policy.max_media_bytes:
         raise APIError(
             400,
-            f"file: larger than the server's limit of {policy.max_media_bytes:,} bytes",
+            f"file: larger than the server's limit of {format_bytes(policy.max_media_bytes)}",
             param="file",
         )
     name = file.filename or "audio"
