@@ -234,7 +234,7 @@ def server_stats(server: str) -> dict:
         return json.loads(response.read())
 
 
-def test_stop_ends_the_answer_and_the_server_drops_the_request(page, server):
+def test_stop_ends_the_answer_the_server_drops_the_request_and_new_chat_forgets(page, server):
     page.find_element(By.ID, "max-tokens").clear()
     page.find_element(By.ID, "max-tokens").send_keys("3000")
     say(page, "Write a very long story.")
@@ -249,9 +249,15 @@ def test_stop_ends_the_answer_and_the_server_drops_the_request(page, server):
     assert answer
     assert page.find_element(By.ID, "send").is_displayed() and not stop.is_displayed()
     deadline = time.monotonic() + 10
-    while server_stats(server).get("running", 0) and time.monotonic() < deadline:
+    while server_stats(server)["running"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert server_stats(server).get("running", 0) == 0
+    assert server_stats(server)["running"] == 0
+    assert page.execute_script("return state.messages.length") == 2  # the partial answer stays
+
+    page.find_element(By.ID, "new-chat").click()
+    assert page.execute_script("return state.messages.length") == 0
+    assert not page.find_elements(By.CSS_SELECTOR, ".message")
+    assert page.find_element(By.ID, "empty").is_displayed()
 
 
 MARKDOWN = """## Title

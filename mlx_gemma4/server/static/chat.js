@@ -229,10 +229,10 @@ async function errorText(response) {
 
 // ------------------------------------------------------------------ sending a message
 
-function requestBody() {
+function requestBody(conversation) {
   const body = {
     model: state.model ?? "default",
-    messages: [...state.messages],
+    messages: [...conversation],
     stream: true,
     stream_options: { include_usage: true },
   };
@@ -278,13 +278,16 @@ async function send() {
   const images = state.attachments;
   if (state.controller || (!text && !images.length)) return;
 
-  let body;
+  // "New chat" replaces state.messages: this turn finishes in the conversation it began in
+  const conversation = state.messages;
   const userMessage = { role: "user", content: userContent(text, images) };
-  state.messages.push(userMessage);
+  const leave = () => conversation.splice(conversation.indexOf(userMessage), 1);
+  conversation.push(userMessage);
+  let body;
   try {
-    body = requestBody();
+    body = requestBody(conversation);
   } catch (error) {
-    state.messages.pop();
+    leave();
     showError(addMessage("assistant"), error.message);
     return;
   }
@@ -336,21 +339,21 @@ async function send() {
     }
     const seconds = started === null ? 0 : (performance.now() - started) / 1000;
     answer.finish("done", statsNote(finishReason, usage, seconds));
-    state.messages.push({ role: "assistant", content: answer.text });
+    conversation.push({ role: "assistant", content: answer.text });
   } catch (error) {
     if (controller.signal.aborted) {
       answer.finish("stopped", "stopped");
-      if (answer.text) state.messages.push({ role: "assistant", content: answer.text });
-      else state.messages.pop(); // nothing came back: the question is not part of the chat
+      if (answer.text) conversation.push({ role: "assistant", content: answer.text });
+      else leave(); // nothing came back: the question is not part of the chat
     } else {
       answer.finish("error");
       const message = error instanceof TypeError ? `Cannot reach the server (${error.message}).` : error.message;
       showError(answer.message, message);
       if (answer.text) {
-        state.messages.push({ role: "assistant", content: answer.text });
+        conversation.push({ role: "assistant", content: answer.text });
       } else {
         // the turn failed: it leaves the conversation, and what was typed goes back to the box
-        state.messages.splice(state.messages.indexOf(userMessage), 1);
+        leave();
         shownUser.classList.add("failed");
         if (!ui.prompt.value && !state.attachments.length) {
           ui.prompt.value = text;
