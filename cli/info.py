@@ -93,16 +93,23 @@ def info(
     ),
 ) -> None:
     """Show a checkpoint's variant, size, layers, dtype, quantization and modalities; with
-    --context, what that context needs in memory (weights, KV cache, prefill peak)."""
-    from mlx_gemma4 import load_model
+    --context, what that context needs in memory (weights, KV cache, prefill peak).
+
+    A folder holding only config.json, or a Hub repo id (only its config.json is downloaded),
+    is described from the config alone: no weights are read."""
     from mlx_gemma4.kv_quant import KVQuantization
-    from mlx_gemma4.memory import estimate_memory
+    from mlx_gemma4.memory import estimate_memory, model_for_estimate
 
     kv_quantization = KVQuantization.from_bits(kv_bits)  # refuse bad bits before loading
-    loaded = load_model(model)
-    facts = describe(loaded)
+    described, weights_read = model_for_estimate(model)
+    facts = describe(described)
+    facts["weights"] = (
+        "read from the checkpoint"
+        if weights_read
+        else "not read: sizes from config.json (in the dtype loading would use)"
+    )
     if context is not None:
-        estimate = estimate_memory(loaded, context, batch=batch, kv_quantization=kv_quantization)
+        estimate = estimate_memory(described, context, batch=batch, kv_quantization=kv_quantization)
         facts.update({f"memory: {k}": v for k, v in estimate.breakdown().items()})
     table = Table(show_header=False, box=None)
     for label, value in facts.items():

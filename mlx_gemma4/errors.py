@@ -78,3 +78,8 @@ class MemoryModelError(Gemma4Error):
 class BatchRequestError(Gemma4Error):
     """A batched-generation request that cannot run: no prompts, an empty prompt, an option
     the engine does not take."""
+
+
+class ServerRequestError(Gemma4Error):
+    """A server request that cannot be served: a field of the wrong kind, media it may not
+    read (a remote URL, a local path not allowed), a part too large."""

@@ -4,6 +4,7 @@ a checkpoint stores packed made quantized, floats in the compute dtype."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -143,6 +144,17 @@ def _cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.
 # ----------------------------------------------------------------------------- entry points
 
 
+def model_config(raw_config: dict[str, Any], folder: Path) -> ModelConfig:
+    """`folder`'s config.json (read as `raw_config`), parsed; a bad one is one ConfigError
+    line."""
+    try:
+        return ModelConfig.from_dict(raw_config)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{folder / 'config.json'}: unusable value ({e})") from e
+
+
 def load_model(
     path_or_repo: str | os.PathLike,
     *,
@@ -157,12 +169,7 @@ def load_model(
     compute_dtype = resolve_dtype(dtype)
     folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
-    try:
-        config = ModelConfig.from_dict(raw_config)
-    except ConfigError as e:
-        raise ConfigError(f"{folder / 'config.json'}: {e}") from e
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{folder / 'config.json'}: unusable value ({e})") from e
+    config = model_config(raw_config, folder)
 
     weights, origin = read_weights(weight_files(folder))
     config = without_absent_audio(config, weights)
