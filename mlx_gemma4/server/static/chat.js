@@ -159,7 +159,9 @@ class AnswerView {
   render() {
     if (this.pending) cancelAnimationFrame(this.pending);
     this.pending = null;
+    const follow = nearBottom();
     this.bubble.replaceChildren(renderMarkdown(this.text));
+    scrollDown(follow);
   }
 
   finish(state, note) {
@@ -305,8 +307,9 @@ async function send() {
   let finishReason = null;
   let usage = null;
   let started = null;
+  let response = null;
   try {
-    const response = await fetch("v1/chat/completions", {
+    response = await fetch("v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
@@ -347,7 +350,10 @@ async function send() {
       else leave(); // nothing came back: the question is not part of the chat
     } else {
       answer.finish("error");
-      const message = error instanceof TypeError ? `Cannot reach the server (${error.message}).` : error.message;
+      let message = error.message;
+      if (error instanceof TypeError && response === null) {
+        message = `Cannot reach the server (${message}).`; // fetch's network failure
+      }
       showError(answer.message, message);
       if (answer.text) {
         conversation.push({ role: "assistant", content: answer.text });
