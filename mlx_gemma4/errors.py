@@ -78,3 +78,13 @@ class MemoryModelError(Gemma4Error):
 class BatchRequestError(Gemma4Error):
     """A batched-generation request that cannot run: no prompts, an empty prompt, an option
     the engine does not take."""
+
+
+class TrainingDataError(Gemma4Error):
+    """A fine-tuning data set that cannot be read: a missing train.jsonl, a malformed line, a
+    conversation without a model turn, an example longer than allowed."""
+
+
+class AdapterError(Gemma4Error):
+    """A LoRA adapter that cannot be made or applied: unknown targets, an adapter folder that
+    is missing or incomplete, or one made for another model."""
