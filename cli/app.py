@@ -14,7 +14,7 @@ try:  # recent Typer parses with its own copy of click
 except ImportError:  # older Typer uses click itself
     from click import exceptions as click_errors
 
-from . import ask, chat, detect, generate, info, quantize, transcribe
+from . import ask, chat, detect, generate, info, lora, quantize, transcribe
 
 
 def _say_error(message: str) -> None:
@@ -69,6 +69,8 @@ app.command("ask")(ask.ask)
 app.command("detect")(detect.detect)
 app.command("transcribe")(transcribe.transcribe)
 app.command("quantize")(quantize.quantize)
+app.command("lora")(lora.lora)
+app.command("fuse")(lora.fuse)
 
 
 def _show_version(value: bool) -> None:

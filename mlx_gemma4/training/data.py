@@ -209,7 +209,9 @@ def encode_conversation(
     except Gemma4Error as e:  # an image that does not load, a bad tool declaration, ...
         raise TrainingDataError(f"{source}: {e}") from e
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise TrainingDataError(f"{source}: not a conversation the template can render ({e})") from e
+        raise TrainingDataError(
+            f"{source}: not a conversation the template can render ({e})"
+        ) from e
     trained = model_token_mask(processor, markers, ids)
     if not any(trained):
         raise TrainingDataError(f"{source}: the conversation has no assistant turn to learn from")
@@ -260,6 +262,19 @@ def load_split(
     return examples
 
 
+def require_data_folder(folder: str | Path) -> Path:
+    """`folder` if it holds a train.jsonl, else one clear error (checked before any work)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingDataError(f"{folder}: no such data folder")
+    if not (folder / TRAIN_FILE).is_file():
+        raise TrainingDataError(
+            f"{folder}: no {TRAIN_FILE}; put one conversation a line there "
+            '({"messages": [...]}), and optionally a valid.jsonl'
+        )
+    return folder
+
+
 def load_dataset(
     processor: Processor,
     folder: str | Path,
@@ -267,16 +282,8 @@ def load_dataset(
     overflow: str = "truncate",
 ) -> tuple[list[Example], list[Example]]:
     """(train, valid) examples of a data folder; `valid` is empty without valid.jsonl."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TrainingDataError(f"{folder}: no such data folder")
-    train_file = folder / TRAIN_FILE
-    if not train_file.is_file():
-        raise TrainingDataError(
-            f"{folder}: no {TRAIN_FILE}; put one conversation a line there "
-            '({"messages": [...]}), and optionally a valid.jsonl'
-        )
-    train = load_split(processor, train_file, max_length, overflow)
+    folder = require_data_folder(folder)
+    train = load_split(processor, folder / TRAIN_FILE, max_length, overflow)
     valid_file = folder / VALID_FILE
     valid = load_split(processor, valid_file, max_length, overflow) if valid_file.is_file() else []
     return train, valid

@@ -55,16 +55,18 @@ def media_features(
     parts: dict[int, list[mx.array]] = {}
 
     def add(token_id: int, features: mx.array, trainable: bool) -> None:
-        parts.setdefault(token_id, []).append(
-            features if trainable else mx.stop_gradient(features)
-        )
+        parts.setdefault(token_id, []).append(features if trainable else mx.stop_gradient(features))
 
     for row in media:
         if row.images is not None:
             add(config.image_token_id, model.vision_features(*row.images.take()), train_vision)
         if row.video_frames is not None:
             pixels, positions = row.video_frames.take()
-            add(config.video_token_id, model.vision_features(pixels, positions, "video"), train_vision)
+            add(
+                config.video_token_id,
+                model.vision_features(pixels, positions, "video"),
+                train_vision,
+            )
         if row.audio is not None:
             add(config.audio_token_id, model.audio_features(*row.audio.take()), False)
     return {k: v[0] if len(v) == 1 else mx.concatenate(v, axis=0) for k, v in parts.items()}

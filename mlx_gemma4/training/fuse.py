@@ -54,6 +54,7 @@ def fuse_model(model: nn.Module, adapter: str | Path, bits: int | None = None) -
         return quantize_model(model, bits=bits, group_size=default_group_size("affine"))
     if quantization is None:
         return None
+
     def predicate(path: str, module: nn.Module):
         return schemes.get(path, False) if hasattr(module, "to_quantized") else False
 
@@ -102,9 +103,7 @@ def _dequantize_all(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(replaced))
 
 
-def fuse(
-    model: nn.Module, adapter: str | Path, out: str | Path, bits: int | None = None
-) -> Path:
+def fuse(model: nn.Module, adapter: str | Path, out: str | Path, bits: int | None = None) -> Path:
     """Merge `adapter` into `model` and write the result to `out` atomically (a complete
     folder or nothing); `bits` re-quantizes the whole model."""
     out = require_writable_folder(out)

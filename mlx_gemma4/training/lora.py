@@ -250,7 +250,9 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> int:
                 raise AdapterError(f"{path}: expert stacks of this kind cannot take LoRA")
             wrapped.append((path, LoRAExperts(module, settings.rank, settings.scale)))
         else:
-            wrapped.append((path, LoRALinear(module, settings.rank, settings.scale, settings.dropout)))
+            wrapped.append(
+                (path, LoRALinear(module, settings.rank, settings.scale, settings.dropout))
+            )
     if not wrapped:
         raise AdapterError(
             f"no module of this model matches the LoRA targets {','.join(settings.targets)}"

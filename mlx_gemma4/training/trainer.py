@@ -49,7 +49,9 @@ class TrainingOptions:
         if self.iters < 1 or self.batch_size < 1:
             raise TrainingDataError("--iters and --batch-size must be at least 1")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise TrainingDataError(f"the learning rate must be positive (got {self.learning_rate})")
+            raise TrainingDataError(
+                f"the learning rate must be positive (got {self.learning_rate})"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise TrainingDataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
 
@@ -243,8 +245,10 @@ def train(
                 )
                 window_loss, window_tokens, window_steps = 0.0, 0, 0
                 window_start = time.perf_counter()
-            if valid and options.val_every and (
-                step % options.val_every == 0 or step == options.iters
+            if (
+                valid
+                and options.val_every
+                and (step % options.val_every == 0 or step == options.iters)
             ):
                 model.eval()
                 report(Report(step, "valid", evaluate(model, valid, settings.train_vision)))
