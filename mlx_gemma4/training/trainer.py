@@ -263,8 +263,8 @@ def train(
         if options.grad_checkpoint:
             checkpoint_layers(model, on=False)
         model.eval()
-    _save_optimizer(optimizer, out)
     result.adapter = save_adapter(model, out, settings, WEIGHTS_FILE, extra(options.iters))
+    _save_optimizer(optimizer, out)
     return result
 
 
