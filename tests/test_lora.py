@@ -44,10 +44,12 @@ MEMORIZE = [
 ]
 
 
-def examples(processor, conversations, **record):
+def examples(processor, conversations, budget: int = 280):
     markers = TurnMarkers.of(processor)
     return [
-        encode_conversation(processor, {"messages": c, **record}, markers, source=f"test:{i}")
+        encode_conversation(
+            processor, {"messages": c}, markers, source=f"test:{i}", max_soft_tokens=budget
+        )
         for i, c in enumerate(conversations)
     ]
 
@@ -325,7 +327,7 @@ def test_frozen_towers_and_padded_images(chat_checkpoint, tmp_path):
     ]
     for train_vision in (False, True):
         model, processor = load(folder, dtype="float32")
-        data = examples(processor, [conversation, MEMORIZE[0]])
+        data = examples(processor, [conversation, MEMORIZE[0]], budget=70)
         assert data[0].media.images.position_ids.min() == -1  # the smaller image is padded
         before = frozen_state(model)
         result = train(

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import Gemma4Error, TrainingDataError
 from ..files import access_error
+from ..processing.images import DEFAULT_BUDGET
 from ..processing.processor import (
     AUDIO_TOKEN,
     IMAGE_TOKEN,
@@ -198,12 +199,16 @@ def encode_conversation(
     markers: TurnMarkers,
     folder: Path = Path("."),
     source: str = "",
+    max_soft_tokens: int = DEFAULT_BUDGET,
 ) -> Example:
-    """One `{"messages": [...], "tools": [...]}` record -> an `Example` (media processed)."""
+    """One `{"messages": [...], "tools": [...]}` record -> an `Example` (media processed,
+    `max_soft_tokens` per image)."""
     messages = _resolve_media(record["messages"], folder)
     tools = record.get("tools")
     try:
-        ids, media = processor.prepare(messages, add_generation_prompt=False, tools=tools)
+        ids, media = processor.prepare(
+            messages, max_soft_tokens=max_soft_tokens, add_generation_prompt=False, tools=tools
+        )
     except TrainingDataError:
         raise
     except Gemma4Error as e:  # an image that does not load, a bad tool declaration, ...
