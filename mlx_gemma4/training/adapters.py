@@ -31,6 +31,10 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
         "num_hidden_layers": text.num_hidden_layers,
         "vocab_size": text.vocab_size,
         "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "intermediate_size": text.intermediate_size,
+        "hidden_size_per_layer_input": text.hidden_size_per_layer_input or 0,
+        "num_kv_shared_layers": text.num_kv_shared_layers or 0,
         "num_experts": text.num_experts if text.enable_moe_block else 0,
         "vision_hidden_size": model.config.vision_config.hidden_size
         if model.config.vision_config is not None
