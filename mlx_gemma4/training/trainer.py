@@ -59,7 +59,8 @@ class TrainingOptions:
 @dataclass
 class Report:
     """One line of progress: the step, the mean training loss since the last report (or the
-    validation loss), trained tokens per second and peak memory in GB."""
+    validation loss), trained tokens (the model's turns) per second, as mlx-lm counts them,
+    peak memory in GB, the trained tokens and all tokens the steps read."""
 
     step: int
     kind: str  # "train" or "valid"
@@ -67,6 +68,7 @@ class Report:
     tokens_per_second: float = 0.0
     peak_memory_gb: float = 0.0
     trained_tokens: int = 0
+    tokens: int = 0
 
 
 @dataclass
@@ -212,7 +214,8 @@ def train(
         if on_report:
             on_report(r)
 
-    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_tokens, window_trained, window_steps = 0.0, 0, 0, 0
+    window_start = time.perf_counter()
     mx.reset_peak_memory()
     try:
         for step in range(start + 1, options.iters + 1):
@@ -228,7 +231,8 @@ def train(
                 )
             result.losses.append(value)
             window_loss += value
-            window_tokens += batch.tokens
+            window_tokens += sum(batch.lengths)
+            window_trained += batch.tokens
             window_steps += 1
             show.advance(value)
             if step % options.report_every == 0 or step == options.iters:
@@ -238,12 +242,13 @@ def train(
                         step,
                         "train",
                         window_loss / window_steps,
-                        window_tokens / elapsed,
+                        window_trained / elapsed,
                         mx.get_peak_memory() / 1e9,
+                        window_trained,
                         window_tokens,
                     )
                 )
-                window_loss, window_tokens, window_steps = 0.0, 0, 0
+                window_loss, window_tokens, window_trained, window_steps = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
             if (
                 valid
