@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import CACHE, E2B_SHAPED, LAYER_TYPES, base_parser, parse, print_table  # noqa: E402
 
-KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# mlx-lm names the LoRA targets by their paths inside a decoder layer
+KEYS = tuple(f"self_attn.{t}_proj" for t in "qkvo") + tuple(
+    f"mlp.{t}_proj" for t in ("gate", "up", "down")
+)
 RANK, ALPHA = 8, 16.0
 
 
