@@ -14,7 +14,6 @@ from conftest import random_image, reference_logits, relative_error, to_numpy, t
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_gemma4 import load, load_model
-from mlx_gemma4.processing.processor import Media
 from mlx_gemma4.quantize import quantize_model
 from mlx_gemma4.training import (
     LoRASettings,
@@ -436,4 +435,27 @@ def test_adapter_is_applied_by_load(memorized, token_ids):
     ids = mx.array(token_ids(1, 5))
     np.testing.assert_array_equal(to_numpy(model(ids)), to_numpy(again(ids)))
     assert not tree_flatten(model.trainable_parameters())  # applied for inference: all frozen
-    assert Media().images is None
+
+
+def test_gradient_checkpointing_gives_the_same_steps(chat_checkpoint, tmp_path):
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    runs = []
+    for checkpointed in (False, True):
+        model, processor = load(folder, dtype="float32")
+        mx.random.seed(0)
+        options = TrainingOptions(
+            iters=3, batch_size=2, learning_rate=1e-2, save_every=0, grad_checkpoint=checkpointed
+        )
+        result = train(
+            model,
+            examples(processor, MEMORIZE),
+            [],
+            tmp_path / str(checkpointed),
+            LoRASettings(rank=4, alpha=8.0),
+            options,
+            progress=False,
+        )
+        runs.append(result.losses)
+        # the layers are plain decoder layers again afterwards
+        assert type(model.language_model.layers[0]).__name__ == "DecoderLayer"
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
