@@ -377,8 +377,20 @@ def test_loss_mask_covers_exactly_the_model_turns(chat_checkpoint, tmp_path):
         {"role": "tool", "name": "get", "content": '{"t": 3}'},
         {"role": "assistant", "content": "It is 3"},
     ]
-    (example,) = examples(processor, [conversation])
-    rendered = processor.apply_chat_template(conversation, add_generation_prompt=False)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get",
+                "description": "Weather.",
+                "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            },
+        }
+    ]
+    record = {"messages": conversation, "tools": tools}
+    example = encode_conversation(processor, record, TurnMarkers.of(processor))
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=False, tools=tools)
+    assert "declaration:get" in rendered
     assert processor.decode(example.ids) == rendered
     runs, current = [], []
     for token, trained in zip(example.ids, example.trained, strict=True):
