@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import AdapterError
-from ..files import atomic_file
+from ..files import access_error, atomic_file
 from .lora import LoRASettings, apply_lora, factor_shapes
 
 CONFIG_FILE = "adapter_config.json"
@@ -83,8 +83,6 @@ def save_adapter(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        from ..files import access_error
-
         raise access_error(folder, "write", error) from error
     weights = adapter_weights(model)
     with atomic_file(folder / weights_name) as temporary, temporary.open("wb") as handle:

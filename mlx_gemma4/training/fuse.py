@@ -12,11 +12,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from ..errors import AdapterError, QuantizationError
+from ..models.layers import Linear
+from ..models.moe import ExpertLinear
 from ..saving import require_writable_folder, save_model
 from .adapters import load_adapter
-from .lora import LORA_MODULES, fuse_lora
+from .lora import LORA_MODULES, dense_weight, fuse_lora
 
 
 def _packed_schemes(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -77,17 +80,11 @@ def _entry_of(model: nn.Module, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dequantize_all(model: nn.Module) -> None:
-    from .lora import dense_weight
-
+    """Every packed module back to float (what `bits` re-quantizes from)."""
     packed = [(p, m) for p, m in model.named_modules() if "scales" in m]
     for path, module in packed:
         if not hasattr(module, "group_size") or module.mode == "codebook":
             raise QuantizationError(f"{path}: cannot dequantize {type(module).__name__} to refit")
-    from mlx.utils import tree_unflatten
-
-    from ..models.layers import Linear
-    from ..models.moe import ExpertLinear
-
     replaced = []
     for path, module in packed:
         weight = dense_weight(module).astype(module.scales.dtype)

@@ -9,11 +9,11 @@ QLoRA: the packed weight stays packed and frozen, only the float factors train.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import AdapterError
 from ..models.layers import ClippableLinear, CodebookLinear, Linear
@@ -47,7 +47,6 @@ class LoRASettings:
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     train_vision: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS and t != EXPERTS]
@@ -67,7 +66,6 @@ class LoRASettings:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.pop("extra")
         out["targets"] = list(self.targets)
         out["scale"] = self.scale
         return out
@@ -288,6 +286,4 @@ def fuse_lora(model: nn.Module) -> int:
 
 
 def lora_parameter_count(model: nn.Module) -> int:
-    from mlx.utils import tree_flatten
-
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
