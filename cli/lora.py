@@ -29,10 +29,16 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Conve
 LearningRate = Annotated[float, typer.Option("--learning-rate", "--lr", min=0.0, help="Step size.")]
 Optimizer = Annotated[str, typer.Option("--optimizer", help="adam, adamw or sgd.")]
 TrainVision = Annotated[
-    bool, typer.Option("--train-vision", help="Adapt the vision tower too (audio stays frozen).")
+    bool,
+    typer.Option(
+        "--train-vision", metavar="", help="Adapt the vision tower too (audio stays frozen)."
+    ),
 ]
 GradCheckpoint = Annotated[
-    bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory, slower.")
+    bool,
+    typer.Option(
+        "--grad-checkpoint", metavar="", help="Recompute activations: less memory, slower."
+    ),
 ]
 ValEvery = Annotated[int, typer.Option("--val-every", min=0, help="Validate every N steps.")]
 ValBatches = Annotated[
@@ -40,12 +46,18 @@ ValBatches = Annotated[
 ]
 SaveEvery = Annotated[int, typer.Option("--save-every", min=0, help="Checkpoint every N steps.")]
 ReportEvery = Annotated[int, typer.Option("--report-every", min=1, help="Report every N steps.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run checkpointed in --out.")]
-Force = Annotated[bool, typer.Option("--force", help="Replace an adapter already in --out.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", metavar="", help="Continue the run checkpointed in --out.")
+]
+Force = Annotated[
+    bool, typer.Option("--force", metavar="", help="Replace an adapter already in --out.")
+]
 MaxSeqLen = Annotated[int, typer.Option("--max-seq-len", min=2, help="Longest example (tokens).")]
 Truncate = Annotated[
     bool,
-    typer.Option("--truncate/--refuse", help="Cut over-long examples, or stop on the first one."),
+    typer.Option(
+        "--truncate/--refuse", metavar="", help="Cut over-long examples, or stop on the first one."
+    ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the batch order and LoRA init.")]
 
@@ -130,7 +142,9 @@ def fuse(
     bits: Annotated[
         int | None, typer.Option("--bits", help="Quantize the fused model to N bits (affine).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", metavar="", help="Replace an existing --out.")
+    ] = False,
 ) -> None:
     """Merge a LoRA adapter into its model and write a checkpoint (re-quantized with --bits)."""
     from mlx_gemma4 import load_model
