@@ -15,7 +15,7 @@ try:  # recent Typer parses with its own copy of click
 except ImportError:  # older Typer uses click itself
     from click import exceptions as click_errors
 
-from . import ask, chat, detect, generate, info, quantize, serve, transcribe
+from . import ask, chat, detect, generate, info, lora, quantize, serve, transcribe
 
 
 def _say_error(message: str) -> None:
@@ -74,6 +74,8 @@ app.command("detect")(detect.detect)
 app.command("transcribe")(transcribe.transcribe)
 app.command("quantize")(quantize.quantize)
 app.command("serve")(serve.serve)
+app.command("lora")(lora.lora)
+app.command("fuse")(lora.fuse)
 
 
 def _show_version(value: bool) -> None:

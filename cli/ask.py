@@ -23,6 +23,7 @@ def ask(
     flags: options.GenerationFlags,
     model: options.Model = options.DEFAULT_MODEL,
     budget: options.Budget = 280,
+    adapter: options.Adapter = None,
 ) -> None:
     """Answer QUESTION about one or more images or videos (sampled frames, 70 tokens each)."""
     from mlx_gemma4 import MediaOptions, PromptCache, load, stream_generate
@@ -39,7 +40,7 @@ def ask(
             content.append({"type": "video", "video": load_video(item)})
         else:
             content.append({"type": "image", "image": open_image(item)})
-    loaded_model, processor = load(model, dtype=flags.dtype)
+    loaded_model, processor = load(model, dtype=flags.dtype, adapter_path=adapter)
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     responses = stream_generate(
         loaded_model,

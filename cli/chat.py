@@ -326,6 +326,7 @@ def chat(
         bool,
         typer.Option("--yes", "-y", metavar="", help="Run tool calls without asking first."),
     ] = False,
+    adapter: options.Adapter = None,
 ) -> None:
     """Chat in the terminal; reads the conversation from stdin when it is not a terminal.
 
@@ -340,7 +341,7 @@ def chat(
     tool_list = load_tools(tools) if tools is not None else None
     if interactive:  # loading takes seconds: say what is happening
         typer.echo(f"loading {model} ...", err=True)
-    loaded_model, processor = load(model, dtype=flags.dtype)
+    loaded_model, processor = load(model, dtype=flags.dtype, adapter_path=adapter)
     conversation = Conversation(system=system, think=flags.think)
     media_options = MediaOptions(max_soft_tokens=budget)
     session = Chat(

@@ -25,6 +25,7 @@ def detect(
     budget: options.Budget = 560,
     max_tokens: options.MaxTokens = 1024,
     dtype: options.Dtype = None,
+    adapter: options.Adapter = None,
 ) -> None:
     """Ask for bounding boxes of WHAT in IMAGE; print them as JSON (pixels and 0-1000)."""
     from mlx_gemma4 import MediaOptions, SamplingOptions, generate, load
@@ -38,7 +39,7 @@ def detect(
         raise Gemma4Error(f"{out}: use a .png, .jpg or .webp file name for --out")
     if out is not None:
         require_writable_target(out)  # before the model runs, not after
-    loaded_model, processor = load(model, dtype=dtype)
+    loaded_model, processor = load(model, dtype=dtype, adapter_path=adapter)
     question = PROMPT.format(what=what)
     messages = [
         {

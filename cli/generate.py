@@ -68,6 +68,7 @@ def generate(
     tools: options.Tools = None,
     tool_choice: ToolChoice = "auto",
     json_schema: JsonSchema = None,
+    adapter: options.Adapter = None,
 ) -> None:
     """Stream one answer to PROMPT (wrapped as a user turn unless --raw). With --tools, the
     calls the model makes follow the answer on stdout, one JSON line each
@@ -82,7 +83,7 @@ def generate(
     schema = read_json_schema(json_schema) if json_schema is not None else None
     check_tool_choice(tool_list, tool_choice, schema)
     text = sys.stdin.read() if prompt == "-" else prompt
-    loaded_model, processor = load(model, dtype=flags.dtype)
+    loaded_model, processor = load(model, dtype=flags.dtype, adapter_path=adapter)
     if raw:
         request = text
     else:

@@ -75,6 +75,11 @@ KVValueBits = Annotated[
     typer.Option("--kv-value-bits", help="Bits for cached values (overrides --kv-bits)."),
 ]
 
+Adapter = Annotated[
+    Path | None,
+    typer.Option("--adapter", help="A LoRA adapter folder (gemma4 lora) to apply to the model."),
+]
+
 
 @dataclass(frozen=True)
 class GenerationFlags:

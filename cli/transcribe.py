@@ -71,6 +71,7 @@ def transcribe(
     temp: options.Temperature = 0.0,
     seed: options.Seed = None,
     dtype: options.Dtype = None,
+    adapter: options.Adapter = None,
 ) -> None:
     """Transcribe (or translate) speech; recordings over 30 s go in chunks split at pauses."""
     from rich.console import Console
@@ -81,7 +82,7 @@ def transcribe(
 
     destinations = _destinations(files, out, format)
     waves = [load_audio(file) for file in files]  # bad files fail here, before the model loads
-    loaded_model, processor = load(model, dtype=dtype)
+    loaded_model, processor = load(model, dtype=dtype, adapter_path=adapter)
     loaded_model.require_tower("audio")
     sampling = SamplingOptions(max_tokens=max_tokens, temperature=temp, seed=seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())

@@ -83,3 +83,13 @@ class BatchRequestError(Gemma4Error):
 class ServerRequestError(Gemma4Error):
     """A server request that cannot be served: a field of the wrong kind, media it may not
     read (a remote URL, a local path not allowed), a part too large."""
+
+
+class TrainingDataError(Gemma4Error):
+    """A fine-tuning data set that cannot be read: a missing train.jsonl, a malformed line, a
+    conversation without a model turn, an example longer than allowed."""
+
+
+class AdapterError(Gemma4Error):
+    """A LoRA adapter that cannot be made or applied: unknown targets, an adapter folder that
+    is missing or incomplete, or one made for another model."""

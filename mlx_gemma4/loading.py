@@ -160,11 +160,13 @@ def load_model(
     *,
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
 ) -> Model:
     """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
-    checkpoints stay quantized (their scales take `dtype`).
+    checkpoints stay quantized (their scales take `dtype`). `adapter_path`: a LoRA adapter
+    folder (`gemma4 lora`) applied on top.
     """
     compute_dtype = resolve_dtype(dtype)
     folder = resolve_model_path(path_or_repo, revision)
@@ -188,6 +190,10 @@ def load_model(
     built = {name for name in model.encoders if name in model}
     model.towers = frozenset(key.split(".")[0] for key in towers) | built
     model.path = folder
+    if adapter_path is not None:
+        from .training.adapters import load_adapter
+
+        load_adapter(model, adapter_path)
     return model
 
 
@@ -196,9 +202,11 @@ def load(
     *,
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
 ) -> tuple[Model, Processor]:
-    """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint."""
-    model = load_model(path_or_repo, dtype=dtype, revision=revision)
+    """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint;
+    `adapter_path` applies a LoRA adapter folder."""
+    model = load_model(path_or_repo, dtype=dtype, revision=revision, adapter_path=adapter_path)
     config = model.config
     try:
         processor = Processor.from_folder(model.path, config.eos_token_id, config.vision_config)

@@ -82,10 +82,26 @@ def _fast_softmax(x: mx.array) -> mx.array:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# Gradients (LoRA training) of the fast forms are written out: differentiated op by op, the
+# polynomial forms would keep a dozen full-size intermediates alive for the backward pass.
+
+
+@mx.custom_function
+def _trainable_fast_softmax(x: mx.array) -> mx.array:
+    return _fast_softmax(x)
+
+
+@_trainable_fast_softmax.vjp
+def _fast_softmax_vjp(primals, cotangent, output):
+    cotangent = cotangent.astype(mx.float32)
+    grad = output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+    return (grad.astype(primals[0].dtype),)
+
+
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis, in float32."""
     if on_cpu():
-        return _fast_softmax(x)
+        return _trainable_fast_softmax(x)
     return mx.softmax(x.astype(mx.float32), axis=-1)
 
 
@@ -94,11 +110,24 @@ def _softcap_fast(x: mx.array, cap: mx.array) -> mx.array:
     return (fast_tanh(x / cap) * cap).astype(x.dtype)
 
 
+@mx.custom_function
+def _trainable_softcap(x: mx.array, cap: mx.array) -> mx.array:
+    return _softcap_fast(x, cap)
+
+
+@_trainable_softcap.vjp
+def _softcap_vjp(primals, cotangent, output):
+    x, cap = primals
+    squashed = output.astype(mx.float32) / cap
+    grad = cotangent.astype(mx.float32) * (1.0 - squashed * squashed)
+    return grad.astype(x.dtype), mx.zeros_like(cap)
+
+
 def softcap(x: mx.array, cap: float) -> mx.array:
     """cap * tanh(x / cap): one fused pass on the CPU, where `mx.tanh` over a 262k-wide row of
     logits is a visible part of a decode step."""
     if on_cpu():
-        return _softcap_fast(x, mx.array(cap, dtype=mx.float32))
+        return _trainable_softcap(x, mx.array(cap, dtype=mx.float32))
     return mx.tanh(x / cap) * cap
 
 
@@ -115,9 +144,30 @@ def _geglu_fast(gate: mx.array, up: mx.array) -> mx.array:
     return (0.5 * g * (1.0 + fast_tanh(inner)) * up).astype(up.dtype)
 
 
+@mx.compile
+def _geglu_grads(gate: mx.array, up: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+    g, c = gate.astype(mx.float32), cotangent.astype(mx.float32)
+    t = fast_tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+    slope = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+        1.0 + 3 * 0.044715 * g * g
+    )
+    d_gate = c * up.astype(mx.float32) * slope
+    return d_gate.astype(gate.dtype), (c * 0.5 * g * (1.0 + t)).astype(up.dtype)
+
+
+@mx.custom_function
+def _trainable_geglu_fast(gate: mx.array, up: mx.array) -> mx.array:
+    return _geglu_fast(gate, up)
+
+
+@_trainable_geglu_fast.vjp
+def _geglu_fast_vjp(primals, cotangent, output):
+    return _geglu_grads(*primals, cotangent)
+
+
 def geglu(gate: mx.array, up: mx.array) -> mx.array:
     """tanh-approximate GELU of `gate` times `up`, in one fused pass."""
-    return _geglu_fast(gate, up) if on_cpu() else _geglu_exact(gate, up)
+    return _trainable_geglu_fast(gate, up) if on_cpu() else _geglu_exact(gate, up)
 
 
 @mx.compile

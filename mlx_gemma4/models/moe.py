@@ -32,6 +32,8 @@ class Router(nn.Module):
         x = mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps)
         scores = self.proj(x).astype(mx.float32)
         indices = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        indices = mx.stop_gradient(indices)  # a choice, not a value: training differentiates
+        # through the chosen experts' weights, and MLX refuses a gradient through gather indices
         # softmax over the top-k scores == softmax over all, renormalized over the top k
         weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1), axis=-1)
         weights = weights * self.per_expert_scale[indices].astype(mx.float32)
