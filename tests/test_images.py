@@ -105,6 +105,15 @@ def test_processor_expands_placeholders_and_feeds_the_model(chat_checkpoint):
     assert relative_error(to_numpy(logits), expected) < 1e-4
 
 
+def test_an_image_past_the_position_table_is_refused(chat_checkpoint):
+    # the tiny tower's table has 64 positions a side; a 900 x 40 image is ~70 patches wide
+    model, processor = load(chat_checkpoint("multimodal")[0])
+    inputs = processor("<|image|>", images=[random_image(900, 40)], max_soft_tokens=280)
+    assert int(np.array(inputs["image_position_ids"]).max()) >= 64
+    with pytest.raises(ImageError, match="more than this checkpoint's position table \\(64\\)"):
+        model(**inputs)
+
+
 def test_chat_messages_carry_their_images(chat_checkpoint):
     _, processor = load(chat_checkpoint("multimodal")[0])
     image = random_image(60, 60)

@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
+from ..errors import ImageError
 from .activations import geglu
 from .attention import attention
 from .layers import ClippableLinear, Linear, RMSNorm, RMSNormNoScale
@@ -168,6 +169,13 @@ class VisionModel(nn.Module):
         """
         length = pixel_values.shape[1] // self.config.pooling_kernel_size**2
         layouts = np.array(positions)
+        # an index past the learned position table would read out of bounds, silently
+        if layouts.max(initial=-1) >= self.config.position_embedding_size:
+            raise ImageError(
+                f"an image is {layouts.max() + 1} patches along one side, more than this "
+                f"checkpoint's position table ({self.config.position_embedding_size}); give a "
+                "less elongated image or a smaller soft-token budget"
+            )
         images, start = [], 0
         while start < len(layouts):
             end = start + 1
