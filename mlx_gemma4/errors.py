@@ -78,3 +78,8 @@ class MemoryModelError(Gemma4Error):
 class BatchRequestError(Gemma4Error):
     """A batched-generation request that cannot run: no prompts, an empty prompt, an option
     the engine does not take."""
+
+
+class DistributedError(Gemma4Error):
+    """A model that cannot be split across this group (sizes that do not divide, weights
+    that cannot be sharded), a group that cannot start, or a rank that was lost."""

@@ -146,14 +146,23 @@ def load_model(
     *,
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
+    group: Any = None,
+    mode: str = "tensor",
 ) -> Model:
     """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
-    checkpoints stay quantized (their scales take `dtype`).
+    checkpoints stay quantized (their scales take `dtype`). With a distributed `group`
+    (`mx.distributed.init()`), each rank reads only its share of the weights, split by `mode`:
+    "tensor" (`Model.shard`) or "pipeline" (`Model.pipeline`).
     """
     compute_dtype = resolve_dtype(dtype)
-    folder = resolve_model_path(path_or_repo, revision)
+    if group is not None:
+        from .distributed import resolve_once_per_host
+
+        folder = resolve_once_per_host(path_or_repo, revision, group)
+    else:
+        folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
     try:
         config = ModelConfig.from_dict(raw_config)
@@ -175,6 +184,11 @@ def load_model(
     check_weights(model, weights, where)
     model.load_weights(list(_cast_floats(weights, compute_dtype).items()))
     model.eval()
+    if group is not None:
+        from .distributed import parallelize
+
+        del weights  # the whole tensors are read only through this rank's slices
+        parallelize(model, group, mode)
     mx.eval(model.parameters())
     built = {name for name in ("vision_tower", "audio_tower") if name in model}
     model.towers = frozenset(key.split(".")[0] for key in towers) | built
@@ -187,9 +201,12 @@ def load(
     *,
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
+    group: Any = None,
+    mode: str = "tensor",
 ) -> tuple[Model, Processor]:
-    """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint."""
-    model = load_model(path_or_repo, dtype=dtype, revision=revision)
+    """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint;
+    `group` and `mode` as in `load_model`."""
+    model = load_model(path_or_repo, dtype=dtype, revision=revision, group=group, mode=mode)
     config = model.config
     try:
         return model, Processor.from_folder(model.path, config.eos_token_id, config.vision_config)

@@ -1,0 +1,537 @@
+"""Tensor and pipeline parallelism for Gemma 4 on `mlx.core.distributed`.
+
+`shard(model, group)` splits every decoder layer across the group's ranks (Megatron style):
+query heads, the MLP's inner width and the experts are cut, each attention and feed-forward
+block ends in one `all_sum` (MLX's `ShardedToAllLinear`), and the vocabulary tables (token
+embeddings, the tied LM head, the per-layer embedding table) are cut by rows: a lookup is one
+`all_sum` of the rows a rank owns (zeros elsewhere), the head one `all_gather` of logit slices.
+KV heads split when they can; a single KV head (the full-attention layers of the large models)
+is replicated, each rank keeping the one its query heads read.
+
+`pipeline(model, group)` gives each rank a contiguous span of layers. Every rank runs the same
+loop; a layer held elsewhere passes the hidden state through (keeping its cache's position
+bookkeeping), and where the span changes hands the owner's hidden state is broadcast. KV-shared
+layers and the layers they read stay on one rank, so no keys or values cross the wire. The
+vocabulary tables are cut by rows as in `shard`; the towers stay on rank 0.
+
+Both run on any backend `mx.distributed.init` gives (ring over TCP, JACCL over Thunderbolt,
+MPI). Quantized weights are cut as stored, without dequantizing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.utils import tree_flatten, tree_map
+
+from .cache import FullAttentionCache, SlidingWindowCache
+from .errors import DistributedError
+from .models.layers import CodebookLinear
+from .models.text import Attention, DecoderLayer, TextModel
+
+MODES = ("tensor", "pipeline")
+EXPERT_SPLITS = ("inside", "across")
+Group = Any  # mx.distributed.Group (not subscriptable as a type)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+class Collectives:
+    """A group's collectives, issued in program order on every rank.
+
+    MLX evaluates lazily, in an order set by the shape of the graph. A pipeline's ranks build
+    different graphs, so two independent collectives (the token and per-layer table lookups)
+    could run in opposite orders on two ranks and pair up wrongly. Each collective here
+    depends on the one before it, which fixes the order everywhere.
+    """
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self._last: mx.array | None = None
+
+    def _in_turn(self, x: mx.array) -> mx.array:
+        return x if self._last is None else mx.depends(x, self._last)
+
+    def _done(self, out: mx.array) -> mx.array:
+        # a one-element array computed from `out` marks it, without keeping its buffer alive
+        self._last = out.reshape(-1)[:1].sum()
+        return out
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        return self._done(mx.distributed.all_sum(self._in_turn(x), group=self.group))
+
+    def broadcast(self, x: mx.array, source: int) -> mx.array:
+        """`x` of rank `source` on every rank (the others add zeros). The zeros depend on `x`,
+        so every collective behind `x` still runs on every rank."""
+        return self.all_sum(x if self.rank == source else mx.depends(mx.zeros_like(x), x))
+
+    def gather_last_axis(self, x: mx.array) -> mx.array:
+        """Every rank's `x` [..., n] concatenated along the last axis, in rank order."""
+        parts = self._done(mx.distributed.all_gather(self._in_turn(x)[None], group=self.group))
+        return mx.moveaxis(parts, 0, -2).reshape(*x.shape[:-1], -1)
+
+
+def broadcast(x: mx.array, source: int, group: Group) -> mx.array:
+    """`x` of rank `source` on every rank, evaluated now."""
+    out = Collectives(group).broadcast(x, source)
+    mx.eval(out)
+    return out
+
+
+def barrier(group: Group) -> None:
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+
+
+def broadcast_text(text: str | None, group: Group) -> str:
+    """Rank 0's `text` on every rank (others pass anything, e.g. None)."""
+    data = (text or "").encode() if group.rank() == 0 else b""
+    length = int(broadcast(mx.array(len(data)), 0, group).item())
+    padded = mx.zeros(length, dtype=mx.uint8)
+    if group.rank() == 0 and length:
+        padded = mx.array(list(data), dtype=mx.uint8)
+    return bytes(broadcast(padded, 0, group).tolist()).decode() if length else ""
+
+
+def broadcast_int(value: int, group: Group) -> int:
+    return int(broadcast(mx.array(value, dtype=mx.int32), 0, group).item())
+
+
+# ----------------------------------------------------------------------------- slicing weights
+
+_SLICED = ("weight", "scales", "biases", "bias")  # a codebook or rotation is never cut
+
+
+def _cut(module: nn.Module, axis_of: Callable[[str, mx.array], int | None], group: Group) -> None:
+    """Keep this rank's part of `module`'s weights, as stored (packed weights stay packed)."""
+    shard_inplace(module, axis_of, group=group)
+
+
+def _rows(path: str, weight: mx.array) -> int | None:
+    return 0 if path.split(".")[-1] in _SLICED else None
+
+
+def _keep_rows(module: nn.Module, start: int, stop: int) -> None:
+    """Keep rows [start, stop) of a linear (float or packed): a contiguous copy, so the full
+    tensor's buffer is not held alive by a view."""
+    module.update(
+        {
+            name: mx.contiguous(module[name][start:stop])
+            for name in _SLICED
+            if name in module and isinstance(module[name], mx.array)
+        }
+    )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise DistributedError(message)
+
+
+def _input_groups(module: nn.Module) -> int | None:
+    """How many quantization groups a packed linear's input has (None: a float linear)."""
+    return module.scales.shape[-1] if "scales" in module else None
+
+
+def _check_splits_input(module: nn.Module, name: str, size: int) -> None:
+    groups = _input_groups(module)
+    if groups is not None:
+        _check(
+            groups % size == 0,
+            f"{name}: its {groups} quantization groups per row cannot be split across "
+            f"{size} ranks; use --distributed pipeline, or a smaller quantization group size",
+        )
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table cut by rows: rank r holds tokens [first, first + rows).
+
+    A lookup sums every rank's rows (zeros for tokens it does not hold); `as_linear` (the tied
+    LM head) computes this rank's logit slice and gathers the others'.
+    """
+
+    def __init__(self, table: nn.Module, first: int, comm: Collectives):
+        super().__init__()
+        self.table = table
+        self.first = first
+        self.rows = table.weight.shape[0]
+        self.comm = comm
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self.first
+        held = (local >= 0) & (local < self.rows)
+        rows = self.table(mx.where(held, local, 0))
+        rows = mx.where(held[..., None], rows, mx.zeros((), dtype=rows.dtype))
+        return self.comm.all_sum(rows)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.comm.gather_last_axis(self.table.as_linear(x))
+
+
+class VocabParallelHead(nn.Module):
+    """An untied LM head cut by output rows; the logit slices are gathered."""
+
+    def __init__(self, head: nn.Module, comm: Collectives):
+        super().__init__()
+        self.head = head
+        self.comm = comm
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.comm.gather_last_axis(self.head(x))
+
+
+class SummedExperts(nn.Module):
+    """Experts cut inside each expert (their inner width): the partial outputs are summed."""
+
+    def __init__(self, experts: nn.Module, comm: Collectives):
+        super().__init__()
+        self.experts = experts
+        self.comm = comm
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        return self.comm.all_sum(self.experts(x, indices, weights))
+
+
+class ExpertSlice(nn.Module):
+    """Experts cut across ranks: rank r holds experts [first, first + count); the choices of
+    other ranks' experts get weight zero here, and the outputs are summed."""
+
+    def __init__(self, experts: nn.Module, first: int, count: int, comm: Collectives):
+        super().__init__()
+        self.experts = experts
+        self.first, self.count = first, count
+        self.comm = comm
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        local = indices - self.first
+        held = (local >= 0) & (local < self.count)
+        local = mx.where(held, local, 0).astype(indices.dtype)
+        weights = mx.where(held, weights, mx.zeros((), dtype=weights.dtype))
+        return self.comm.all_sum(self.experts(x, local, weights))
+
+
+def kv_heads_of_rank(rank: int, size: int, heads: int, kv_heads: int) -> tuple[int, int]:
+    """(first KV head, how many) that rank `rank`'s query heads read: a share of the KV heads
+    when they divide by the group size, otherwise the one KV head its query heads share."""
+    if kv_heads % size == 0:
+        return rank * kv_heads // size, kv_heads // size
+    if size % kv_heads == 0:
+        return (rank * heads // size) // (heads // kv_heads), 1
+    raise DistributedError(
+        f"{kv_heads} KV heads can be neither split across nor shared by {size} ranks; "
+        "use a group size that divides them or that they divide"
+    )
+
+
+def _check_tensor_plan(model: nn.Module, size: int, experts: str) -> None:
+    """Every reason this model cannot be cut `size` ways, before anything is changed."""
+    config = model.language_model.config
+    _check(experts in EXPERT_SPLITS, f"experts split {experts!r} is not one of {EXPERT_SPLITS}")
+    heads = config.num_attention_heads
+    _check(
+        heads % size == 0,
+        f"{heads} attention heads cannot be split across {size} ranks; use a group size that "
+        "divides them, or --distributed pipeline",
+    )
+    for name, module in model.language_model.named_modules():
+        where = f"language_model.{name}"
+        if isinstance(module, CodebookLinear):
+            raise DistributedError(
+                f"{where}: codebook-quantized weights cannot be tensor-sharded; use "
+                "--distributed pipeline"
+            )
+        for site in ("output_rotation", "inner_rotation"):
+            _check(
+                site not in module,
+                f"{where}: a turboquant rotation spans the heads / inner width that tensor "
+                "parallelism splits; use --distributed pipeline",
+            )
+    for i, layer in enumerate(model.language_model.layers):
+        kv_heads_of_rank(0, size, heads, config.layer_kv_heads(i))
+        inner = layer.mlp.gate_proj.weight.shape[0]
+        _check(
+            inner % size == 0,
+            f"layer {i}: the MLP's {inner} inner units cannot be split across {size} ranks",
+        )
+        _check_splits_input(layer.mlp.down_proj, f"layer {i} mlp.down_proj", size)
+        _check_splits_input(layer.self_attn.o_proj, f"layer {i} self_attn.o_proj", size)
+        if layer.has_moe:
+            if experts == "across":
+                n = config.num_experts
+                _check(n % size == 0, f"{n} experts cannot be split across {size} ranks")
+            else:
+                n = config.moe_intermediate_size
+                _check(
+                    n % size == 0,
+                    f"the experts' {n} inner units cannot be split across {size} ranks; "
+                    "try experts split across ranks",
+                )
+                _check_splits_input(layer.experts.down_proj, f"layer {i} experts", size)
+
+
+def _shard_attention(attn: Attention, group: Group) -> None:
+    rank, size = group.rank(), group.size()
+    first, count = kv_heads_of_rank(rank, size, attn.n_heads, attn.n_kv_heads)
+    attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
+    if attn.owns_kv:
+        for name in ("k_proj", "v_proj"):
+            if name in attn:
+                _keep_rows(attn[name], first * attn.head_dim, (first + count) * attn.head_dim)
+    attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+    attn.n_heads //= size
+    attn.n_kv_heads = count
+
+
+def _shard_feed_forward(layer: DecoderLayer, group: Group, experts: str) -> None:
+    mlp = layer.mlp
+    mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+    mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+    mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+    if not layer.has_moe:
+        return
+    # the router stays whole: every rank routes every token the same way
+    if experts == "across":
+        count = layer.experts.gate_up_proj.weight.shape[0] // group.size()
+        _cut(layer.experts, _rows, group)
+        layer.experts = ExpertSlice(layer.experts, group.rank() * count, count, Collectives(group))
+    else:
+        # gate_up holds gate rows then up rows: cut each half
+        shard_inplace(layer.experts.gate_up_proj, "all-to-sharded", segments=2, group=group)
+        shard_inplace(layer.experts.down_proj, "sharded-to-all", group=group)
+        layer.experts = SummedExperts(layer.experts, Collectives(group))
+
+
+def _vocab_parallel(model: nn.Module, comm: Collectives) -> None:
+    """Cut the token tables and the LM head by rows (all of them 262k wide in real models)."""
+    group, size, rank = comm.group, comm.size, comm.rank
+    text = model.language_model
+    for name in ("embed_tokens", "embed_tokens_per_layer"):
+        if name not in text:
+            continue
+        table = text[name]
+        rows = table.weight.shape[0]
+        if rows % size:
+            continue  # kept whole: uneven slices would need padded gathers
+        _cut(table, _rows, group)
+        text[name] = VocabParallelEmbedding(table, rank * rows // size, comm)
+    if "lm_head" in model and model.lm_head.weight.shape[0] % size == 0:
+        _cut(model.lm_head, _rows, group)
+        model.lm_head = VocabParallelHead(model.lm_head, comm)
+
+
+def shard(model: nn.Module, group: Group, experts: str = "inside") -> nn.Module:
+    """Tensor parallelism over `group`, in place; `model(ids)` then gives the full logits on
+    every rank. `experts`: "inside" cuts each expert's inner width, "across" gives each rank
+    a share of the experts. The modality towers are replicated."""
+    size = group.size()
+    if size == 1:
+        return model
+    _check_tensor_plan(model, size, experts)
+    for layer in model.language_model.layers:
+        _shard_attention(layer.self_attn, group)
+        _shard_feed_forward(layer, group, experts)
+    _vocab_parallel(model, Collectives(group))
+    _materialize(model)
+    model.parallelism = f"tensor x{size}"
+    return model
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def layer_spans(config: Any, size: int, split: Sequence[int] | None = None) -> list[range]:
+    """Contiguous layer spans, rank 0 first: even, except that the KV-shared layers and the
+    layers they read stay together on the last rank."""
+    n = config.num_hidden_layers
+    if split is None:
+        base, extra = divmod(n, size)
+        split = [base + (1 if r < extra else 0) for r in range(size)]
+    _check(
+        len(split) == size and all(s > 0 for s in split) and sum(split) == n,
+        f"layer split {list(split)} must give each of {size} ranks at least one of {n} layers",
+    )
+    ends = [sum(split[: r + 1]) for r in range(size)]
+    shared = range(config.first_kv_shared_layer, n)
+    if len(shared):
+        lowest = min(config.kv_source(i) for i in shared)
+        # boundaries above the lowest KV source move down to it, keeping spans non-empty
+        for r in range(size - 2, -1, -1):
+            ends[r] = min(ends[r], lowest - (size - 2 - r), ends[r + 1] - 1)
+        _check(
+            ends[0] >= 1,
+            f"{size} ranks cannot split the {lowest} layers before the KV-shared block "
+            f"(layers {lowest}-{n - 1} must stay on one rank); use fewer ranks",
+        )
+    starts = [0] + ends[:-1]
+    return [range(a, b) for a, b in zip(starts, ends, strict=True)]
+
+
+class StageLayer(nn.Module):
+    """One decoder layer in a pipeline: run here when this rank holds it, passed through
+    otherwise; `receive_from` broadcasts that rank's hidden state before the layer,
+    `final_from` after it (the last layer)."""
+
+    def __init__(
+        self,
+        layer: DecoderLayer | None,
+        receive_from: int | None,
+        final_from: int | None,
+        comm: Collectives,
+    ):
+        super().__init__()
+        if layer is not None:
+            self.layer = layer
+        self.receive_from, self.final_from = receive_from, final_from
+        self.comm = comm
+
+    def __call__(self, h, mask, cache, offset, shared_kv, per_layer_input):
+        if self.receive_from is not None:
+            h = self.comm.broadcast(h, self.receive_from)
+        if "layer" in self:
+            h, kv = self.layer(h, mask, cache, offset, shared_kv, per_layer_input)
+        else:
+            kv = None
+            if cache is not None:  # keep positions and windows in step with the owner
+                blank = mx.zeros((h.shape[0], 1, h.shape[1], 1), dtype=h.dtype)
+                mx.eval(cache.update_and_fetch(blank, blank))
+        if self.final_from is not None:
+            h = self.comm.broadcast(h, self.final_from)
+        return h, kv
+
+
+class TowerElsewhere(nn.Module):
+    """A modality tower held by rank 0 of a pipeline."""
+
+    def __call__(self, *args, **kwargs):
+        raise DistributedError("media input needs the towers, which a pipeline keeps on rank 0")
+
+
+def _pipeline_caches(text: TextModel, owned: list[bool]) -> Callable[..., list[Any]]:
+    make = text.make_cache
+
+    def make_cache(kv_quantization=None):
+        config = text.config
+        return [
+            cache
+            if owned[i]
+            else (
+                SlidingWindowCache(config.sliding_window)
+                if config.is_sliding(i)
+                else FullAttentionCache()
+            )
+            for i, cache in enumerate(make(kv_quantization))
+        ]
+
+    return make_cache
+
+
+def pipeline(model: nn.Module, group: Group, split: Sequence[int] | None = None) -> nn.Module:
+    """Pipeline parallelism over `group`, in place: rank r keeps `layer_spans(...)[r]`.
+    `model(ids)` then gives the full logits on every rank."""
+    size, rank = group.size(), group.rank()
+    if size == 1:
+        return model
+    text = model.language_model
+    spans = layer_spans(text.config, size, split)
+    owner = [r for r, span in enumerate(spans) for _ in span]
+    last = len(owner) - 1
+    comm = Collectives(group)  # one order for all of this model's collectives
+    for i, layer in enumerate(text.layers):
+        text.layers[i] = StageLayer(
+            layer if owner[i] == rank else None,
+            owner[i - 1] if i and owner[i - 1] != owner[i] else None,
+            owner[i] if i == last else None,
+            comm,
+        )
+    text.make_cache = _pipeline_caches(text, [o == rank for o in owner])
+    if rank:
+        for tower in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
+            if tower in model:
+                model[tower] = TowerElsewhere()
+    _vocab_parallel(model, comm)
+    _materialize(model)
+    model.parallelism = f"pipeline x{size}: layers {spans[rank].start}-{spans[rank].stop - 1}"
+    return model
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def parallelize(model: nn.Module, group: Group, mode: str, **options: Any) -> nn.Module:
+    """`shard` or `pipeline` by name. On a lazily loaded model a rank never holds more than
+    its share plus one checkpoint tensor."""
+    if mode not in MODES:
+        raise DistributedError(f"distributed mode {mode!r} is not one of {', '.join(MODES)}")
+    (shard if mode == "tensor" else pipeline)(model, group, **options)
+    return model
+
+
+def _materialize(model: nn.Module) -> None:
+    """Each rank's weights in buffers of their own, one layer at a time: a lazily loaded
+    checkpoint tensor is then read, cut and let go before the next layer's are read."""
+    model.update(tree_map(_owned, model.parameters()))
+    for layer in model.language_model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def _owned(x: mx.array) -> mx.array:
+    """`x` in a buffer of its own. A row slice is a view that keeps the whole tensor's buffer
+    alive: `mx.contiguous` has nothing to do for it, and an elementwise op may write in place
+    into the donated view; a concatenation always writes a new buffer."""
+    return mx.concatenate([x, x[:0]]) if x.ndim else x
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights this rank holds."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def init(backend: str = "any") -> Group:
+    """The group `mlx.launch` set up (a group of one when not launched), one clear error when
+    it cannot start."""
+    try:
+        return mx.distributed.init(backend=backend)
+    except RuntimeError as e:
+        raise DistributedError(f"the distributed group could not start ({e})") from e
+
+
+def resolve_once_per_host(path_or_repo: Any, revision: str | None, group: Group) -> Any:
+    """The checkpoint folder on every rank; a Hub download runs on rank 0 first, so ranks
+    sharing its host (and cache) find the files there instead of fetching them again. When
+    rank 0 fails, it raises its error and the others stop too."""
+    from .checkpoint import resolve_model_path
+
+    folder, failure = None, None
+    if group.rank() == 0:
+        try:
+            folder = resolve_model_path(path_or_repo, revision)
+        except Exception as e:  # told to the other ranks first, then raised
+            failure = e
+    if broadcast_int(int(failure is not None), group):
+        if failure is not None:
+            raise failure
+        raise DistributedError("rank 0 could not find the checkpoint")
+    return folder if folder is not None else resolve_model_path(path_or_repo, revision)
+
+
+@contextlib.contextmanager
+def lost_ranks_reported() -> Iterator[None]:
+    """Turn the backend's error for a peer that went away into one `DistributedError`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "[ring]" in str(e) or "[jaccl]" in str(e) or "[mpi]" in str(e):
+            raise DistributedError(
+                f"another rank stopped or became unreachable ({e}); see its output above"
+            ) from e
+        raise

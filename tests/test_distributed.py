@@ -1,0 +1,156 @@
+"""Tensor and pipeline parallelism: two real ranks on MLX's ring backend over loopback.
+
+One `mlx.launch -n 2 --backend ring` run (tests/distributed_worker.py) checks every variant in
+both modes; its results are read back and asserted here, one test per property.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+# `mlx.launch` itself, run by this interpreter (its console script may not be on PATH)
+LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+VARIANTS = ("dense", "ple_kv_shared", "moe_k_eq_v")
+MODES = ("tensor", "pipeline")
+TIMEOUT = 240
+
+
+def launch_command(*args: str) -> list[str]:
+    """`mlx.launch -n 2 --backend ring` running this interpreter."""
+    return [*LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, *args]
+
+
+def build_quantized(source: Path, folder: Path, group_size: int) -> Path:
+    from mlx_gemma4 import load_model
+    from mlx_gemma4.saving import save_model
+    from quantize.affine import quantize_model
+
+    model = load_model(source)
+    save_model(model, folder, quantization=quantize_model(model, group_size=group_size))
+    return folder
+
+
+def build_with(folder: Path, variant: str, **overrides) -> Path:
+    """A tiny checkpoint of `variant` with some sizes changed."""
+    import torch
+    from checkpoints import jitter, save_reference, text_config
+    from transformers import Gemma4ForCausalLM
+
+    config = text_config(variant)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(config).eval()
+    jitter(model, 0)
+    save_reference(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny, tmp_path_factory):
+    """What each of the two ranks saw: {rank: results}."""
+    root = tmp_path_factory.mktemp("distributed")
+    cases = [
+        {"name": f"{variant}-{mode}", "path": str(tiny(variant)[0]), "mode": mode}
+        for variant in VARIANTS
+        for mode in MODES
+    ]
+    # 4-bit, with inner widths whose quantization groups split in two
+    wide_moe = build_with(
+        root / "wide-moe", "moe_k_eq_v", intermediate_size=128, moe_intermediate_size=64
+    )
+    quantized = build_quantized(wide_moe, root / "moe-4bit", group_size=32)
+    cases += [{"name": f"4bit-{mode}", "path": str(quantized), "mode": mode} for mode in MODES]
+    cases.append(
+        {"name": "experts-across", "path": str(tiny("moe_k_eq_v")[0]), "experts": "across"}
+    )
+    bad = [
+        {
+            "name": "odd-heads",
+            "path": str(build_with(root / "three-heads", "dense", num_attention_heads=3)),
+            "mode": "tensor",
+        },
+        {
+            # the dense MLP's 96 inputs are 3 groups of 32: they cannot split in two
+            "name": "odd-groups",
+            "path": str(build_quantized(tiny("dense")[0], root / "dense-4bit", 32)),
+            "mode": "tensor",
+        },
+    ]
+    out = root / "out"
+    out.mkdir()
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"cases": cases, "bad": bad, "out": str(out), "lose_rank_1": True}))
+    worker = Path(__file__).with_name("distributed_worker.py")
+    run = subprocess.run(
+        launch_command(str(worker), str(spec)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=Path(__file__).parent,
+    )
+    results = {}
+    for rank in (0, 1):
+        file = out / f"rank{rank}.json"
+        assert file.is_file(), f"rank {rank} wrote nothing:\n{run.stdout}\n{run.stderr}"
+        results[rank] = json.loads(file.read_text())
+    return results
+
+
+CASES = [f"{variant}-{mode}" for variant in VARIANTS for mode in MODES] + [
+    "4bit-tensor",
+    "4bit-pipeline",
+    "experts-across",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_logits_equal_whole_model(ranks, case):
+    for rank in (0, 1):
+        assert ranks[rank]["size"] == 2
+        assert ranks[rank]["cases"][case]["max_error"] < 1e-4, (rank, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generation_equal(ranks, case):
+    for rank in (0, 1):
+        seen = ranks[rank]["cases"][case]
+        assert seen["tokens"] == seen["reference_tokens"], (rank, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_rank_holds_about_half_the_weights(ranks, case):
+    shares = []
+    for rank in (0, 1):
+        seen = ranks[rank]["cases"][case]
+        share = seen["weight_bytes"] / seen["whole_bytes"]
+        # what MLX holds after loading is what the weights take: no whole tensor stays behind
+        assert seen["resident_bytes"] <= seen["weight_bytes"] * 1.05 + 64 * 1024, (rank, case)
+        shares.append(share)
+    if case.endswith("tensor") or case == "experts-across":
+        # norms, routers and single KV heads are replicated
+        assert all(0.45 < share < 0.6 for share in shares), shares
+    else:
+        # a pipeline splits whole layers; the KV-shared block stays on one rank
+        assert 0.95 < sum(shares) < 1.05 and max(shares) < 0.85, shares
+
+
+def test_sizes_that_do_not_divide_give_one_clear_error(ranks):
+    for rank in (0, 1):
+        bad = ranks[rank]["bad"]
+        assert bad["odd-heads"] == (
+            "3 attention heads cannot be split across 2 ranks; use a group size that divides "
+            "them, or --distributed pipeline"
+        )
+        assert "quantization groups per row cannot be split across 2 ranks" in bad["odd-groups"]
+
+
+def test_a_lost_rank_is_one_clear_error(ranks):
+    assert ranks[0]["lost"].startswith("another rank stopped or became unreachable")
