@@ -154,3 +154,56 @@ def test_sizes_that_do_not_divide_give_one_clear_error(ranks):
 
 def test_a_lost_rank_is_one_clear_error(ranks):
     assert ranks[0]["lost"].startswith("another rank stopped or became unreachable")
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def launch_gemma4(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring -- gemma4 ARGS`."""
+    return subprocess.run(
+        launch_command("-m", "mlx_gemma4.cli", *map(str, args)),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def test_generate_distributed_prints_the_single_process_answer_once(chat_checkpoint, gemma4):
+    folder, _ = chat_checkpoint("moe_k_eq_v")
+    args = ["generate", "--model", folder, "-p", "hello there", "-n", "8", "--no-stats"]
+    alone = gemma4(*args)
+    assert alone.returncode == 0, alone.stderr
+    run = launch_gemma4(*args, "--distributed", "tensor")
+    assert run.stdout == alone.stdout, run.stderr  # rank 0 only: the answer appears once
+
+
+def test_chat_distributed_follows_rank_0(chat_checkpoint):
+    from conftest import run_chat
+
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    turns = "hello\nhow are you\n/exit\n"  # mlx.launch never closes the ranks' stdin
+    alone = run_chat(folder, turns, "--no-stats")
+    assert alone.returncode == 0, alone.stderr
+    args = ["chat", "--model", folder, "--max-tokens", "6", "--temp", "0", "--no-stats"]
+    run = launch_gemma4(*args, "--distributed", "pipeline", stdin=turns)
+    assert run.stdout == alone.stdout, run.stderr
+
+
+def test_group_size_that_does_not_divide_is_one_line_from_rank_0(tmp_path):
+    folder = build_with(tmp_path / "three-heads", "dense", num_attention_heads=3)
+    run = launch_gemma4("generate", "--model", folder, "-p", "hi", "--distributed", "tensor")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: 3 attention heads cannot be split across 2 ranks; use a group size that "
+        "divides them, or --distributed pipeline"
+    ], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_unknown_distributed_mode_is_refused(chat_checkpoint, gemma4):
+    folder, _ = chat_checkpoint("dense")
+    result = gemma4("generate", "--model", folder, "-p", "hi", "--distributed", "data")
+    assert result.returncode == 1
+    assert "--distributed data: use one of tensor, pipeline" in result.stderr
