@@ -35,7 +35,7 @@ from .models.layers import CodebookLinear
 from .models.text import Attention, DecoderLayer, TextModel
 
 MODES = ("tensor", "pipeline")
-EXPERT_SPLITS = ("inside", "across")
+EXPERT_SPLITS = ("auto", "inside", "across")
 Group = Any  # mx.distributed.Group (not subscriptable as a type)
 
 
@@ -139,14 +139,11 @@ def _input_groups(module: nn.Module) -> int | None:
     return module.scales.shape[-1] if "scales" in module else None
 
 
-def _check_splits_input(module: nn.Module, name: str, size: int) -> None:
-    groups = _input_groups(module)
-    if groups is not None:
-        _check(
-            groups % size == 0,
-            f"{name}: its {groups} quantization groups per row cannot be split across "
-            f"{size} ranks; use --distributed pipeline, or a smaller quantization group size",
-        )
+def _inner_splits(down_proj: nn.Module, inner: int, size: int) -> bool:
+    """Whether a block whose `down_proj` reads `inner` units can be cut `size` ways: the
+    units, and for a packed weight its quantization groups, divide by `size`."""
+    groups = _input_groups(down_proj)
+    return inner % size == 0 and (groups is None or groups % size == 0)
 
 
 # ----------------------------------------------------------------------------- tensor parallel
@@ -257,25 +254,30 @@ def _check_tensor_plan(model: nn.Module, size: int, experts: str) -> None:
             )
     for i, layer in enumerate(model.language_model.layers):
         kv_heads_of_rank(0, size, heads, config.layer_kv_heads(i))
-        inner = layer.mlp.gate_proj.weight.shape[0]
+        attn = layer.self_attn
         _check(
-            inner % size == 0,
-            f"layer {i}: the MLP's {inner} inner units cannot be split across {size} ranks",
+            _inner_splits(attn.o_proj, attn.n_heads * attn.head_dim, size),
+            f"layer {i} self_attn.o_proj: its quantization groups cannot be split across "
+            f"{size} ranks; use --distributed pipeline, or a smaller quantization group size",
         )
-        _check_splits_input(layer.mlp.down_proj, f"layer {i} mlp.down_proj", size)
-        _check_splits_input(layer.self_attn.o_proj, f"layer {i} self_attn.o_proj", size)
         if layer.has_moe:
-            if experts == "across":
-                n = config.num_experts
-                _check(n % size == 0, f"{n} experts cannot be split across {size} ranks")
-            else:
-                n = config.moe_intermediate_size
-                _check(
-                    n % size == 0,
-                    f"the experts' {n} inner units cannot be split across {size} ranks; "
-                    "try experts split across ranks",
-                )
-                _check_splits_input(layer.experts.down_proj, f"layer {i} experts", size)
+            expert_split(layer, size, experts)
+
+
+def expert_split(layer: DecoderLayer, size: int, experts: str = "auto") -> str:
+    """How a MoE layer's experts are cut: "inside" each expert (their inner width, the
+    default when it and its quantization groups divide), or "across" ranks (whole experts)."""
+    inner = layer.experts.gate_up_proj.weight.shape[1] // 2  # gate rows, then up rows
+    count = layer.experts.gate_up_proj.weight.shape[0]
+    inside = _inner_splits(layer.experts.down_proj, inner, size)
+    if experts in ("auto", "inside") and inside:
+        return "inside"
+    if experts in ("auto", "across") and count % size == 0:
+        return "across"
+    raise DistributedError(
+        f"the experts ({count} of width {inner}) cannot be split {experts} across {size} "
+        "ranks; use a group size that divides them, or --distributed pipeline"
+    )
 
 
 def _shard_attention(attn: Attention, group: Group) -> None:
@@ -293,13 +295,16 @@ def _shard_attention(attn: Attention, group: Group) -> None:
 
 def _shard_feed_forward(layer: DecoderLayer, group: Group, experts: str) -> None:
     mlp = layer.mlp
-    mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
-    mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
-    mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+    # an MLP whose packed groups do not divide (26B-A4B's 2112-wide one in 64-groups) stays
+    # whole on every rank: replicated compute, no collective
+    if _inner_splits(mlp.down_proj, mlp.gate_proj.weight.shape[0], group.size()):
+        mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+        mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+        mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
     if not layer.has_moe:
         return
     # the router stays whole: every rank routes every token the same way
-    if experts == "across":
+    if expert_split(layer, group.size(), experts) == "across":
         count = layer.experts.gate_up_proj.weight.shape[0] // group.size()
         _cut(layer.experts, _rows, group)
         layer.experts = ExpertSlice(layer.experts, group.rank() * count, count, Collectives(group))
@@ -328,10 +333,11 @@ def _vocab_parallel(model: nn.Module, comm: Collectives) -> None:
         model.lm_head = VocabParallelHead(model.lm_head, comm)
 
 
-def shard(model: nn.Module, group: Group, experts: str = "inside") -> nn.Module:
+def shard(model: nn.Module, group: Group, experts: str = "auto") -> nn.Module:
     """Tensor parallelism over `group`, in place; `model(ids)` then gives the full logits on
     every rank. `experts`: "inside" cuts each expert's inner width, "across" gives each rank
-    a share of the experts. The modality towers are replicated."""
+    a share of the experts, "auto" the first of those that divides. The modality towers are
+    replicated."""
     size = group.size()
     if size == 1:
         return model

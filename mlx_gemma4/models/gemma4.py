@@ -97,7 +97,7 @@ class Model(nn.Module):
         `kv_quantization` stores the full-attention layers' keys and values quantized."""
         return self.language_model.make_cache(kv_quantization)
 
-    def shard(self, group: Any = None, experts: str = "inside") -> Model:
+    def shard(self, group: Any = None, experts: str = "auto") -> Model:
         """Tensor parallelism over `group` (default: `mx.distributed.init()`); see
         `mlx_gemma4.distributed.shard`."""
         from ..distributed import shard
