@@ -356,29 +356,37 @@ def shard(model: nn.Module, group: Group, experts: str = "auto") -> nn.Module:
 
 def layer_spans(config: Any, size: int, split: Sequence[int] | None = None) -> list[range]:
     """Contiguous layer spans, rank 0 first: even, except that the KV-shared layers and the
-    layers they read stay together on the last rank."""
+    layers they read stay together on the last rank (the layers before them then spread
+    evenly over the other ranks)."""
     n = config.num_hidden_layers
+    shared = range(config.first_kv_shared_layer, n)
+    lowest = min((config.kv_source(i) for i in shared), default=n)
     if split is None:
-        base, extra = divmod(n, size)
-        split = [base + (1 if r < extra else 0) for r in range(size)]
+        split = _even(n, size)
+        if sum(split[:-1]) > lowest:
+            _check(
+                lowest >= size - 1,
+                f"{size} ranks cannot split the {lowest} layers before the KV-shared block "
+                f"(layers {lowest}-{n - 1} must stay on one rank); use fewer ranks",
+            )
+            split = [*_even(lowest, size - 1), n - lowest]
     _check(
         len(split) == size and all(s > 0 for s in split) and sum(split) == n,
         f"layer split {list(split)} must give each of {size} ranks at least one of {n} layers",
     )
     ends = [sum(split[: r + 1]) for r in range(size)]
-    shared = range(config.first_kv_shared_layer, n)
-    if len(shared):
-        lowest = min(config.kv_source(i) for i in shared)
-        # boundaries above the lowest KV source move down to it, keeping spans non-empty
-        for r in range(size - 2, -1, -1):
-            ends[r] = min(ends[r], lowest - (size - 2 - r), ends[r + 1] - 1)
-        _check(
-            ends[0] >= 1,
-            f"{size} ranks cannot split the {lowest} layers before the KV-shared block "
-            f"(layers {lowest}-{n - 1} must stay on one rank); use fewer ranks",
-        )
+    _check(
+        ends[-2] <= lowest,
+        f"layer split {list(split)} separates the KV-shared layers {lowest}-{n - 1} from the "
+        "layers they read; keep them on the last rank",
+    )
     starts = [0] + ends[:-1]
     return [range(a, b) for a, b in zip(starts, ends, strict=True)]
+
+
+def _even(n: int, parts: int) -> list[int]:
+    base, extra = divmod(n, parts)
+    return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
 class StageLayer(nn.Module):

@@ -206,3 +206,77 @@ def test_unknown_distributed_mode_is_refused(chat_checkpoint, gemma4):
     result = gemma4("generate", "--model", folder, "-p", "hi", "--distributed", "data")
     assert result.returncode == 1
     assert "--distributed data: use one of tensor, pipeline" in result.stderr
+
+
+# --------------------------------------------------------------------------- plans, in process
+
+
+def real_shaped_config(**sizes):
+    """Our TextConfig of a released model's layer layout (sizes from the reference table)."""
+    from checkpoints import to_hub_form
+    from transformers import Gemma4TextConfig
+
+    from mlx_gemma4.config import TextConfig
+
+    return TextConfig.from_dict(to_hub_form(Gemma4TextConfig(**sizes).to_dict()))
+
+
+E2B_LAYOUT = dict(
+    num_hidden_layers=35,
+    num_kv_shared_layers=20,
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7,
+)
+
+
+def test_pipeline_keeps_kv_sharing_on_one_rank():
+    from mlx_gemma4.distributed import layer_spans
+
+    config = real_shaped_config(**E2B_LAYOUT)
+    spans = layer_spans(config, 2)
+    assert spans == [range(0, 13), range(13, 35)]  # 13 and 14 are the shared block's sources
+    readers = range(config.first_kv_shared_layer, 35)
+    assert all(config.kv_source(i) in spans[1] for i in readers)
+    assert layer_spans(config, 4) == [range(0, 5), range(5, 9), range(9, 13), range(13, 35)]
+    dense = real_shaped_config(num_hidden_layers=6, layer_types=["sliding_attention"] * 6)
+    assert layer_spans(dense, 2) == [range(0, 3), range(3, 6)]
+    assert layer_spans(dense, 2, split=[1, 5]) == [range(0, 1), range(1, 6)]
+
+
+def test_pipeline_refuses_splits_it_cannot_honour():
+    from mlx_gemma4.distributed import layer_spans
+    from mlx_gemma4.errors import DistributedError
+
+    kinds = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 4
+    config = real_shaped_config(
+        num_hidden_layers=8, num_kv_shared_layers=5, layer_types=[*kinds, "full_attention"]
+    )  # layers 3-7 read layers 1 and 2
+    with pytest.raises(DistributedError, match="3 ranks cannot split the 1 layers"):
+        layer_spans(config, 3)
+    with pytest.raises(DistributedError, match="layer split \\[2, 2\\] must give each of 2"):
+        layer_spans(config, 2, split=[2, 2])
+    with pytest.raises(DistributedError, match="separates the KV-shared layers 1-7"):
+        layer_spans(config, 2, split=[3, 5])
+    assert layer_spans(config, 2) == [range(0, 1), range(1, 8)]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "size", "expected"),
+    [
+        (32, 16, 2, [(0, 8), (8, 8)]),  # 31B sliding layers: KV heads split
+        (32, 4, 8, [(r // 2, 1) for r in range(8)]),  # 31B full layers on 8 ranks: shared
+        (8, 1, 4, [(0, 1)] * 4),  # E2B: the one KV head on every rank
+        (16, 2, 2, [(0, 1), (1, 1)]),  # 26B-A4B full layers
+    ],
+)
+def test_kv_heads_follow_the_query_heads(heads, kv_heads, size, expected):
+    from mlx_gemma4.distributed import kv_heads_of_rank
+
+    assert [kv_heads_of_rank(r, size, heads, kv_heads) for r in range(size)] == expected
+
+
+def test_kv_heads_that_neither_split_nor_share_are_refused():
+    from mlx_gemma4.distributed import kv_heads_of_rank
+    from mlx_gemma4.errors import DistributedError
+
+    with pytest.raises(DistributedError, match="6 KV heads can be neither split across nor"):
+        kv_heads_of_rank(0, 4, 12, 6)
