@@ -12,7 +12,8 @@ is replicated, each rank keeping the one its query heads read.
 loop; a layer held elsewhere passes the hidden state through (keeping its cache's position
 bookkeeping), and where the span changes hands the owner's hidden state is broadcast. KV-shared
 layers and the layers they read stay on one rank, so no keys or values cross the wire. The
-vocabulary tables are cut by rows as in `shard`; the towers stay on rank 0.
+vocabulary tables are cut by rows as in `shard`; the towers' weights stay on rank 0 (media
+input is refused in pipeline mode for now).
 
 Both run on any backend `mx.distributed.init` gives (ring over TCP, JACCL over Thunderbolt,
 MPI). Quantized weights are cut as stored, without dequantizing.
@@ -422,11 +423,21 @@ class StageLayer(nn.Module):
         return h, kv
 
 
-class TowerElsewhere(nn.Module):
-    """A modality tower held by rank 0 of a pipeline."""
+class PipelineTower(nn.Module):
+    """A modality tower in a pipeline: its weights stay on rank 0 (`tower`), absent elsewhere.
+
+    Media input is refused on every rank alike, before any collective, so the ranks stay in
+    step: the other ranks would need rank 0's soft tokens, which are not sent yet."""
+
+    def __init__(self, tower: nn.Module | None):
+        super().__init__()
+        if tower is not None:
+            self.tower = tower
 
     def __call__(self, *args, **kwargs):
-        raise DistributedError("media input needs the towers, which a pipeline keeps on rank 0")
+        raise DistributedError(
+            "media input is not supported with --distributed pipeline yet; use tensor"
+        )
 
 
 def _pipeline_caches(text: TextModel, owned: list[bool]) -> Callable[..., list[Any]]:
@@ -467,10 +478,9 @@ def pipeline(model: nn.Module, group: Group, split: Sequence[int] | None = None)
             comm,
         )
     text.make_cache = _pipeline_caches(text, [o == rank for o in owner])
-    if rank:
-        for tower in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
-            if tower in model:
-                model[tower] = TowerElsewhere()
+    for tower in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
+        if tower in model:
+            model[tower] = PipelineTower(None if rank else model[tower])
     _vocab_parallel(model, comm)
     _materialize(model)
     model.parallelism = f"pipeline x{size}: layers {spans[rank].start}-{spans[rank].stop - 1}"

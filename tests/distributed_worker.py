@@ -37,6 +37,21 @@ def greedy(model, steps: int = STEPS) -> tuple[np.ndarray, list[int]]:
     return first, tokens
 
 
+def image_logits(model) -> np.ndarray | str:
+    """Logits of a prompt with one image, or the error a pipeline gives for media."""
+    from checkpoints import MM_TOKENS, patches
+
+    pixels, positions = patches([(6, 6)], max_tokens=4, seed=1)
+    ids = [[2, MM_TOKENS["boi_token_id"], *[MM_TOKENS["image_token_id"]] * 4, 471, 17, 301]]
+    try:
+        logits = model(
+            mx.array(ids), pixel_values=mx.array(pixels), image_position_ids=mx.array(positions)
+        )
+    except Gemma4Error as e:
+        return str(e)
+    return np.array(logits.astype(mx.float32))
+
+
 def run_case(case: dict, group) -> dict:
     mx.clear_cache()
     before = mx.get_active_memory()
@@ -48,11 +63,18 @@ def run_case(case: dict, group) -> dict:
     resident = mx.get_active_memory() - before
     held = weight_bytes(sharded)
     logits, tokens = greedy(sharded)
+    seen = image_logits(sharded) if case.get("image") else None
     del sharded
     gc.collect()
     whole = load_model(case["path"])
     reference, reference_tokens = greedy(whole)
+    image = {}
+    if isinstance(seen, str):
+        image = {"image_refused": seen}
+    elif seen is not None:
+        image = {"image_error": float(np.abs(seen - image_logits(whole)).max())}
     return {
+        **image,
         "weight_bytes": held,
         "resident_bytes": resident,
         "whole_bytes": weight_bytes(whole),

@@ -62,6 +62,11 @@ def ranks(tiny, tmp_path_factory):
         for variant in VARIANTS
         for mode in MODES
     ]
+    multimodal = str(tiny("multimodal")[0])
+    cases += [
+        {"name": f"multimodal-{mode}", "path": multimodal, "mode": mode, "image": True}
+        for mode in MODES
+    ]
     # 4-bit, with inner widths whose quantization groups split in two
     wide_moe = build_with(
         root / "wide-moe", "moe_k_eq_v", intermediate_size=128, moe_intermediate_size=64
@@ -106,6 +111,8 @@ CASES = [f"{variant}-{mode}" for variant in VARIANTS for mode in MODES] + [
     "4bit-pipeline",
     "experts-across",
     "4bit-whole-mlp",
+    "multimodal-tensor",
+    "multimodal-pipeline",
 ]
 
 
@@ -132,7 +139,8 @@ def test_each_rank_holds_about_half_the_weights(ranks, case):
         # what MLX holds after loading is what the weights take: no whole tensor stays behind
         assert seen["resident_bytes"] <= seen["weight_bytes"] * 1.05 + 64 * 1024, (rank, case)
         shares.append(share)
-    if case == "4bit-whole-mlp":
+    if case in ("4bit-whole-mlp", "multimodal-tensor"):
+        # an MLP that stays whole, or the towers, replicated on both ranks
         assert all(0.6 < share < 0.9 for share in shares), shares
     elif case.endswith("tensor") or case == "experts-across":
         # norms, routers and single KV heads are replicated
@@ -140,6 +148,17 @@ def test_each_rank_holds_about_half_the_weights(ranks, case):
     else:
         # a pipeline splits whole layers; the KV-shared block stays on one rank
         assert 0.95 < sum(shares) < 1.05 and max(shares) < 0.85, shares
+
+
+def test_images_in_tensor_mode_equal_the_whole_model(ranks):
+    for rank in (0, 1):
+        assert ranks[rank]["cases"]["multimodal-tensor"]["image_error"] < 1e-4
+
+
+def test_pipeline_refuses_media_on_every_rank_alike(ranks):
+    for rank in (0, 1):
+        refused = ranks[rank]["cases"]["multimodal-pipeline"]["image_refused"]
+        assert refused == "media input is not supported with --distributed pipeline yet; use tensor"
 
 
 def test_sizes_that_do_not_divide_give_one_clear_error(ranks):
