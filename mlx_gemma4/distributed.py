@@ -109,21 +109,16 @@ def broadcast_int(value: int, group: Group) -> int:
 _SLICED = ("weight", "scales", "biases", "bias")  # a codebook or rotation is never cut
 
 
-def _cut(module: nn.Module, axis_of: Callable[[str, mx.array], int | None], group: Group) -> None:
-    """Keep this rank's part of `module`'s weights, as stored (packed weights stay packed)."""
-    shard_inplace(module, axis_of, group=group)
-
-
 def _rows(path: str, weight: mx.array) -> int | None:
+    """`shard_inplace`'s rule for cutting by rows: weights, packed or not, and their scales."""
     return 0 if path.split(".")[-1] in _SLICED else None
 
 
 def _keep_rows(module: nn.Module, start: int, stop: int) -> None:
-    """Keep rows [start, stop) of a linear (float or packed): a contiguous copy, so the full
-    tensor's buffer is not held alive by a view."""
+    """Keep rows [start, stop) of a linear, float or packed."""
     module.update(
         {
-            name: mx.contiguous(module[name][start:stop])
+            name: module[name][start:stop]
             for name in _SLICED
             if name in module and isinstance(module[name], mx.array)
         }
@@ -307,7 +302,7 @@ def _shard_feed_forward(layer: DecoderLayer, group: Group, experts: str) -> None
     # the router stays whole: every rank routes every token the same way
     if expert_split(layer, group.size(), experts) == "across":
         count = layer.experts.gate_up_proj.weight.shape[0] // group.size()
-        _cut(layer.experts, _rows, group)
+        shard_inplace(layer.experts, _rows, group=group)
         layer.experts = ExpertSlice(layer.experts, group.rank() * count, count, Collectives(group))
     else:
         # gate_up holds gate rows then up rows: cut each half
@@ -327,10 +322,10 @@ def _vocab_parallel(model: nn.Module, comm: Collectives) -> None:
         rows = table.weight.shape[0]
         if rows % size:
             continue  # kept whole: uneven slices would need padded gathers
-        _cut(table, _rows, group)
+        shard_inplace(table, _rows, group=group)
         text[name] = VocabParallelEmbedding(table, rank * rows // size, comm)
     if "lm_head" in model and model.lm_head.weight.shape[0] % size == 0:
-        _cut(model.lm_head, _rows, group)
+        shard_inplace(model.lm_head, _rows, group=group)
         model.lm_head = VocabParallelHead(model.lm_head, comm)
 
 

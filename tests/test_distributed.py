@@ -7,6 +7,8 @@ both modes; its results are read back and asserted here, one test per property.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,28 @@ pytest.importorskip("transformers")
 LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 VARIANTS = ("dense", "ple_kv_shared", "moe_k_eq_v")
 MODES = ("tensor", "pipeline")
-TIMEOUT = 240
+TIMEOUT = 600  # generous: a shared machine can stretch a launch several times over
+
+
+def run_launch(command: list[str], stdin: str | None = None, cwd=None):
+    """Run `mlx.launch` in a session of its own; on timeout, every rank it started is killed
+    with it (not only the launcher)."""
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(stdin, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def launch_command(*args: str) -> list[str]:
@@ -91,13 +114,7 @@ def ranks(tiny, tmp_path_factory):
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cases": cases, "bad": bad, "out": str(out), "lose_rank_1": True}))
     worker = Path(__file__).with_name("distributed_worker.py")
-    run = subprocess.run(
-        launch_command(str(worker), str(spec)),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=Path(__file__).parent,
-    )
+    run = run_launch(launch_command(str(worker), str(spec)), cwd=Path(__file__).parent)
     results = {}
     for rank in (0, 1):
         file = out / f"rank{rank}.json"
@@ -179,13 +196,7 @@ def test_a_lost_rank_is_one_clear_error(ranks):
 
 def launch_gemma4(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring -- gemma4 ARGS`."""
-    return subprocess.run(
-        launch_command("-m", "mlx_gemma4.cli", *map(str, args)),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    return run_launch(launch_command("-m", "mlx_gemma4.cli", *map(str, args)), stdin)
 
 
 def test_generate_distributed_prints_the_single_process_answer_once(chat_checkpoint, gemma4):
