@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -194,7 +195,13 @@ def run(label: str, folder: Path, ranks: int, extra: list[str], args) -> list[di
             ring = ["-n", str(ranks), "--backend", "ring", "--"]
             command = [sys.executable, "-c", LAUNCHER, *ring, *command]
         print(f"running {label} ...", file=sys.stderr)
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, timeout=1800)
+        # a pipe held open: at end-of-input mlx.launch spins on its stdin, taking a core
+        read_end, write_end = os.pipe()
+        try:
+            subprocess.run(command, check=True, stdin=read_end, timeout=1800)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
 
 

@@ -24,24 +24,31 @@ MODES = ("tensor", "pipeline")
 TIMEOUT = 600  # generous: a shared machine can stretch a launch several times over
 
 
-def run_launch(command: list[str], stdin: str | None = None, cwd=None):
-    """Run `mlx.launch` in a session of its own; on timeout, every rank it started is killed
-    with it (not only the launcher)."""
+def run_launch(command: list[str], stdin: str = "", cwd=None) -> subprocess.CompletedProcess:
+    """Run `mlx.launch` in a session of its own, so a timeout kills every rank it started.
+
+    Its stdin is a pipe kept open until it ends: at end-of-input `mlx.launch` spins on it,
+    taking a core from the ranks."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, stdin.encode())  # a few lines: they fit in the pipe's buffer
     process = subprocess.Popen(
         command,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdin=read_end,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
         start_new_session=True,
     )
+    os.close(read_end)
     try:
-        stdout, stderr = process.communicate(stdin, timeout=TIMEOUT)
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise
+    finally:
+        os.close(write_end)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
@@ -194,7 +201,7 @@ def test_a_lost_rank_is_one_clear_error(ranks):
 # --------------------------------------------------------------------------- the command line
 
 
-def launch_gemma4(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def launch_gemma4(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring -- gemma4 ARGS`."""
     return run_launch(launch_command("-m", "mlx_gemma4.cli", *map(str, args)), stdin)
 
