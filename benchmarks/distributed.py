@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -192,7 +193,8 @@ def run(label: str, folder: Path, ranks: int, extra: list[str], args) -> list[di
         command += ["--out", out, f"--prompt={args.prompt}", f"--decode={args.decode}"]
         command += [f"--rounds={args.rounds}", *extra]
         if ranks > 1:
-            ring = ["-n", str(ranks), "--backend", "ring", "--"]
+            port = str(random.randrange(20_000, 60_000, 8))  # clear of other ring jobs' ports
+            ring = ["-n", str(ranks), "--backend", "ring", "--starting-port", port, "--"]
             command = [sys.executable, "-c", LAUNCHER, *ring, *command]
         print(f"running {label} ...", file=sys.stderr)
         # a pipe held open: at end-of-input mlx.launch spins on its stdin, taking a core

@@ -74,8 +74,12 @@ class Collectives:
         return self.all_sum(x if self.rank == source else mx.depends(mx.zeros_like(x), x))
 
     def gather_last_axis(self, x: mx.array) -> mx.array:
-        """Every rank's `x` [..., n] concatenated along the last axis, in rank order."""
-        parts = self._done(mx.distributed.all_gather(self._in_turn(x)[None], group=self.group))
+        """Every rank's `x` [..., n] concatenated along the last axis, in rank order.
+
+        Used for the logits, the last collective of a forward pass: nothing is chained to it,
+        so logits no one reads (a prefill chunk's) are never computed, and a step that reads
+        them depends on them through its token anyway."""
+        parts = mx.distributed.all_gather(self._in_turn(x)[None], group=self.group)
         return mx.moveaxis(parts, 0, -2).reshape(*x.shape[:-1], -1)
 
 
@@ -385,6 +389,27 @@ def _even(n: int, parts: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
+class ForwardCaches:
+    """The caches one pipeline forward pass updated on this rank.
+
+    A prefill chunk evaluates only the caches. Rank 0's caches do not depend on the layers
+    after its span, so without a tie it would skip the broadcasts that hand the hidden state
+    on, and its peers would wait for them; tied to the pass's last broadcast, evaluating any
+    cache runs every collective of the pass on every rank.
+    """
+
+    def __init__(self):
+        self.updated: list[Any] = []
+
+    def tie_to(self, h: mx.array) -> None:
+        for cache in self.updated:
+            for name in ("keys", "values"):
+                stored = getattr(cache, name, None)
+                if isinstance(stored, mx.array):
+                    setattr(cache, name, mx.depends(stored, h))
+        self.updated.clear()
+
+
 class StageLayer(nn.Module):
     """One decoder layer in a pipeline: run here when this rank holds it, passed through
     otherwise; `receive_from` broadcasts that rank's hidden state before the layer,
@@ -396,18 +421,21 @@ class StageLayer(nn.Module):
         receive_from: int | None,
         final_from: int | None,
         comm: Collectives,
+        caches: ForwardCaches,
     ):
         super().__init__()
         if layer is not None:
             self.layer = layer
         self.receive_from, self.final_from = receive_from, final_from
-        self.comm = comm
+        self.comm, self.caches = comm, caches
 
     def __call__(self, h, mask, cache, offset, shared_kv, per_layer_input):
         if self.receive_from is not None:
             h = self.comm.broadcast(h, self.receive_from)
         if "layer" in self:
             h, kv = self.layer(h, mask, cache, offset, shared_kv, per_layer_input)
+            if cache is not None:
+                self.caches.updated.append(cache)
         else:
             kv = None
             if cache is not None:  # keep positions and windows in step with the owner
@@ -415,6 +443,7 @@ class StageLayer(nn.Module):
                 mx.eval(cache.update_and_fetch(blank, blank))
         if self.final_from is not None:
             h = self.comm.broadcast(h, self.final_from)
+            self.caches.tie_to(h)
         return h, kv
 
 
@@ -465,12 +494,14 @@ def pipeline(model: nn.Module, group: Group, split: Sequence[int] | None = None)
     owner = [r for r, span in enumerate(spans) for _ in span]
     last = len(owner) - 1
     comm = Collectives(group)  # one order for all of this model's collectives
+    caches = ForwardCaches()
     for i, layer in enumerate(text.layers):
         text.layers[i] = StageLayer(
             layer if owner[i] == rank else None,
             owner[i - 1] if i and owner[i - 1] != owner[i] else None,
             owner[i] if i == last else None,
             comm,
+            caches,
         )
     text.make_cache = _pipeline_caches(text, [o == rank for o in owner])
     for tower in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -53,8 +54,11 @@ def run_launch(command: list[str], stdin: str = "", cwd=None) -> subprocess.Comp
 
 
 def launch_command(*args: str) -> list[str]:
-    """`mlx.launch -n 2 --backend ring` running this interpreter."""
-    return [*LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, *args]
+    """`mlx.launch -n 2 --backend ring` running this interpreter, on ports of its own: two ring
+    jobs on one machine that share ports wait for each other forever at start-up."""
+    port = str(random.randrange(20_000, 60_000, 8))
+    ring = ["-n", "2", "--backend", "ring", "--starting-port", port]
+    return [*LAUNCH, *ring, "--", sys.executable, *args]
 
 
 def build_quantized(source: Path, folder: Path, group_size: int) -> Path:
