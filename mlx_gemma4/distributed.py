@@ -393,9 +393,10 @@ class ForwardCaches:
     """The caches one pipeline forward pass updated on this rank.
 
     A prefill chunk evaluates only the caches. Rank 0's caches do not depend on the layers
-    after its span, so without a tie it would skip the broadcasts that hand the hidden state
-    on, and its peers would wait for them; tied to the pass's last broadcast, evaluating any
-    cache runs every collective of the pass on every rank.
+    after its span, so untied it would leave the broadcasts that hand the hidden state on to
+    its next evaluation (the chained order keeps them paired), and its peers would wait that
+    long: forever, if it ends after a prefill. Tied to the pass's last broadcast, evaluating
+    any cache runs every collective of the pass on every rank.
     """
 
     def __init__(self):
