@@ -138,7 +138,8 @@ def worker(args: argparse.Namespace) -> None:
     import mlx.core as mx
 
     from mlx_gemma4 import load_model
-    from mlx_gemma4.distributed import init, weight_bytes
+    from mlx_gemma4.collectives import init
+    from mlx_gemma4.distributed import weight_bytes
 
     group = init()
     mx.reset_peak_memory()

@@ -29,7 +29,8 @@ def start(mode: str | None) -> Any:
     """The group for `mode` (None: not distributed); followers' output silenced."""
     if mode is None:
         return None
-    from mlx_gemma4.distributed import MODES, init
+    from mlx_gemma4.collectives import init
+    from mlx_gemma4.distributed import MODES
     from mlx_gemma4.errors import DistributedError
 
     if mode not in MODES:
@@ -46,7 +47,7 @@ def _same_random_numbers(group: Any) -> None:
     """Seed every rank's generator with rank 0's seed, so sampling picks the same tokens."""
     import mlx.core as mx
 
-    from mlx_gemma4.distributed import broadcast_int
+    from mlx_gemma4.collectives import broadcast_int
 
     seed = int.from_bytes(os.urandom(4), "little") >> 1 if group.rank() == 0 else 0
     mx.random.seed(broadcast_int(seed, group))
@@ -56,7 +57,7 @@ def shared_text(text: str | None, group: Any) -> str | None:
     """Rank 0's `text` on every rank (unchanged when not distributed)."""
     if group is None:
         return text
-    from mlx_gemma4.distributed import broadcast_text
+    from mlx_gemma4.collectives import broadcast_text
 
     return broadcast_text(text, group)
 
@@ -66,7 +67,7 @@ def shared_reader(read_line: Callable[[str], str], group: Any) -> Callable[[str]
     others, whose reader returns the same lines."""
     if group is None:
         return read_line
-    from mlx_gemma4.distributed import broadcast_int, broadcast_text
+    from mlx_gemma4.collectives import broadcast_int, broadcast_text
 
     def read(prompt: str) -> str:
         line, ended = None, 0
@@ -87,7 +88,7 @@ def reports_lost_ranks(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def run(*args, **kwargs):
-        from mlx_gemma4.distributed import lost_ranks_reported
+        from mlx_gemma4.collectives import lost_ranks_reported
 
         with lost_ranks_reported():
             return command(*args, **kwargs)

@@ -21,8 +21,7 @@ MPI). Quantized weights are cut as stored, without dequantizing.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -31,81 +30,13 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx.utils import tree_flatten, tree_map
 
 from .cache import FullAttentionCache, SlidingWindowCache
+from .collectives import Collectives, Group, broadcast_int
 from .errors import DistributedError
 from .models.layers import CodebookLinear
 from .models.text import Attention, DecoderLayer, TextModel
 
 MODES = ("tensor", "pipeline")
 EXPERT_SPLITS = ("auto", "inside", "across")
-Group = Any  # mx.distributed.Group (not subscriptable as a type)
-
-
-# ----------------------------------------------------------------------------- collectives
-
-
-class Collectives:
-    """A group's collectives, issued in program order on every rank.
-
-    MLX evaluates lazily, in an order set by the shape of the graph. A pipeline's ranks build
-    different graphs, so two independent collectives (the token and per-layer table lookups)
-    could run in opposite orders on two ranks and pair up wrongly. Each collective here
-    depends on the one before it, which fixes the order everywhere.
-    """
-
-    def __init__(self, group: Group):
-        self.group = group
-        self.rank, self.size = group.rank(), group.size()
-        self._last: mx.array | None = None
-
-    def _in_turn(self, x: mx.array) -> mx.array:
-        return x if self._last is None else mx.depends(x, self._last)
-
-    def _done(self, out: mx.array) -> mx.array:
-        # a one-element array computed from `out` marks it, without keeping its buffer alive
-        self._last = out.reshape(-1)[:1].sum()
-        return out
-
-    def all_sum(self, x: mx.array) -> mx.array:
-        return self._done(mx.distributed.all_sum(self._in_turn(x), group=self.group))
-
-    def broadcast(self, x: mx.array, source: int) -> mx.array:
-        """`x` of rank `source` on every rank (the others add zeros). The zeros depend on `x`,
-        so every collective behind `x` still runs on every rank."""
-        return self.all_sum(x if self.rank == source else mx.depends(mx.zeros_like(x), x))
-
-    def gather_last_axis(self, x: mx.array) -> mx.array:
-        """Every rank's `x` [..., n] concatenated along the last axis, in rank order.
-
-        Used for the logits, the last collective of a forward pass: nothing is chained to it,
-        so logits no one reads (a prefill chunk's) are never computed, and a step that reads
-        them depends on them through its token anyway."""
-        parts = mx.distributed.all_gather(self._in_turn(x)[None], group=self.group)
-        return mx.moveaxis(parts, 0, -2).reshape(*x.shape[:-1], -1)
-
-
-def broadcast(x: mx.array, source: int, group: Group) -> mx.array:
-    """`x` of rank `source` on every rank, evaluated now."""
-    out = Collectives(group).broadcast(x, source)
-    mx.eval(out)
-    return out
-
-
-def barrier(group: Group) -> None:
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
-
-
-def broadcast_text(text: str | None, group: Group) -> str:
-    """Rank 0's `text` on every rank (others pass anything, e.g. None)."""
-    data = (text or "").encode() if group.rank() == 0 else b""
-    length = int(broadcast(mx.array(len(data)), 0, group).item())
-    padded = mx.zeros(length, dtype=mx.uint8)
-    if group.rank() == 0 and length:
-        padded = mx.array(list(data), dtype=mx.uint8)
-    return bytes(broadcast(padded, 0, group).tolist()).decode() if length else ""
-
-
-def broadcast_int(value: int, group: Group) -> int:
-    return int(broadcast(mx.array(value, dtype=mx.int32), 0, group).item())
 
 
 # ----------------------------------------------------------------------------- slicing weights
@@ -347,7 +278,6 @@ def shard(model: nn.Module, group: Group, experts: str = "auto") -> nn.Module:
         _shard_feed_forward(layer, group, experts)
     _vocab_parallel(model, Collectives(group))
     _materialize(model)
-    model.parallelism = f"tensor x{size}"
     return model
 
 
@@ -510,7 +440,6 @@ def pipeline(model: nn.Module, group: Group, split: Sequence[int] | None = None)
             model[tower] = PipelineTower(None if rank else model[tower])
     _vocab_parallel(model, comm)
     _materialize(model)
-    model.parallelism = f"pipeline x{size}: layers {spans[rank].start}-{spans[rank].stop - 1}"
     return model
 
 
@@ -547,15 +476,6 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def init(backend: str = "any") -> Group:
-    """The group `mlx.launch` set up (a group of one when not launched), one clear error when
-    it cannot start."""
-    try:
-        return mx.distributed.init(backend=backend)
-    except RuntimeError as e:
-        raise DistributedError(f"the distributed group could not start ({e})") from e
-
-
 def resolve_once_per_host(path_or_repo: Any, revision: str | None, group: Group) -> Any:
     """The checkpoint folder on every rank; a Hub download runs on rank 0 first, so ranks
     sharing its host (and cache) find the files there instead of fetching them again. When
@@ -573,16 +493,3 @@ def resolve_once_per_host(path_or_repo: Any, revision: str | None, group: Group)
             raise failure
         raise DistributedError("rank 0 could not find the checkpoint")
     return folder if folder is not None else resolve_model_path(path_or_repo, revision)
-
-
-@contextlib.contextmanager
-def lost_ranks_reported() -> Iterator[None]:
-    """Turn the backend's error for a peer that went away into one `DistributedError`."""
-    try:
-        yield
-    except RuntimeError as e:
-        if "[ring]" in str(e) or "[jaccl]" in str(e) or "[mpi]" in str(e):
-            raise DistributedError(
-                f"another rank stopped or became unreachable ({e}); see its output above"
-            ) from e
-        raise

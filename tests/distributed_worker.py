@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma4 import load_model
-from mlx_gemma4.distributed import init, lost_ranks_reported, weight_bytes
+from mlx_gemma4.collectives import init, lost_ranks_reported
+from mlx_gemma4.distributed import weight_bytes
 from mlx_gemma4.errors import Gemma4Error
 
 PROMPT = [[2, 17, 301, 45, 99, 7, 250, 13, 88, 400, 5, 61]]
