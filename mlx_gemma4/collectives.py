@@ -4,6 +4,7 @@ from rank 0 (prompts, input lines, seeds), the group's start and a lost peer's e
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,7 +86,12 @@ def init(backend: str = "any") -> Group:
     try:
         return mx.distributed.init(backend=backend)
     except RuntimeError as e:
-        raise DistributedError(f"the distributed group could not start ({e})") from e
+        hostfile = os.environ.get("MLX_HOSTFILE")
+        where = f"hostfile {hostfile} (MLX_HOSTFILE)" if hostfile else "the distributed group"
+        raise DistributedError(
+            f"{where}: the group could not start ({e}); check the file, or let mlx.launch "
+            "write it (mlx.launch --hostfile hosts.json -- gemma4 ...)"
+        ) from e
 
 
 @contextlib.contextmanager

@@ -242,6 +242,17 @@ def test_group_size_that_does_not_divide_is_one_line_from_rank_0(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_a_hostfile_that_does_not_parse_is_one_line(chat_checkpoint, gemma4, tmp_path):
+    folder, _ = chat_checkpoint("dense")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('{"hosts": [')
+    env = {"MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+    result = gemma4("generate", "--model", folder, "-p", "hi", "--distributed", "tensor", env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: hostfile {hostfile} (MLX_HOSTFILE)")
+
+
 def test_unknown_distributed_mode_is_refused(chat_checkpoint, gemma4):
     folder, _ = chat_checkpoint("dense")
     result = gemma4("generate", "--model", folder, "-p", "hi", "--distributed", "data")
