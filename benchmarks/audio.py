@@ -1,6 +1,7 @@
 """Audio encoding of a 30 s clip: mlx-gemma4 against mlx-vlm, as a real-time factor.
 
     python benchmarks/audio.py [--rounds 3] [--bundled-blas]
+    python benchmarks/audio.py --unified   # Gemma 4 12B's encoder-free embedder (unified.py)
 
 One checkpoint with E2B's real audio tower (transformers' default `Gemma4AudioConfig`: 1024
 wide, 12 Conformer layers, output 1536; random weights) and a token text model, built once.
@@ -59,6 +60,10 @@ def audio_checkpoint() -> Path:
 
 def main() -> None:
     args, blas = arguments()
+    if args.unified:  # Gemma 4 12B: no tower, the encoder-free embedders
+        from unified import audio_benchmark
+
+        return audio_benchmark(args, blas)
     import mlx.core as mx
 
     folder = audio_checkpoint()

@@ -60,6 +60,9 @@ def arguments() -> tuple[argparse.Namespace, str]:
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--decode", type=int, default=64, help="generated tokens")
     parser.add_argument("--precision", choices=["float32", "4-bit", "both"], default="both")
+    parser.add_argument(
+        "--unified", action="store_true", help="Gemma 4 12B's encoder-free embedders (unified.py)"
+    )
     return parse(parser)
 
 

@@ -1,6 +1,7 @@
 """Image encoding and time to first token with a 280-token image: mlx-gemma4 against mlx-vlm.
 
     python benchmarks/vision.py [--rounds 3] [--bundled-blas]
+    python benchmarks/vision.py --unified   # Gemma 4 12B's encoder-free embedder (unified.py)
 
 One checkpoint (E2B's real vision tower: 768 wide, 16 layers; E2B-shaped text with 5 layers),
 one 912 x 672 image preprocessed once (266 soft tokens of a 280 budget), float32, best of the
@@ -20,6 +21,10 @@ IMAGE_TOKEN, BOI, EOI = 258_880, 255_999, 258_882
 
 def main() -> None:
     args, blas = arguments()
+    if args.unified:  # Gemma 4 12B: no tower, the encoder-free embedders
+        from unified import image_benchmark
+
+        return image_benchmark(args, blas)
     import mlx.core as mx
     from mlx_vlm.generate.ar import generate_step as vlm_generate_step
     from PIL import Image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from mlx_gemma4 import __version__
@@ -14,11 +15,14 @@ try:  # recent Typer parses with its own copy of click
 except ImportError:  # older Typer uses click itself
     from click import exceptions as click_errors
 
-from . import ask, chat, detect, generate, info, quantize, transcribe
+from . import ask, chat, detect, generate, info, quantize, serve, transcribe
 
 
 def _say_error(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is text, not markup: "[serve]" or a path with brackets must print as it is
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
 
 
 def _usage_line(error: click_errors.UsageError) -> str:
@@ -69,6 +73,7 @@ app.command("ask")(ask.ask)
 app.command("detect")(detect.detect)
 app.command("transcribe")(transcribe.transcribe)
 app.command("quantize")(quantize.quantize)
+app.command("serve")(serve.serve)
 
 
 def _show_version(value: bool) -> None:

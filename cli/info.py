@@ -41,6 +41,11 @@ def _parameters(model: nn.Module) -> str:
     for name in ("vision", "audio"):
         if f"{name}_tower" in model:
             parts[name] = [model[f"{name}_tower"], model[f"embed_{name}"]]
+    # gemma4_unified: encoder-free embedders instead of towers
+    if "vision_embedder" in model:
+        parts["vision"] = [model.vision_embedder, model.embed_vision]
+    if "audio_tower" not in model and "embed_audio" in model:
+        parts["audio"] = [model.embed_audio]
     counts = {name: sum(map(get_total_parameters, modules)) for name, modules in parts.items()}
     return ", ".join(f"{count / 1e6:,.2f} M {name}" for name, count in counts.items())
 
@@ -51,8 +56,11 @@ def describe(model: nn.Module) -> dict[str, str]:
     kinds = Counter(text.layer_types)
     params = tree_flatten(model.parameters())
     dtypes = Counter(str(p.dtype).removeprefix("mlx.core.") for _, p in params)
-    towers = {"vision": "vision_tower", "audio": "audio_tower"}
-    modalities = ["text"] + [name for name, tower in towers.items() if tower in model.towers]
+    towers = {
+        "vision": ("vision_tower", "vision_embedder"),
+        "audio": ("audio_tower", "embed_audio"),
+    }
+    modalities = ["text"] + [name for name, kinds in towers.items() if model.towers & set(kinds)]
     return {
         "variant": text.variant,
         "parameters": _parameters(model),
@@ -85,16 +93,23 @@ def info(
     ),
 ) -> None:
     """Show a checkpoint's variant, size, layers, dtype, quantization and modalities; with
-    --context, what that context needs in memory (weights, KV cache, prefill peak)."""
-    from mlx_gemma4 import load_model
+    --context, what that context needs in memory (weights, KV cache, prefill peak).
+
+    A folder holding only config.json, or a Hub repo id (only its config.json is downloaded),
+    is described from the config alone: no weights are read."""
     from mlx_gemma4.kv_quant import KVQuantization
-    from mlx_gemma4.memory import estimate_memory
+    from mlx_gemma4.memory import estimate_memory, model_for_estimate
 
     kv_quantization = KVQuantization.from_bits(kv_bits)  # refuse bad bits before loading
-    loaded = load_model(model)
-    facts = describe(loaded)
+    described, weights_read = model_for_estimate(model)
+    facts = describe(described)
+    facts["weights"] = (
+        "read from the checkpoint"
+        if weights_read
+        else "not read: sizes from config.json (in the dtype loading would use)"
+    )
     if context is not None:
-        estimate = estimate_memory(loaded, context, batch=batch, kv_quantization=kv_quantization)
+        estimate = estimate_memory(described, context, batch=batch, kv_quantization=kv_quantization)
         facts.update({f"memory: {k}": v for k, v in estimate.breakdown().items()})
     table = Table(show_header=False, box=None)
     for label, value in facts.items():

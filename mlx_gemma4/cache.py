@@ -164,6 +164,21 @@ def vision_block_mask(cache: SlidingWindowCache, blocks: mx.array) -> mx.array:
     return (causal | (same & (keys > queries - cache.window)))[:, None]
 
 
+def media_block_mask(cache, blocks: mx.array) -> mx.array:
+    """gemma4_unified's mask: causal (within the window on a sliding cache), and tokens of one
+    image block see each other both ways at any distance, on every layer.
+
+    `blocks` [B, n] as for `vision_block_mask`; the result [B, 1, n, visible keys] matches what
+    the cache's `update_and_fetch` will return."""
+    n = blocks.shape[1]
+    sliding = isinstance(cache, SlidingWindowCache)
+    past = min(cache.stored, cache.window - 1) if sliding else cache.offset
+    causal = create_causal_mask(n, past, window_size=cache.window if sliding else None)
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    same = mx.concatenate([mx.zeros((blocks.shape[0], n, past), dtype=mx.bool_), same], axis=-1)
+    return (causal | same)[:, None]
+
+
 def attention_mask(cache, n_queries: int):
     """The mask for `n_queries` new positions attending through `cache`.
 

@@ -30,8 +30,13 @@ def looks_like_a_path(name: str) -> bool:
     )
 
 
-def resolve_model_path(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as given, or a Hub repo id downloaded (or found in the HF cache)."""
+def resolve_model_path(
+    path_or_repo: str | os.PathLike,
+    revision: str | None = None,
+    patterns: list[str] = HUB_PATTERNS,
+) -> Path:
+    """A local folder as given, or a Hub repo id downloaded (or found in the HF cache): the
+    files matching `patterns` (all a checkpoint needs, by default)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -46,10 +51,10 @@ def resolve_model_path(path_or_repo: str | os.PathLike, revision: str | None = N
         raise ModelNotFoundError(
             f"{name}: no such folder, and not a Hub repo id of the form owner/name"
         )
-    return _download(name, revision)
+    return _download(name, revision, patterns)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, patterns: list[str] = HUB_PATTERNS) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         LocalEntryNotFoundError,
@@ -58,7 +63,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     )
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except RevisionNotFoundError as e:
         raise ModelNotFoundError(f"{repo_id}: revision {revision!r} not found on the Hub") from e
     except RepositoryNotFoundError as e:

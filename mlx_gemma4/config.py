@@ -13,6 +13,12 @@ from typing import Any
 
 import mlx.core as mx
 
+from .config_unified import (
+    UNIFIED_MODEL_TYPE,
+    UnifiedAudioConfig,
+    UnifiedVisionConfig,
+    unified_text_raw,
+)
 from .errors import ConfigError
 
 SLIDING = "sliding_attention"
@@ -71,6 +77,9 @@ class TextConfig:
     pad_token_id: int = 0
     hidden_activation: str = "gelu_pytorch_tanh"
     attention_bias: bool = False
+    # gemma4_unified (12B): image/video blocks attend both ways on every layer, past the window
+    vision_blocks_everywhere: bool = False
+    unified: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TextConfig:
@@ -162,6 +171,8 @@ class TextConfig:
     @property
     def variant(self) -> str:
         """The released size these shapes match, else the family they belong to."""
+        if self.unified:
+            return "12B" if self.hidden_size == 3840 else "unified (12B family)"
         if self.enable_moe_block:
             known = self.hidden_size == 2816 and self.num_experts == 128
             return "26B-A4B" if known else "MoE (26B-A4B family)"
@@ -262,6 +273,9 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=lambda: [1])
     bos_token_id: int = 2
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    # gemma4_unified's encoder-free embedders (no vision or audio tower)
+    vision_embedder: UnifiedVisionConfig | None = None
+    audio_embedder: UnifiedAudioConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -274,10 +288,12 @@ class ModelConfig:
                 text_raw["vocab_size"] = raw["vocab_size"]
         elif model_type == TEXT_MODEL_TYPE:
             text_raw = raw
+        elif model_type == UNIFIED_MODEL_TYPE:
+            return cls._from_unified_dict(raw)
         else:
             raise ConfigError(
                 f"model_type {model_type!r} is not a Gemma 4 model (expected "
-                f"{MULTIMODAL_MODEL_TYPE!r} or {TEXT_MODEL_TYPE!r})"
+                f"{MULTIMODAL_MODEL_TYPE!r}, {UNIFIED_MODEL_TYPE!r} or {TEXT_MODEL_TYPE!r})"
             )
         eos = raw.get("eos_token_id", text_raw.get("eos_token_id", 1))
         return cls(
@@ -299,3 +315,17 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id", text_raw.get("bos_token_id", 2)),
             raw=raw,
         )
+
+    @classmethod
+    def _from_unified_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Gemma 4 12B: the shared text decoder and the encoder-free embedders."""
+        text = TextConfig.from_dict(unified_text_raw(raw))
+        # token ids, stop ids and quantization read as for gemma4; the text config replaced
+        towerless = {k: v for k, v in raw.items() if k not in ("vision_config", "audio_config")}
+        config = cls.from_dict({**towerless, "model_type": MULTIMODAL_MODEL_TYPE})
+        config.text_config, config.model_type, config.raw = text, UNIFIED_MODEL_TYPE, raw
+        if raw.get("vision_config"):
+            config.vision_embedder = UnifiedVisionConfig.from_dict(raw["vision_config"])
+        if raw.get("audio_config"):
+            config.audio_embedder = UnifiedAudioConfig.from_dict(raw["audio_config"])
+        return config

@@ -80,6 +80,11 @@ class BatchRequestError(Gemma4Error):
     the engine does not take."""
 
 
+class ServerRequestError(Gemma4Error):
+    """A server request that cannot be served: a field of the wrong kind, media it may not
+    read (a remote URL, a local path not allowed), a part too large."""
+
+
 class DistributedError(Gemma4Error):
     """A model that cannot be split across this group (sizes that do not divide, weights
     that cannot be sharded), a group that cannot start, or a rank that was lost."""

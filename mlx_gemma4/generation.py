@@ -9,10 +9,9 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_sampler
 
-from .constrain import output_logits_processor
-from .errors import PromptTooLongError
+from .errors import PromptTooLongError  # noqa: F401  (importable from here, as it was)
 from .kv_quant import KVQuantization
 from .options import MediaOptions, SamplingOptions
 from .processing import Processor
@@ -20,14 +19,19 @@ from .processing.images import DEFAULT_BUDGET
 from .processing.processor import Media
 from .processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from .prompt_cache import PromptCache
-from .streaming import StopStrings, TextStream
-from .tool_calls import ToolCall, ToolCallStream
-from .tools import Tool, tool_declarations
+from .tool_calls import ToolCall
+from .tools import Tool
 
-# After its calls the model opens the tool response and waits for it: the end of its turn.
-TOOL_RESPONSE = "<|tool_response>"
-
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+# shared with the batch engine (`engine/batch.py`): one implementation of a turn's set-up and
+# output; the names stay importable from here
+from .turn import (  # noqa: F401
+    TOOL_RESPONSE,
+    LogitsProcessor,
+    TurnOutput,
+    prepare_turn,
+    refuse_media_without_tower,
+    sampling_options,
+)
 
 
 @dataclass
@@ -90,17 +94,6 @@ def media_encoders(model, media: Media) -> dict[int, tuple[Any, Callable[..., mx
         ),
         config.audio_token_id: (media.audio, model.audio_features),
     }
-
-
-def refuse_media_without_tower(model, media: Media) -> None:
-    """One clear error when the prompt carries media this checkpoint has no tower for."""
-    for kind, given in (
-        ("audio", media.audio),
-        ("image", media.images),
-        ("video", media.video_frames),
-    ):
-        if given is not None:
-            model.require_tower(kind)
 
 
 def prompt_inputs(model, ids: list[int], media: Media, prompt_cache: PromptCache) -> PromptInputs:
@@ -259,66 +252,50 @@ def stream_generate(
     for the keyword arguments of the same names, which are then ignored.
     """
     kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
-    constraint = output_logits_processor(processor, json_schema, tools, tool_choice)
-    if sampling is None:
-        sampling = SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            repetition_context_size=repetition_context_size,
-            seed=seed,
-            stop=tuple(stop or ()),
-        )
+    sampling = sampling_options(
+        sampling,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+        stop=stop,
+    )
     if media_options is None:
         media_options = MediaOptions(
             max_soft_tokens=max_soft_tokens,
             video_soft_tokens=video_soft_tokens,
             max_frames=max_frames,
         )
-    template_kwargs = {}
-    stop_ids, stop_strings = set(processor.stop_token_ids), list(sampling.stop)
-    if tools is not None:
-        template_kwargs["tools"] = tool_declarations(tools)
-        stop_ids, stop_strings = _stop_at_tool_response(processor, stop_ids, stop_strings)
-    prompt_ids, media = processor.prepare(
+    turn = prepare_turn(
+        model,
+        processor,
         prompt,
-        images,
-        media_options.max_soft_tokens,
+        sampling=sampling,
+        media_options=media_options,
+        images=images,
         videos=videos,
-        video_soft_tokens=media_options.video_soft_tokens,
-        max_frames=media_options.max_frames,
         audio=audio,
         enable_thinking=enable_thinking,
-        **template_kwargs,
+        tools=tools,
+        tool_choice=tool_choice,
+        json_schema=json_schema,
+        logits_processors=logits_processors,
     )
-    refuse_media_without_tower(model, media)
-    context = model.config.text_config.max_position_embeddings
-    max_tokens = sampling.max_tokens
-    if len(prompt_ids) + max_tokens > context:
-        raise PromptTooLongError(
-            f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
-            f"model's context of {context} tokens; shorten the prompt or lower max_tokens"
-        )
+    prompt_ids, media, processors = turn.prompt_ids, turn.media, turn.logits_processors
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = make_sampler(
         sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=sampling.top_k
     )
-    processors = [constraint] if constraint is not None else []
-    processors += list(logits_processors or []) + make_logits_processors(
-        repetition_penalty=sampling.repetition_penalty,
-        repetition_context_size=sampling.repetition_context_size,
-    )
     if prompt_cache is None:
         prompt_cache = PromptCache(model, kv_quantization)
     elif kv_quantization is not None:
         prompt_cache.use_kv_quantization(kv_quantization)
-    text, stops = TextStream(processor, stop_ids), StopStrings(stop_strings)
-    parse_calls = tools is not None and json_schema is None and tool_choice != "none"
-    calls = ToolCallStream() if parse_calls else None
+    output = TurnOutput(processor, turn)
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -339,20 +316,9 @@ def stream_generate(
             if n == 1:
                 prompt_time = time.perf_counter() - start
                 start = time.perf_counter()
-            finish = "stop" if token in stop_ids else None
-            answer, thought = text.add(token)
-            if finish is None and n == max_tokens:
-                finish = "length"
-                more_answer, more_thought = text.flush()
-                answer, thought = answer + more_answer, thought + more_thought
-            answer, hit_stop = stops.feed(answer)
-            if hit_stop:
-                finish = "stop"
-            elif finish:
-                answer += stops.drain()
-            new_calls, malformed = [], False
-            if calls is not None:
-                answer, new_calls, malformed, finish = _separate_calls(calls, answer, finish)
+            piece = output.add(token)
+            answer, thought, finish = piece.text, piece.thought, piece.finish_reason
+            new_calls, malformed = piece.tool_calls, piece.malformed_tool_call
             elapsed = max(time.perf_counter() - start, 1e-9)
             yield GenerationResponse(
                 text=answer,
@@ -374,32 +340,6 @@ def stream_generate(
         # interrupted (Ctrl-C, an error) or closed early: keep what the finished steps cached
         prompt_cache.roll_back_to_tokens()
         raise
-
-
-def _stop_at_tool_response(
-    processor: Processor, stop_ids: set[int], stop_strings: list[str]
-) -> tuple[set[int], list[str]]:
-    """The stops with the tool-response opener added: as a token, or as text for a tokenizer
-    that lacks the token."""
-    token = processor.token_id(TOOL_RESPONSE)
-    if token is not None:
-        return stop_ids | {token}, stop_strings
-    return stop_ids, [*stop_strings, TOOL_RESPONSE]
-
-
-def _separate_calls(
-    calls: ToolCallStream, answer: str, finish: str | None
-) -> tuple[str, list[ToolCall], bool, str | None]:
-    """(the answer text without call text, the calls completed, whether malformed call text
-    came out, the finish reason: "tool_calls" for a turn that stopped after calls)."""
-    seen_malformed = len(calls.malformed)
-    answer, new_calls = calls.feed(answer)
-    if finish is None:
-        return answer, new_calls, len(calls.malformed) > seen_malformed, None
-    rest, last_calls, any_malformed = calls.finish()
-    if finish == "stop" and calls.calls:
-        finish = "tool_calls"
-    return answer + rest, new_calls + last_calls, any_malformed, finish
 
 
 def generate(model, processor: Processor, prompt, **kwargs) -> str:

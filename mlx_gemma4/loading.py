@@ -4,19 +4,22 @@ a checkpoint stores packed made quantized, floats in the compute dtype."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
-from .config import DTYPES, ModelConfig
+from .config import DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
 from .errors import ConfigError, QuantizationError, UnsupportedDtypeError, WeightsError
 from .files import access_error
 from .models.gemma4 import Model
 from .models.layers import CodebookLinear, Rotation
+from .models.unified import model_for
 from .packing import AFFINE_BITS, FLOAT_MODES, MODES
 from .processing import Processor
+from .processing.unified import configure_processor
 from .weights import canonical_weights, check_weights, without_absent_audio
 
 # MLX's quantization modes; the float modes each allow one (bits, group size) pair.
@@ -141,6 +144,17 @@ def _cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.
 # ----------------------------------------------------------------------------- entry points
 
 
+def model_config(raw_config: dict[str, Any], folder: Path) -> ModelConfig:
+    """`folder`'s config.json (read as `raw_config`), parsed; a bad one is one ConfigError
+    line."""
+    try:
+        return ModelConfig.from_dict(raw_config)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{folder / 'config.json'}: unusable value ({e})") from e
+
+
 def load_model(
     path_or_repo: str | os.PathLike,
     *,
@@ -164,16 +178,11 @@ def load_model(
     else:
         folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
-    try:
-        config = ModelConfig.from_dict(raw_config)
-    except ConfigError as e:
-        raise ConfigError(f"{folder / 'config.json'}: {e}") from e
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{folder / 'config.json'}: unusable value ({e})") from e
+    config = model_config(raw_config, folder)
 
     weights, origin = read_weights(weight_files(folder))
     config = without_absent_audio(config, weights)
-    model = Model(config)
+    model = model_for(config)
     weights, where, towers = canonical_weights(weights, origin, model)
     if config.quantization is not None:
         quantize_like_checkpoint(model, weights, config.quantization)
@@ -190,7 +199,7 @@ def load_model(
         del weights  # the whole tensors are read only through this rank's slices
         parallelize(model, group, mode)
     mx.eval(model.parameters())
-    built = {name for name in ("vision_tower", "audio_tower") if name in model}
+    built = {name for name in model.encoders if name in model}
     model.towers = frozenset(key.split(".")[0] for key in towers) | built
     model.path = folder
     return model
@@ -209,8 +218,11 @@ def load(
     model = load_model(path_or_repo, dtype=dtype, revision=revision, group=group, mode=mode)
     config = model.config
     try:
-        return model, Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
+        processor = Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
     except OSError as e:  # an unreadable tokenizer file; transformers lets it through
         if not isinstance(e, PermissionError) or e.filename is None:
             raise
         raise access_error(e.filename, "read", e) from e
+    if config.model_type == UNIFIED_MODEL_TYPE:
+        configure_processor(processor, config)
+    return model, processor

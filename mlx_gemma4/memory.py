@@ -10,6 +10,7 @@ the copy a growing full-attention cache makes, and the LM head on the last posit
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
+from .checkpoint import read_config, resolve_model_path
 from .config import ModelConfig, TextConfig
 from .errors import MemoryModelError
 from .generation import prefill_chunks
@@ -25,6 +27,7 @@ from .kv_quant import KVQuantization
 from .models import attention as attention_module
 from .models.gemma4 import Model
 from .models.layers import QuantizedLinear, on_cpu
+from .models.unified import model_for
 
 __all__ = [
     "MemoryEstimate",
@@ -33,6 +36,7 @@ __all__ = [
     "estimate_memory",
     "kv_cache_bytes",
     "layer_kv_bytes",
+    "model_for_estimate",
     "weight_bytes",
 ]
 
@@ -112,7 +116,7 @@ def config_model(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> Model:
 
     Built lazily: its arrays are never evaluated, so only their shapes cost anything.
     """
-    model = Model(config)
+    model = model_for(config)
     model.set_dtype(dtype)
     quantization = config.quantization
     if quantization:
@@ -134,6 +138,27 @@ def config_model(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> Model:
 def config_weight_bytes(config: ModelConfig, dtype: mx.Dtype = mx.bfloat16) -> int:
     """Bytes of the weights a checkpoint with this config would hold (see `config_model`)."""
     return weight_bytes(config_model(config, dtype))
+
+
+def model_for_estimate(
+    path_or_repo: str | os.PathLike, *, revision: str | None = None
+) -> tuple[Model, bool]:
+    """The model a checkpoint's memory is estimated on, and whether its weights were read.
+
+    A local folder with weights is loaded (`load_model`: the estimate counts what it holds).
+    A folder holding only config.json, or a Hub repo id (only its config.json is downloaded),
+    gives the model that config describes in the dtype `load_model` would use (`config_model`:
+    its arrays are never evaluated, only their shapes count).
+    """
+    from .loading import default_dtype, load_model, model_config
+
+    local = os.path.exists(os.path.expanduser(path_or_repo))
+    folder = resolve_model_path(path_or_repo, revision, patterns=["config.json"])
+    if local and any(folder.glob("*.safetensors")):
+        return load_model(folder), True
+    model = config_model(model_config(read_config(folder), folder), default_dtype())
+    model.path = folder
+    return model, False
 
 
 # ----------------------------------------------------------------------------- KV caches

@@ -13,7 +13,14 @@ import numpy as np
 
 from .errors import AudioError
 from .options import SamplingOptions
-from .processing.audio import MIN_SECONDS, SAMPLE_RATE, SILENCE_RMS, seam_pieces, split_audio
+from .processing.audio import (
+    MIN_SECONDS,
+    SAMPLE_RATE,
+    SILENCE_RMS,
+    AudioChunk,
+    seam_pieces,
+    split_audio,
+)
 
 
 class Format(str, Enum):
@@ -121,6 +128,39 @@ def output_paths(files: list[str], folder: Path, format: Format) -> list[Path]:
     ]
 
 
+def chunk_requests(
+    wave: np.ndarray, language: str | None = None, translate_to: str | None = None
+) -> tuple[list[AudioChunk], list[list[dict] | None]]:
+    """A 16 kHz recording split into chunks, and per chunk the chat messages that ask the model
+    about it (None for a chunk with nothing to hear)."""
+    chunks = split_audio(wave)
+    request = instruction(language, translate_to)
+    requests = []
+    for chunk in chunks:
+        loud = np.sqrt(np.mean(np.square(chunk.wave, dtype=np.float64))) >= SILENCE_RMS
+        if loud and len(chunk.wave) >= MIN_SECONDS * SAMPLE_RATE:
+            content = [{"type": "audio", "audio": chunk.wave}, {"type": "text", "text": request}]
+            requests.append([{"role": "user", "content": content}])
+        else:
+            requests.append(None)  # nothing to hear in this stretch
+    return chunks, requests
+
+
+def assemble_transcript(
+    name: str,
+    duration: float,
+    chunks: list[AudioChunk],
+    texts: list[str],
+    language: str | None = None,
+    translate_to: str | None = None,
+) -> Transcript:
+    """The transcript of a recording from its chunks' answers, the seams joined."""
+    pieces = seam_pieces(texts, [chunk.overlaps_previous for chunk in chunks])
+    cues = [Cue(c.start, c.end, text) for c, text in zip(chunks, pieces, strict=True)]
+    kind = "translate" if translate_to else "transcribe"
+    return Transcript(name, duration, kind, language, translate_to, cues)
+
+
 def transcribe_wave(
     model,
     processor,
@@ -137,21 +177,15 @@ def transcribe_wave(
     total)` is called after each chunk (a progress bar)."""
     from .generation import generate  # imports mlx-lm (seconds): only when there is work
 
-    chunks = split_audio(wave)
-    request = instruction(language, translate_to)
+    chunks, requests = chunk_requests(wave, language, translate_to)
     texts = []
-    for done, chunk in enumerate(chunks, start=1):
-        loud = np.sqrt(np.mean(np.square(chunk.wave, dtype=np.float64))) >= SILENCE_RMS
-        if loud and len(chunk.wave) >= MIN_SECONDS * SAMPLE_RATE:
-            content = [{"type": "audio", "audio": chunk.wave}, {"type": "text", "text": request}]
-            messages = [{"role": "user", "content": content}]
-            texts.append(generate(model, processor, messages, sampling=sampling).strip())
-        else:
-            texts.append("")  # nothing to hear in this stretch
+    for done, messages in enumerate(requests, start=1):
+        texts.append(
+            ""
+            if messages is None
+            else generate(model, processor, messages, sampling=sampling).strip()
+        )
         if on_chunk is not None:
             on_chunk(done, len(chunks))
-    pieces = seam_pieces(texts, [chunk.overlaps_previous for chunk in chunks])
-    cues = [Cue(c.start, c.end, text) for c, text in zip(chunks, pieces, strict=True)]
     duration = len(wave) / SAMPLE_RATE
-    kind = "translate" if translate_to else "transcribe"
-    return Transcript(name, duration, kind, language, translate_to, cues)
+    return assemble_transcript(name, duration, chunks, texts, language, translate_to)

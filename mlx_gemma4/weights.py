@@ -118,12 +118,12 @@ def without_absent_audio(config: ModelConfig, weights: dict[str, mx.array]) -> M
     """Build no audio tower when the checkpoint has no audio weights (a text and vision export
     of an audio model); audio input then gets the no-audio-tower error. A tower with only some
     of its weights is still reported as missing tensors."""
-    if config.audio_config is None:
+    if config.audio_config is None and config.audio_embedder is None:
         return config
     audio = ("audio_tower.", "embed_audio.")
     if any(_rename(key).startswith(audio) for key in weights):
         return config
-    return dataclasses.replace(config, audio_config=None)
+    return dataclasses.replace(config, audio_config=None, audio_embedder=None)
 
 
 def _is_unused_shared_kv(key: str, first_shared: int) -> bool:

@@ -263,3 +263,12 @@ def id_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Token-id prompts of the given lengths (BOS first), reproducible by seed."""
     rng = np.random.default_rng(seed)
     return [[2, *rng.integers(5, 90, n - 1).tolist()] for n in lengths]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for servers under test)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

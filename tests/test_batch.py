@@ -175,3 +175,32 @@ def test_bad_requests_are_refused_and_the_others_go_on(chat_checkpoint):
     while not generator.done:
         tokens += [r.token for r in generator.step() if r.request_id == good]
     assert tokens == solo(model, processor, [2, 40, 41], max_tokens=5)
+
+
+def test_a_row_at_its_last_token_takes_no_further_forward(chat_checkpoint):
+    """Steps are pipelined (the next forward is queued before this step's tokens are read), but
+    a row whose queued token is its last by max_tokens is left out of the next forward: its
+    logits processors run exactly once per token it produces."""
+    model, processor = load(chat_checkpoint("dense")[0])
+    calls = {"short": 0, "long": 0}
+
+    def counting(name):
+        def processor_(_history, logits):
+            calls[name] += 1
+            return logits
+
+        return processor_
+
+    prompts = id_prompts([7, 12], seed=9)
+    generator = BatchGenerator(model, processor)
+    short = generator.submit(prompts[0], max_tokens=3, logits_processors=[counting("short")])
+    long = generator.submit(prompts[1], max_tokens=9, logits_processors=[counting("long")])
+    produced = {short: [], long: []}
+    while not generator.done:
+        for response in generator.step():
+            produced[response.request_id].append(response)
+    assert [len(produced[short]), len(produced[long])] == [3, 9]
+    assert produced[short][-1].finish_reason == produced[long][-1].finish_reason == "length"
+    assert calls == {"short": 3, "long": 9}
+    for request, prompt, n in ((short, prompts[0], 3), (long, prompts[1], 9)):
+        assert [r.token for r in produced[request]] == solo(model, processor, prompt, max_tokens=n)

@@ -4,36 +4,39 @@ A request is prefilled alone, in chunks between decode steps (exactly the solo p
 its caches join the batch as a new row. Each decode step feeds every running row its last token
 in one forward over the batch caches, samples each row with its own settings and random key,
 and retires the rows that finished, freeing their cache rows at once.
+
+Decode steps are pipelined as in `generate_step`: a step queues the next forward, fed with the
+tokens it sampled while they are still being computed, before it reads them, so the device
+never waits for Python between steps. A row whose next token is its last by `max_tokens` is
+left out of the next forward; a row that stops on a token leaves the batch when that token is
+read, its place in the forward already queued discarded.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from ..errors import BatchRequestError, PromptTooLongError
-from ..generation import (
-    PromptInputs,
-    prefill_chunk,
-    prefill_chunks,
-    prompt_inputs,
-    refuse_media_without_tower,
-)
+from ..errors import BatchRequestError
+from ..generation import PromptInputs, prefill_chunk, prefill_chunks, prompt_inputs
 from ..kv_quant import KVQuantization
 from ..memory import format_bytes, kv_cache_bytes
+from ..options import MediaOptions, SamplingOptions
 from ..processing import Processor
 from ..processing.images import DEFAULT_BUDGET
 from ..processing.processor import Media
 from ..processing.video import DEFAULT_VIDEO_BUDGET, MAX_FRAMES
 from ..prompt_cache import PromptCache
-from ..streaming import StopStrings, TextStream
+from ..tool_calls import ToolCall
+from ..tools import Tool
+from ..turn import LogitsProcessor, TurnOutput, prepare_turn, sampling_options
 from .batch_cache import BatchKVCache
 from .prefix_pool import PrefixCachePool
+from .sampling import RowSampler, sample_rows
 
 
 @dataclass
@@ -44,53 +47,12 @@ class BatchResponse:
     token: int
     text: str  # new answer text
     thought: str  # new thinking text
-    finish_reason: str | None  # "stop", "length" or None while generating
+    finish_reason: str | None  # "stop", "length", "tool_calls" or None while generating
     prompt_tokens: int
     generation_tokens: int
     reused_tokens: int = 0  # prompt tokens served from the prefix pool
-
-
-@dataclass
-class BatchResult:
-    """One prompt's whole generation (`batch_generate`)."""
-
-    text: str
-    thought: str
-    tokens: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    generation_tokens: int
-
-
-class RowSampler:
-    """A request's sampler with its own random key, so seeded sampling draws the same tokens
-    whatever else is in the batch (and the same as a solo run seeded alike)."""
-
-    def __init__(self, temperature: float, top_p: float, top_k: int, min_p: float, seed):
-        self.temperature = temperature
-        self.filters: list[Callable[[mx.array], mx.array]] = []
-        # mlx-lm's order: nucleus, min-p, top-k
-        if 0 < top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, top_p))
-        if min_p != 0.0:
-            self.filters.append(lambda x: apply_min_p(x, min_p))
-        if top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, top_k))
-        self.key = None if seed is None else mx.random.key(seed)
-
-    def __call__(self, logits: mx.array) -> mx.array:
-        """Logits [1, vocab] -> token [1]."""
-        if self.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        for apply in self.filters:
-            logprobs = apply(logprobs)
-        key = None
-        if self.key is not None:
-            # the split a global generator seeded alike would make: keep one half, draw with
-            # the other
-            self.key, key = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed by this token
+    malformed_tool_call: bool = False  # as `GenerationResponse.malformed_tool_call`
 
 
 @dataclass
@@ -98,11 +60,12 @@ class _Request:
     id: int
     prompt_ids: list[int]
     media: Media | None  # until its prefill is set up
-    max_tokens: int
     sampler: RowSampler
-    stop_ids: set[int]
-    text: TextStream
-    stops: StopStrings
+    output: TurnOutput
+    # the constraint, the caller's processors and the repetition penalty, in that order; with
+    # the history they read (prompt then generated tokens), kept only when there are any
+    processors: list[LogitsProcessor]
+    history: mx.array | None
     next_token: int
     kv_bytes: int  # the KV a row of this request's length may take (`BatchGenerator.row_kv_bytes`)
     # set when the request is admitted (holds a share of the KV budget) and starts its prefill
@@ -111,7 +74,7 @@ class _Request:
     chunks: Iterator[tuple[int, int]] | None = None
     reused_tokens: int = 0
     admitted: bool = False
-    generated: list[int] = field(default_factory=list)
+    sampled: int = 0  # tokens sampled for it (read or still being computed)
 
 
 class BatchGenerator:
@@ -160,6 +123,10 @@ class BatchGenerator:
         self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
         self.pool = PrefixCachePool(model, prefix_cache_bytes) if prefix_cache_bytes else None
         self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
+        # the tokens the last queued forward samples, one per request in `_queued_rows`, not
+        # yet read
+        self._queued: mx.array | None = None
+        self._queued_rows: list[_Request] = []
 
     @property
     def running(self) -> int:
@@ -210,51 +177,77 @@ class BatchGenerator:
         top_p: float = 0.0,
         top_k: int = 0,
         min_p: float = 0.0,
+        repetition_penalty: float | None = None,
+        repetition_context_size: int = 20,
         seed: int | None = None,
         stop: list[str] | None = None,
+        tools: list[Tool] | None = None,
+        tool_choice: str | dict = "auto",
+        json_schema: dict | str | bool | None = None,
         enable_thinking: bool = False,
+        logits_processors: list[LogitsProcessor] | None = None,
+        sampling: SamplingOptions | None = None,
+        media_options: MediaOptions | None = None,
     ) -> int:
-        """Queue a request (text, token ids or chat messages, as `stream_generate` takes them);
-        return its id. A request that cannot run raises here and leaves the others as they are.
-        """
+        """Queue a request; return its id. It takes `stream_generate`'s prompt and options
+        (text, token ids or chat messages; media; sampling; stop strings; `tools` and
+        `tool_choice`, `json_schema`, `logits_processors`, `repetition_penalty`), and
+        `sampling` / `media_options` stand for their fields as there. A request that cannot
+        run raises here and leaves the others as they are."""
+        sampling = sampling_options(
+            sampling,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            repetition_context_size=repetition_context_size,
+            seed=seed,
+            stop=stop,
+        )
+        if media_options is None:
+            media_options = MediaOptions(max_soft_tokens, video_soft_tokens, max_frames)
         if isinstance(prompt, (list, str)) and len(prompt) == 0:
             raise BatchRequestError("prompt: it is empty; give at least one token or character")
-        if max_tokens < 1:
-            raise BatchRequestError(f"max_tokens: {max_tokens} is not positive; give 1 or more")
-        prompt_ids, media = self.processor.prepare(
+        if sampling.max_tokens < 1:
+            raise BatchRequestError(
+                f"max_tokens: {sampling.max_tokens} is not positive; give 1 or more"
+            )
+        turn = prepare_turn(
+            self.model,
+            self.processor,
             prompt,
-            images,
-            max_soft_tokens,
+            sampling=sampling,
+            media_options=media_options,
+            images=images,
             videos=videos,
-            video_soft_tokens=video_soft_tokens,
-            max_frames=max_frames,
             audio=audio,
             enable_thinking=enable_thinking,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_schema=json_schema,
+            logits_processors=logits_processors,
         )
-        refuse_media_without_tower(self.model, media)
-        if len(prompt_ids) + max_tokens > self.context:
-            raise PromptTooLongError(
-                f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
-                f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens"
-            )
-        kv_bytes = self.row_kv_bytes(len(prompt_ids) + max_tokens)
+        prompt_ids = turn.prompt_ids
+        positions = len(prompt_ids) + sampling.max_tokens
+        kv_bytes = self.row_kv_bytes(positions)
         if self.kv_budget_bytes is not None and kv_bytes > self.kv_budget_bytes:
             raise BatchRequestError(
-                f"prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} needs "
-                f"{format_bytes(kv_bytes)} of KV cache, more than kv_budget_bytes="
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens={sampling.max_tokens} "
+                f"needs {format_bytes(kv_bytes)} of KV cache, more than kv_budget_bytes="
                 f"{self.kv_budget_bytes:,} ({format_bytes(self.kv_budget_bytes)}); shorten the "
                 "prompt, lower max_tokens or raise the budget"
             )
-        stop_ids = set(self.processor.stop_token_ids)
+        processors = turn.logits_processors
         request = _Request(
             id=next(self._ids),
             prompt_ids=prompt_ids,
-            media=media,
-            max_tokens=max_tokens,
-            sampler=RowSampler(temperature, top_p, top_k, min_p, seed),
-            stop_ids=stop_ids,
-            text=TextStream(self.processor, stop_ids),
-            stops=StopStrings(list(stop or ())),
+            media=turn.media,
+            sampler=RowSampler(sampling),
+            output=TurnOutput(self.processor, turn),
+            processors=processors,
+            history=mx.array(prompt_ids) if processors else None,
             next_token=prompt_ids[-1],
             kv_bytes=kv_bytes,
         )
@@ -267,9 +260,9 @@ class BatchGenerator:
             if request.id == request_id:
                 self._pending.remove(request)
                 return True
-        for row, request in enumerate(self._running):
+        for request in self._running:
             if request.id == request_id:
-                self._retire({row})
+                self._retire({request.id})
                 return True
         return False
 
@@ -333,123 +326,93 @@ class BatchGenerator:
 
     # ------------------------------------------------------------------------------ decode
     def _decode(self) -> list[BatchResponse]:
-        model = self.model
-        tokens = mx.array([[request.next_token] for request in self._running])
-        hidden = model.language_model(model.text_ids(tokens), self._caches)
-        logits = model.logits(hidden[:, -1, :])
-        sampled = self._sample(logits).tolist()
-
+        if self._queued is None:
+            self._queue_forward()
+        tokens, rows = self._queued, self._queued_rows
+        self._queued, self._queued_rows = None, []
+        # rows whose queued token is their last by max_tokens take no part in the next forward
+        self._retire({r.id for r in self._running if r.sampled >= r.output.max_tokens})
+        if self._running:
+            self._queue_forward(tokens, rows)
         responses, finished = [], set()
-        for row, (request, token) in enumerate(zip(self._running, sampled, strict=True)):
+        for request, token in zip(rows, tokens.tolist(), strict=True):
             response = self._advance(request, token)
             responses.append(response)
             if response.finish_reason is not None:
-                finished.add(row)
-        if finished:
-            self._retire(finished)
+                finished.add(request.id)
+        self._retire(finished)
         return responses
 
-    def _sample(self, logits: mx.array) -> mx.array:
-        """One token per row, each row by its own sampler (one argmax when all are greedy)."""
-        samplers = [request.sampler for request in self._running]
-        if all(sampler.temperature == 0 for sampler in samplers):
-            return mx.argmax(logits, axis=-1)
-        return mx.concatenate(
-            [sampler(logits[row : row + 1]) for row, sampler in enumerate(samplers)]
-        )
+    def _queue_forward(self, previous: mx.array | None = None, rows: list[_Request] = ()) -> None:
+        """Start the forward that samples every running row's next token. A row in `rows` is
+        fed its token in `previous` (still being computed); one that just joined, the last
+        token of its prompt."""
+        index = {request.id: i for i, request in enumerate(rows)}
+        carried = [index[r.id] for r in self._running if r.id in index]
+        parts = []
+        if carried and carried == list(range(len(rows))):
+            parts.append(previous)
+        elif carried:
+            parts.append(previous[mx.array(carried)])
+        joined = [r.next_token for r in self._running if r.id not in index]
+        if joined:
+            parts.append(mx.array(joined, dtype=mx.uint32))
+        inputs = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        model = self.model
+        hidden = model.language_model(model.text_ids(inputs[:, None]), self._caches)
+        logits = model.logits(hidden[:, -1, :])
+        self._queued = self._sample(inputs, logits)
+        self._queued_rows = list(self._running)
+        for request in self._running:
+            request.sampled += 1
+        mx.async_eval(self._queued)
+
+    def _sample(self, inputs: mx.array, logits: mx.array) -> mx.array:
+        """One token per row: each row's logits processors on its own row (reading its own
+        history: the prompt, then every token fed so far), then every row by its own sampler,
+        rows alike together."""
+        rows = [row for row, request in enumerate(self._running) if request.processors]
+        for row in rows:
+            request = self._running[row]
+            if request.sampled:  # the token fed now was sampled by an earlier step
+                request.history = mx.concatenate([request.history, inputs[row : row + 1]])
+        if rows:
+            processed = [self._process(self._running[row], logits[row : row + 1]) for row in rows]
+            logits[mx.array(rows)] = mx.concatenate(processed)
+        return sample_rows(logits, [request.sampler for request in self._running])
+
+    @staticmethod
+    def _process(request: _Request, logits: mx.array) -> mx.array:
+        for processor in request.processors:
+            logits = processor(request.history, logits)
+        return logits
 
     def _advance(self, request: _Request, token: int) -> BatchResponse:
-        """Record a request's new token: its text, and whether it ends the request."""
-        request.generated.append(token)
+        """Record a request's new token: its text and calls, and whether it ends the request."""
         request.next_token = token
-        n = len(request.generated)
-        finish = "stop" if token in request.stop_ids else None
-        answer, thought = request.text.add(token)
-        if finish is None and n == request.max_tokens:
-            finish = "length"
-            more_answer, more_thought = request.text.flush()
-            answer, thought = answer + more_answer, thought + more_thought
-        answer, hit_stop = request.stops.feed(answer)
-        if hit_stop:
-            finish = "stop"
-        elif finish:
-            answer += request.stops.drain()
+        piece = request.output.add(token)
         return BatchResponse(
             request.id,
             token,
-            answer,
-            thought,
-            finish,
+            piece.text,
+            piece.thought,
+            piece.finish_reason,
             len(request.prompt_ids),
-            n,
+            request.output.generated,
             request.reused_tokens,
+            piece.tool_calls,
+            piece.malformed_tool_call,
         )
 
-    def _retire(self, rows: set[int]) -> None:
-        keep = [row for row in range(len(self._running)) if row not in rows]
-        self._running = [self._running[row] for row in keep]
-        for cache in self._caches:
-            cache.keep_rows(keep)
-
-
-def batch_generate(
-    model,
-    processor: Processor,
-    prompts: list[str | list[int] | list[dict]],
-    *,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    enable_thinking: bool = False,
-    prefill_step_size: int = 512,
-    kv_bits: int | None = None,
-    progress: bool = False,
-) -> list[BatchResult]:
-    """Generate for every prompt (text, token ids or chat messages) together; the results in
-    prompt order. Greedy when `temperature` is 0; `seed` seeds each prompt's sampler alike.
-    `kv_bits` quantizes the full-attention KV caches; `progress` shows a bar of finished
-    prompts."""
-    if not prompts:
-        raise BatchRequestError("prompts: the list is empty; give at least one prompt")
-    generator = BatchGenerator(
-        model, processor, prefill_step_size=prefill_step_size, kv_bits=kv_bits
-    )
-    ids = [
-        generator.submit(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-            enable_thinking=enable_thinking,
-        )
-        for prompt in prompts
-    ]
-    results = {i: BatchResult("", "", [], None, 0, 0) for i in ids}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(prompts), desc="batch_generate", unit="prompt")
-    while not generator.done:
-        for response in generator.step():
-            result = results[response.request_id]
-            result.text += response.text
-            result.thought += response.thought
-            result.tokens.append(response.token)
-            result.prompt_tokens = response.prompt_tokens
-            result.generation_tokens = response.generation_tokens
-            if response.finish_reason is not None:
-                result.finish_reason = response.finish_reason
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
-    return [results[i] for i in ids]
+    def _retire(self, request_ids: set[int]) -> None:
+        """Drop these requests' rows from the batch (freeing their caches) and from the queued
+        forward's tokens."""
+        keep = [row for row, r in enumerate(self._running) if r.id not in request_ids]
+        if len(keep) < len(self._running):
+            self._running = [self._running[row] for row in keep]
+            for cache in self._caches:
+                cache.keep_rows(keep)
+        queued = [i for i, r in enumerate(self._queued_rows) if r.id not in request_ids]
+        if len(queued) < len(self._queued_rows):
+            self._queued_rows = [self._queued_rows[i] for i in queued]
+            self._queued = self._queued[mx.array(queued)] if queued else None

@@ -18,7 +18,13 @@ from .text import TextModel
 from .vision import MultimodalEmbedder, VisionModel
 
 # Checkpoint prefixes of the modality towers; those a model does not build are set aside.
-TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+TOWER_PREFIXES = (
+    "vision_tower.",
+    "embed_vision.",
+    "audio_tower.",
+    "embed_audio.",
+    "vision_embedder.",  # gemma4_unified's encoder-free image embedder
+)
 
 # media kind -> (the tower it needs, the error raised when the checkpoint has none, its message)
 _TOWER_OF: dict[str, tuple[str, type[Gemma4Error], str]] = {
@@ -62,6 +68,8 @@ class Model(nn.Module):
 
     path: Path | None
     towers: frozenset[str]
+    # the modules that turn media into soft tokens (gemma4_unified has embedders instead)
+    encoders: tuple[str, ...] = ("vision_tower", "audio_tower")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -83,7 +91,12 @@ class Model(nn.Module):
             self.embed_audio = MultimodalEmbedder(
                 audio.output_proj_dims, text.hidden_size, audio.rms_norm_eps
             )
-        self.towers = frozenset(name for name in ("vision_tower", "audio_tower") if name in self)
+        self.towers = frozenset(name for name in self.encoders if name in self)
+
+    @property
+    def encodes_media(self) -> bool:
+        """Whether this model built any module that turns media into soft tokens."""
+        return any(name in self for name in self.encoders)
 
     def require_tower(self, kind: str) -> None:
         """Raise the one-line error of `kind` ("image", "video", "audio") when this model has
@@ -151,7 +164,7 @@ class Model(nn.Module):
         """Token ids as the text model reads them: on a multimodal checkpoint, placeholders look
         up the pad token (in the embeddings and the PLE table), as the reference embeds them,
         including a placeholder the model itself generates."""
-        if "vision_tower" not in self and "audio_tower" not in self:
+        if not self.encodes_media:
             return input_ids
         pad = self.config.text_config.pad_token_id
         return mx.where(self.soft_token_slots(input_ids), pad, input_ids)
@@ -164,7 +177,7 @@ class Model(nn.Module):
         `features` maps a placeholder token id (image, video or audio) to the soft tokens
         [n, hidden] that fill its placeholders, in order.
         """
-        if "vision_tower" not in self and "audio_tower" not in self:
+        if not self.encodes_media:
             return input_ids, None, None
         text_ids = self.text_ids(input_ids)
         embeddings = None

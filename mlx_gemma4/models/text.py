@@ -12,6 +12,7 @@ from ..cache import (
     QuantizedFullAttentionCache,
     SlidingWindowCache,
     attention_mask,
+    media_block_mask,
     vision_block_mask,
 )
 from ..config import FULL, SLIDING, TextConfig
@@ -231,9 +232,7 @@ class TextModel(nn.Module):
         offset = caches[0].offset
         masks = self._masks(caches, h.shape[1])
         if vision_blocks is not None:
-            masks[SLIDING] = vision_block_mask(
-                caches[self.config.layer_types.index(SLIDING)], vision_blocks
-            )
+            masks.update(self._vision_masks(caches, vision_blocks))
         kvs: list[tuple[mx.array, mx.array] | None] = [None] * len(self.layers)
         for i, (layer, layer_cache, source) in enumerate(
             zip(self.layers, caches, self.kv_sources, strict=True)
@@ -247,6 +246,14 @@ class TextModel(nn.Module):
                 per_layer[:, :, i, :] if per_layer is not None else None,
             )
         return self.norm(h)
+
+    def _vision_masks(self, caches: list[Any], blocks: mx.array) -> dict[str, mx.array]:
+        """Masks where image blocks attend both ways: on sliding layers within the window, or
+        (gemma4_unified) on every layer at any distance."""
+        types = self.config.layer_types
+        if not self.config.vision_blocks_everywhere:
+            return {SLIDING: vision_block_mask(caches[types.index(SLIDING)], blocks)}
+        return {kind: media_block_mask(caches[types.index(kind)], blocks) for kind in set(types)}
 
     def _masks(self, caches: list[Any], n_queries: int) -> dict[str, Any]:
         types = self.config.layer_types

@@ -67,6 +67,7 @@ class Processor:
         self.channel_open = self.token_id(CHANNEL_OPEN)
         self.channel_close = self.token_id(CHANNEL_CLOSE)
         self.patch_size, self.pooling = PATCH_SIZE, POOLING  # the vision config's, when it has one
+        self.extract_audio = extract_features  # 16 kHz clips -> the model's audio features
 
     @classmethod
     def from_folder(
@@ -193,7 +194,7 @@ class Processor:
         if audio:
             if self.token_id(AUDIO_TOKEN) is None:
                 raise AudioError(f"the tokenizer has no {AUDIO_TOKEN} token; it cannot take audio")
-            media.audio = extract_features([to_wave(clip) for clip in audio])
+            media.audio = self.extract_audio([to_wave(clip) for clip in audio])
             counts = iter(media.audio.soft_tokens)
             prompt = _expand(
                 prompt, AUDIO_TOKEN, lambda: AUDIO_START + AUDIO_TOKEN * next(counts) + AUDIO_END
