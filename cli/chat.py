@@ -14,6 +14,7 @@ from mlx_gemma4.conversation import Conversation, load_conversation, save_conver
 from mlx_gemma4.errors import Gemma4Error, PromptTooLongError
 from mlx_gemma4.options import MediaOptions, SamplingOptions
 
+from . import distributed as parallel
 from . import options
 
 HELP = '''commands:
@@ -316,6 +317,7 @@ def _pipe_reader() -> Callable[[str], str]:
 
 
 @options.with_generation_flags(max_tokens=1024)
+@parallel.reports_lost_ranks
 def chat(
     flags: options.GenerationFlags,
     model: options.Model = options.DEFAULT_MODEL,
@@ -327,6 +329,7 @@ def chat(
         typer.Option("--yes", "-y", metavar="", help="Run tool calls without asking first."),
     ] = False,
     adapter: options.Adapter = None,
+    distributed: parallel.Distributed = None,
 ) -> None:
     """Chat in the terminal; reads the conversation from stdin when it is not a terminal.
 
@@ -336,12 +339,18 @@ def chat(
     from mlx_gemma4.processing.images import check_budget
     from mlx_gemma4.tools import load_tools
 
-    interactive = sys.stdin.isatty()
+    group = parallel.start(distributed)
+    interactive = sys.stdin.isatty() and not (group and group.rank())
     check_budget(budget)
     tool_list = load_tools(tools) if tools is not None else None
     if interactive:  # loading takes seconds: say what is happening
         typer.echo(f"loading {model} ...", err=True)
-    loaded_model, processor = load(model, dtype=flags.dtype, adapter_path=adapter)
+    loaded_model, processor = load(
+        model,
+        dtype=flags.dtype,
+        adapter_path=adapter,
+        **parallel.load_options(group, distributed),
+    )
     conversation = Conversation(system=system, think=flags.think)
     media_options = MediaOptions(max_soft_tokens=budget)
     session = Chat(
@@ -360,6 +369,6 @@ def chat(
         import readline  # noqa: F401  (line editing and history for input())
 
         typer.echo(f"gemma4 chat: {model}. /help for commands, Ctrl-D to leave.")
-        session.run(input)
+        session.run(parallel.shared_reader(input, group))
     else:
-        session.run(_pipe_reader())
+        session.run(parallel.shared_reader(_pipe_reader(), group))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from . import distributed as parallel
 from . import options
 
 JsonSchema = Annotated[
@@ -57,6 +57,7 @@ def read_json_schema(value: str) -> str | bool:
 
 
 @options.with_generation_flags(max_tokens=512)
+@parallel.reports_lost_ranks
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt; - reads stdin.")],
     flags: options.GenerationFlags,
@@ -69,11 +70,13 @@ def generate(
     tool_choice: ToolChoice = "auto",
     json_schema: JsonSchema = None,
     adapter: options.Adapter = None,
+    distributed: parallel.Distributed = None,
 ) -> None:
     """Stream one answer to PROMPT (wrapped as a user turn unless --raw). With --tools, the
     calls the model makes follow the answer on stdout, one JSON line each
     ({"name": ..., "arguments": {...}}); they are not run. With --json-schema, the answer is
-    JSON valid for the schema."""
+    JSON valid for the schema. Under mlx.launch, --distributed splits the model across the
+    ranks; rank 0 prints the answer."""
     from mlx_gemma4 import PromptCache, load, stream_generate
     from mlx_gemma4.constrain import check_tool_choice
     from mlx_gemma4.tools import load_tools
@@ -82,8 +85,14 @@ def generate(
     tool_list = load_tools(tools) if tools is not None else None
     schema = read_json_schema(json_schema) if json_schema is not None else None
     check_tool_choice(tool_list, tool_choice, schema)
-    text = sys.stdin.read() if prompt == "-" else prompt
-    loaded_model, processor = load(model, dtype=flags.dtype, adapter_path=adapter)
+    group = parallel.start(distributed)
+    text = parallel.prompt_text(prompt, group)
+    loaded_model, processor = load(
+        model,
+        dtype=flags.dtype,
+        adapter_path=adapter,
+        **parallel.load_options(group, distributed),
+    )
     if raw:
         request = text
     else:

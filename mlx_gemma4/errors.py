@@ -93,3 +93,8 @@ class TrainingDataError(Gemma4Error):
 class AdapterError(Gemma4Error):
     """A LoRA adapter that cannot be made or applied: unknown targets, an adapter folder that
     is missing or incomplete, or one made for another model."""
+
+
+class DistributedError(Gemma4Error):
+    """A model that cannot be split across this group (sizes that do not divide, weights
+    that cannot be sharded), a group that cannot start, or a rank that was lost."""

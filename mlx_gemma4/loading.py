@@ -12,7 +12,13 @@ import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
 from .config import DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
-from .errors import ConfigError, QuantizationError, UnsupportedDtypeError, WeightsError
+from .errors import (
+    ConfigError,
+    DistributedError,
+    QuantizationError,
+    UnsupportedDtypeError,
+    WeightsError,
+)
 from .files import access_error
 from .models.gemma4 import Model
 from .models.layers import CodebookLinear, Rotation
@@ -161,15 +167,30 @@ def load_model(
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
     adapter_path: str | os.PathLike | None = None,
+    group: Any = None,
+    mode: str = "tensor",
 ) -> Model:
     """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
     checkpoints stay quantized (their scales take `dtype`). `adapter_path`: a LoRA adapter
-    folder (`gemma4 lora`) applied on top.
+    folder (`gemma4 lora`) applied on top. With a distributed `group`
+    (`mx.distributed.init()`), each rank reads only its share of the weights, split by `mode`:
+    "tensor" (`Model.shard`) or "pipeline" (`Model.pipeline`).
     """
+    if group is not None and adapter_path is not None:
+        # the adapter's factors are whole matrices; a split base would need them split alike
+        raise DistributedError(
+            f"adapter {adapter_path}: adapters are not applied to a split model; merge it "
+            "first (gemma4 fuse) and load the fused checkpoint"
+        )
     compute_dtype = resolve_dtype(dtype)
-    folder = resolve_model_path(path_or_repo, revision)
+    if group is not None:
+        from .distributed import resolve_once_per_host
+
+        folder = resolve_once_per_host(path_or_repo, revision, group)
+    else:
+        folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
     config = model_config(raw_config, folder)
 
@@ -186,6 +207,11 @@ def load_model(
     check_weights(model, weights, where)
     model.load_weights(list(_cast_floats(weights, compute_dtype).items()))
     model.eval()
+    if group is not None:
+        from .distributed import parallelize
+
+        del weights  # the whole tensors are read only through this rank's slices
+        parallelize(model, group, mode)
     mx.eval(model.parameters())
     built = {name for name in model.encoders if name in model}
     model.towers = frozenset(key.split(".")[0] for key in towers) | built
@@ -203,10 +229,19 @@ def load(
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
     adapter_path: str | os.PathLike | None = None,
+    group: Any = None,
+    mode: str = "tensor",
 ) -> tuple[Model, Processor]:
     """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint;
-    `adapter_path` applies a LoRA adapter folder."""
-    model = load_model(path_or_repo, dtype=dtype, revision=revision, adapter_path=adapter_path)
+    `adapter_path`, `group` and `mode` as in `load_model`."""
+    model = load_model(
+        path_or_repo,
+        dtype=dtype,
+        revision=revision,
+        adapter_path=adapter_path,
+        group=group,
+        mode=mode,
+    )
     config = model.config
     try:
         processor = Processor.from_folder(model.path, config.eos_token_id, config.vision_config)

@@ -110,6 +110,20 @@ class Model(nn.Module):
         `kv_quantization` stores the full-attention layers' keys and values quantized."""
         return self.language_model.make_cache(kv_quantization)
 
+    def shard(self, group: Any = None, experts: str = "auto") -> Model:
+        """Tensor parallelism over `group` (default: `mx.distributed.init()`); see
+        `mlx_gemma4.distributed.shard`."""
+        from ..distributed import shard
+
+        return shard(self, group or mx.distributed.init(), experts=experts)
+
+    def pipeline(self, group: Any = None, split: list[int] | None = None) -> Model:
+        """Pipeline parallelism over `group`, a contiguous span of layers per rank; see
+        `mlx_gemma4.distributed.pipeline`."""
+        from ..distributed import pipeline
+
+        return pipeline(self, group or mx.distributed.init(), split=split)
+
     def logits(self, hidden: mx.array) -> mx.array:
         if "lm_head" in self:
             out = self.lm_head(hidden)

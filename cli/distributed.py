@@ -1,0 +1,109 @@
+"""`--distributed tensor|pipeline`: one command run by every rank `mlx.launch` started.
+
+Rank 0 talks to the user; the other ranks follow silently: they get rank 0's prompt and input
+lines, draw the same random numbers, and compute their share of every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+Distributed = Annotated[
+    str | None,
+    typer.Option(
+        "--distributed",
+        metavar="tensor|pipeline",
+        help="Split the model across the ranks mlx.launch started: tensor (every layer cut "
+        "across ranks) or pipeline (a span of layers per rank).",
+    ),
+]
+
+
+def start(mode: str | None) -> Any:
+    """The group for `mode` (None: not distributed); followers' output silenced."""
+    if mode is None:
+        return None
+    from mlx_gemma4.collectives import init
+    from mlx_gemma4.distributed import MODES
+    from mlx_gemma4.errors import DistributedError
+
+    if mode not in MODES:
+        raise DistributedError(f"--distributed {mode}: use one of {', '.join(MODES)}")
+    group = init()
+    if group.rank():
+        devnull = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+        sys.stdout = sys.stderr = devnull
+    _same_random_numbers(group)
+    return group
+
+
+def _same_random_numbers(group: Any) -> None:
+    """Seed every rank's generator with rank 0's seed, so sampling picks the same tokens."""
+    import mlx.core as mx
+
+    from mlx_gemma4.collectives import broadcast_int
+
+    seed = int.from_bytes(os.urandom(4), "little") >> 1 if group.rank() == 0 else 0
+    mx.random.seed(broadcast_int(seed, group))
+
+
+def shared_text(text: str | None, group: Any) -> str | None:
+    """Rank 0's `text` on every rank (unchanged when not distributed)."""
+    if group is None:
+        return text
+    from mlx_gemma4.collectives import broadcast_text
+
+    return broadcast_text(text, group)
+
+
+def shared_reader(read_line: Callable[[str], str], group: Any) -> Callable[[str], str]:
+    """Rank 0 reads lines with `read_line` and sends each (or the end of input) to the
+    others, whose reader returns the same lines."""
+    if group is None:
+        return read_line
+    from mlx_gemma4.collectives import broadcast_int, broadcast_text
+
+    def read(prompt: str) -> str:
+        line, ended = None, 0
+        if group.rank() == 0:
+            try:
+                line = read_line(prompt)
+            except EOFError:
+                ended = 1
+        if broadcast_int(ended, group):
+            raise EOFError
+        return broadcast_text(line, group)
+
+    return read
+
+
+def reports_lost_ranks(command: Callable) -> Callable:
+    """A command during which a peer that goes away ends in one clear error."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from mlx_gemma4.collectives import lost_ranks_reported
+
+        with lost_ranks_reported():
+            return command(*args, **kwargs)
+
+    return run
+
+
+def prompt_text(prompt: str, group: Any) -> str:
+    """The prompt: `-` reads stdin (on rank 0, which sends it to the others)."""
+    text = prompt
+    if prompt == "-" and (group is None or group.rank() == 0):
+        text = sys.stdin.read()
+    return shared_text(text, group)
+
+
+def load_options(group: Any, mode: str | None) -> dict[str, Any]:
+    """`load` keywords: each rank's share of the model when distributed."""
+    return {} if group is None else {"group": group, "mode": mode}

@@ -1,0 +1,107 @@
+"""A group's collectives as this package uses them: in one order on every rank, broadcasts
+from rank 0 (prompts, input lines, seeds), the group's start and a lost peer's error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import DistributedError
+
+Group = Any  # mx.distributed.Group (not subscriptable as a type)
+
+
+class Collectives:
+    """A group's collectives, issued in program order on every rank.
+
+    MLX evaluates lazily, in an order set by the shape of the graph. A pipeline's ranks build
+    different graphs, so two independent collectives (the token and per-layer table lookups)
+    could run in opposite orders on two ranks and pair up wrongly. Each collective here
+    depends on the one before it, which fixes the order everywhere.
+    """
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self._last: mx.array | None = None
+
+    def _in_turn(self, x: mx.array) -> mx.array:
+        return x if self._last is None else mx.depends(x, self._last)
+
+    def _done(self, out: mx.array) -> mx.array:
+        # a one-element array computed from `out` marks it, without keeping its buffer alive
+        self._last = out.reshape(-1)[:1].sum()
+        return out
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        return self._done(mx.distributed.all_sum(self._in_turn(x), group=self.group))
+
+    def broadcast(self, x: mx.array, source: int) -> mx.array:
+        """`x` of rank `source` on every rank (the others add zeros). The zeros depend on `x`,
+        so every collective behind `x` still runs on every rank."""
+        return self.all_sum(x if self.rank == source else mx.depends(mx.zeros_like(x), x))
+
+    def gather_last_axis(self, x: mx.array) -> mx.array:
+        """Every rank's `x` [..., n] concatenated along the last axis, in rank order.
+
+        Used for the logits, the last collective of a forward pass: nothing is chained to it,
+        so logits no one reads (a prefill chunk's) are never computed, and a step that reads
+        them depends on them through its token anyway."""
+        parts = mx.distributed.all_gather(self._in_turn(x)[None], group=self.group)
+        return mx.moveaxis(parts, 0, -2).reshape(*x.shape[:-1], -1)
+
+
+def broadcast(x: mx.array, source: int, group: Group) -> mx.array:
+    """`x` of rank `source` on every rank, evaluated now."""
+    out = Collectives(group).broadcast(x, source)
+    mx.eval(out)
+    return out
+
+
+def barrier(group: Group) -> None:
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+
+
+def broadcast_text(text: str | None, group: Group) -> str:
+    """Rank 0's `text` on every rank (others pass anything, e.g. None)."""
+    data = (text or "").encode() if group.rank() == 0 else b""
+    length = int(broadcast(mx.array(len(data)), 0, group).item())
+    padded = mx.zeros(length, dtype=mx.uint8)
+    if group.rank() == 0 and length:
+        padded = mx.array(list(data), dtype=mx.uint8)
+    return bytes(broadcast(padded, 0, group).tolist()).decode() if length else ""
+
+
+def broadcast_int(value: int, group: Group) -> int:
+    return int(broadcast(mx.array(value, dtype=mx.int32), 0, group).item())
+
+
+def init(backend: str = "any") -> Group:
+    """The group `mlx.launch` set up (a group of one when not launched), one clear error when
+    it cannot start."""
+    try:
+        return mx.distributed.init(backend=backend)
+    except RuntimeError as e:
+        hostfile = os.environ.get("MLX_HOSTFILE")
+        where = f"hostfile {hostfile} (MLX_HOSTFILE)" if hostfile else "the distributed group"
+        raise DistributedError(
+            f"{where}: the group could not start ({e}); check the file, or let mlx.launch "
+            "write it (mlx.launch --hostfile hosts.json -- gemma4 ...)"
+        ) from e
+
+
+@contextlib.contextmanager
+def lost_ranks_reported() -> Iterator[None]:
+    """Turn the backend's error for a peer that went away into one `DistributedError`."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "[ring]" in str(e) or "[jaccl]" in str(e) or "[mpi]" in str(e):
+            raise DistributedError(
+                f"another rank stopped or became unreachable ({e}); see its output above"
+            ) from e
+        raise
