@@ -78,3 +78,8 @@ class MemoryModelError(Gemma4Error):
 class BatchRequestError(Gemma4Error):
     """A batched-generation request that cannot run: no prompts, an empty prompt, an option
     the engine does not take."""
+
+
+class DraftModelError(Gemma4Error):
+    """A draft model that cannot draft for this target (vocabulary or hidden size differ), or
+    an option speculative decoding does not take."""

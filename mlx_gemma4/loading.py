@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
-from .config import DTYPES, ModelConfig
+from .config import ASSISTANT_MODEL_TYPE, DTYPES, ModelConfig
 from .errors import ConfigError, QuantizationError, UnsupportedDtypeError, WeightsError
 from .files import access_error
 from .models.gemma4 import Model
@@ -147,7 +147,8 @@ def load_model(
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
 ) -> Model:
-    """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model.
+    """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model; an assistant
+    drafter's checkpoint (`gemma4_assistant`) gives an `AssistantModel`.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
     checkpoints stay quantized (their scales take `dtype`).
@@ -155,6 +156,10 @@ def load_model(
     compute_dtype = resolve_dtype(dtype)
     folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
+    if raw_config.get("model_type") == ASSISTANT_MODEL_TYPE:
+        from .assistant_checkpoint import load_assistant  # imports this module
+
+        return load_assistant(folder, raw_config, compute_dtype)
     try:
         config = ModelConfig.from_dict(raw_config)
     except ConfigError as e:

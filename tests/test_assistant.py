@@ -1,0 +1,95 @@
+"""The assistant drafter in MLX against transformers' Gemma4AssistantForCausalLM."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from assistants import build_assistant
+from checkpoints import VOCAB, WINDOW
+
+from mlx_gemma4 import PromptCache, load_model
+from mlx_gemma4.drafters import target_shared_kv
+from mlx_gemma4.models.assistant import AssistantModel
+
+# E2B-like (PLE, KV sharing), 31B-like (keys as values), 26B-A4B-like (MoE)
+TARGETS = ["ple_kv_shared", "k_eq_v", "moe_k_eq_v"]
+PROMPT = 20  # past the window: the sliding keys the drafter sees are cut
+
+
+@pytest.fixture(scope="session")
+def assistant(tmp_path_factory):
+    """`assistant(target, ordered, hub_form)` -> (folder, transformers assistant)."""
+    built = {}
+
+    def get(target: str, ordered: bool, hub_form: bool = True):
+        key = (target, ordered, hub_form)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"assistant-{target}-{int(ordered)}")
+            built[key] = (folder, build_assistant(target, folder, ordered, hub_form=hub_form))
+        return built[key]
+
+    return get
+
+
+def relative(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def reference_draft(target, assistant, ids: np.ndarray, newest: int):
+    """transformers: the target's states after `ids`, then one assistant step on `newest`."""
+    with torch.no_grad():
+        out = target(torch.tensor(ids), output_hidden_states=True, return_shared_kv_states=True)
+        hidden = out.hidden_states[-1][:, -1:]
+        embedding = target.get_input_embeddings()(torch.tensor([[newest]]))
+        draft = assistant(
+            inputs_embeds=torch.cat([embedding, hidden], dim=-1),
+            position_ids=torch.tensor([[ids.shape[1]]]),
+            shared_kv_states=out.shared_kv_states,
+        )
+    return out, hidden, draft
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["dense_head", "centroid_head"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_drafter_logits_match_transformers(tiny, assistant, token_ids, target, ordered):
+    target_folder, target_reference = tiny(target)
+    folder, reference = assistant(target, ordered)
+    drafter = load_model(folder, dtype=mx.float32)
+    assert isinstance(drafter, AssistantModel)
+    ids, newest = token_ids(1, PROMPT, seed=3), 7
+    states, hidden, theirs = reference_draft(target_reference, reference, ids, newest)
+
+    # the same target states, handed over as transformers computed them
+    shared = {
+        kind: tuple(mx.array(t.numpy()) for t in kv) for kind, kv in states.shared_kv_states.items()
+    }
+    model = load_model(target_folder, dtype=mx.float32)
+    embedding = model.language_model.embed(mx.array([[newest]]))
+    logits, projected = drafter(embedding, mx.array(hidden.numpy()), PROMPT, shared)
+    assert relative(logits, theirs.logits.numpy()) < 1e-4
+    assert relative(projected, theirs.last_hidden_state.numpy()) < 1e-4
+    if ordered:  # only the top clusters' tokens are scored, the rest share one floor value
+        floor = theirs.logits.numpy().min()
+        assert (np.asarray(logits) > floor + 0.5).sum() == (theirs.logits.numpy() > floor).sum()
+
+    # and the states read from this package's own target caches
+    prompt_cache = PromptCache(model)
+    ours_hidden = model.language_model(mx.array(ids), prompt_cache.cache)[:, -1:]
+    ours_shared = target_shared_kv(model, prompt_cache.cache)
+    keys, _ = ours_shared["sliding_attention"]
+    reference_keys = states.shared_kv_states["sliding_attention"][0].numpy()
+    assert relative(keys[..., -(WINDOW + 1) :, :], reference_keys[..., -(WINDOW + 1) :, :]) < 1e-4
+    logits, _ = drafter(embedding, ours_hidden, PROMPT, ours_shared)
+    assert relative(logits, theirs.logits.numpy()) < 1e-4
+
+
+def test_transformers_form_config_loads_alike(tiny, assistant):
+    hub, _ = assistant("k_eq_v", True)
+    transformers_form, _ = assistant("k_eq_v", True, hub_form=False)
+    a, b = load_model(hub), load_model(transformers_form)
+    assert a.config.text_config.global_head_dim == b.config.text_config.global_head_dim == 32
+    assert a.config.num_centroids == b.config.num_centroids
+    assert a.vocab_size == VOCAB
