@@ -83,6 +83,7 @@ def generate(
     check_tool_choice(tool_list, tool_choice, schema)
     text = sys.stdin.read() if prompt == "-" else prompt
     loaded_model, processor = load(model, dtype=flags.dtype)
+    draft = flags.draft_settings(loaded_model)
     if raw:
         request = text
     else:
@@ -99,5 +100,6 @@ def generate(
         json_schema=schema,
         sampling=flags.sampling,
         prompt_cache=PromptCache(loaded_model, flags.kv_quantization),
+        **draft,
     )
     options.print_answer(responses, flags.stats)

@@ -12,6 +12,7 @@ import mlx.core as mx
 from .cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
 from .config import TextConfig
 from .errors import DraftModelError
+from .loading import load_model
 from .models.assistant import AssistantModel, SharedKV
 from .prompt_cache import PromptCache
 
@@ -119,6 +120,7 @@ class ModelDrafter:
             _DRAFT_CACHES[prompt_cache] = held
         self.cache = held
         self.prefill_step = prefill_step
+        self._fed = 0  # tokens of this round in the drafter's caches: the newest, then drafts
 
     def begin(self, prompt: list[int]) -> None:
         """Keep the cached prefix of `prompt`; the rest is fed with the first proposal."""
@@ -158,6 +160,7 @@ class ModelDrafter:
         rejected one are rolled back."""
         self.cache.tokens.extend(accepted[: self._fed])
         self.cache.roll_back_to_tokens()
+        self._fed = 0
 
 
 def make_drafter(draft_model, model, prompt_cache: PromptCache, prefill_step: int = 2048):
@@ -165,3 +168,11 @@ def make_drafter(draft_model, model, prompt_cache: PromptCache, prefill_step: in
     if isinstance(draft_model, AssistantModel):
         return AssistantDrafter(draft_model, model, prompt_cache)
     return ModelDrafter(draft_model, model, prompt_cache, prefill_step)
+
+
+def load_draft_model(path_or_repo, model, *, dtype=None):
+    """Load a drafter (an assistant checkpoint or a smaller Gemma 4) and check that it can
+    draft for `model`: one clear `DraftModelError` naming both sides when it cannot."""
+    drafter = load_model(path_or_repo, dtype=dtype)
+    check_draft_model(model, drafter)
+    return drafter

@@ -48,13 +48,17 @@ class DraftLength:
     an undrafted stretch that doubles each time the probe fails.
     """
 
-    decay = 0.9
+    # False: always draft `most` tokens (to study a drafter, or to test the rollback paths)
+    adaptive = True
+    decay = 0.8
+    # drafting must promise this much more speed than not drafting
+    margin = 1.1
     first_probe_wait = 16
     longest_probe_wait = 256
 
     def __init__(self, most: int):
         self.most = most
-        self.accepted, self.rejected = 1.0, 1.0  # a uniform prior on the rate
+        self.accepted, self.rejected = 0.5, 0.5  # a weak prior: a rate of one half
         self.step_seconds: float | None = None  # a round without drafts
         self.draft_seconds: float | None = None  # what each drafted token adds to a round
         self.wait, self.since_probe = self.first_probe_wait, 0
@@ -71,11 +75,12 @@ class DraftLength:
         step = self.step_seconds or 1.0
         per_draft = self.draft_seconds if self.draft_seconds is not None else 0.1 * step
         speed = [self.expected_tokens(k) / (step + k * per_draft) for k in range(self.most + 1)]
-        return max(range(self.most + 1), key=speed.__getitem__)
+        best = max(range(self.most + 1), key=speed.__getitem__)
+        return best if speed[best] > self.margin * speed[0] else 0
 
     def next(self) -> int:
-        if self.most == 0:
-            return 0
+        if self.most == 0 or not self.adaptive:
+            return self.most
         k = self.best()
         if k:
             return k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from checkpoints import _TEXT_BASE, TEXT_VARIANTS, VOCAB, WINDOW, jitter, save_reference
 
@@ -61,3 +62,18 @@ def build_assistant(
         model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=generator))
     save_reference(model, folder, hub_form)
     return model
+
+
+@pytest.fixture(scope="session")
+def assistant(tmp_path_factory):
+    """`assistant(target, ordered, hub_form)` -> (folder, transformers assistant)."""
+    built = {}
+
+    def get(target: str, ordered: bool, hub_form: bool = True):
+        key = (target, ordered, hub_form)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"assistant-{target}-{int(ordered)}")
+            built[key] = (folder, build_assistant(target, folder, ordered, hub_form=hub_form))
+        return built[key]
+
+    return get

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from assistants import build_assistant
+from assistants import assistant  # noqa: F401  (a fixture)
 from checkpoints import VOCAB, WINDOW
 
 from mlx_gemma4 import PromptCache, load_model
@@ -18,33 +18,18 @@ TARGETS = ["ple_kv_shared", "k_eq_v", "moe_k_eq_v"]
 PROMPT = 20  # past the window: the sliding keys the drafter sees are cut
 
 
-@pytest.fixture(scope="session")
-def assistant(tmp_path_factory):
-    """`assistant(target, ordered, hub_form)` -> (folder, transformers assistant)."""
-    built = {}
-
-    def get(target: str, ordered: bool, hub_form: bool = True):
-        key = (target, ordered, hub_form)
-        if key not in built:
-            folder = tmp_path_factory.mktemp(f"assistant-{target}-{int(ordered)}")
-            built[key] = (folder, build_assistant(target, folder, ordered, hub_form=hub_form))
-        return built[key]
-
-    return get
-
-
 def relative(ours, theirs) -> float:
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def reference_draft(target, assistant, ids: np.ndarray, newest: int):
+def reference_draft(target, drafter, ids: np.ndarray, newest: int):
     """transformers: the target's states after `ids`, then one assistant step on `newest`."""
     with torch.no_grad():
         out = target(torch.tensor(ids), output_hidden_states=True, return_shared_kv_states=True)
         hidden = out.hidden_states[-1][:, -1:]
         embedding = target.get_input_embeddings()(torch.tensor([[newest]]))
-        draft = assistant(
+        draft = drafter(
             inputs_embeds=torch.cat([embedding, hidden], dim=-1),
             position_ids=torch.tensor([[ids.shape[1]]]),
             shared_kv_states=out.shared_kv_states,
@@ -54,7 +39,7 @@ def reference_draft(target, assistant, ids: np.ndarray, newest: int):
 
 @pytest.mark.parametrize("ordered", [False, True], ids=["dense_head", "centroid_head"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_drafter_logits_match_transformers(tiny, assistant, token_ids, target, ordered):
+def test_drafter_logits_match_transformers(tiny, assistant, token_ids, target, ordered):  # noqa: F811
     target_folder, target_reference = tiny(target)
     folder, reference = assistant(target, ordered)
     drafter = load_model(folder, dtype=mx.float32)
@@ -86,7 +71,7 @@ def test_drafter_logits_match_transformers(tiny, assistant, token_ids, target, o
     assert relative(logits, theirs.logits.numpy()) < 1e-4
 
 
-def test_transformers_form_config_loads_alike(tiny, assistant):
+def test_transformers_form_config_loads_alike(assistant):  # noqa: F811
     hub, _ = assistant("k_eq_v", True)
     transformers_form, _ = assistant("k_eq_v", True, hub_form=False)
     a, b = load_model(hub), load_model(transformers_form)
