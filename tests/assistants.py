@@ -12,7 +12,7 @@ from checkpoints import _TEXT_BASE, TEXT_VARIANTS, VOCAB, WINDOW, jitter, save_r
 CENTROIDS, TOP_CLUSTERS = 64, 6
 
 
-def assistant_config(variant: str, ordered: bool):
+def assistant_config(variant: str, ordered: bool, backbone: int | None = None):
     """A two-layer drafter (sliding then full) for the tiny target `variant`."""
     from transformers import Gemma4AssistantConfig, Gemma4TextConfig
 
@@ -26,7 +26,7 @@ def assistant_config(variant: str, ordered: bool):
     text = Gemma4TextConfig(
         **kv_heads,
         vocab_size=VOCAB,
-        hidden_size=48,
+        hidden_size=64,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -41,7 +41,7 @@ def assistant_config(variant: str, ordered: bool):
     )
     return Gemma4AssistantConfig(
         text_config=text,
-        backbone_hidden_size=target["hidden_size"],
+        backbone_hidden_size=backbone or target["hidden_size"],
         use_ordered_embeddings=ordered,
         num_centroids=CENTROIDS,
         centroid_intermediate_top_k=TOP_CLUSTERS,
@@ -49,13 +49,19 @@ def assistant_config(variant: str, ordered: bool):
 
 
 def build_assistant(
-    variant: str, folder: Path, ordered: bool, seed: int = 0, hub_form: bool = True
+    variant: str,
+    folder: Path,
+    ordered: bool,
+    seed: int = 0,
+    hub_form: bool = True,
+    backbone: int | None = None,
 ):
-    """A jittered random `Gemma4AssistantForCausalLM` saved to `folder`; returns the model."""
+    """A jittered random `Gemma4AssistantForCausalLM` saved to `folder`; returns the model.
+    `backbone` gives it another target width than `variant`'s (a mismatched drafter)."""
     from transformers import Gemma4AssistantForCausalLM
 
     torch.manual_seed(seed)
-    model = Gemma4AssistantForCausalLM(assistant_config(variant, ordered)).eval()
+    model = Gemma4AssistantForCausalLM(assistant_config(variant, ordered, backbone)).eval()
     jitter(model, seed + 1)
     if ordered:
         generator = torch.Generator().manual_seed(seed)

@@ -78,3 +78,41 @@ def test_transformers_form_config_loads_alike(assistant):  # noqa: F811
     assert a.config.text_config.global_head_dim == b.config.text_config.global_head_dim == 32
     assert a.config.num_centroids == b.config.num_centroids
     assert a.vocab_size == VOCAB
+
+
+def dequantized(quantized: AssistantModel, template: AssistantModel) -> AssistantModel:
+    """`template` with every packed weight of `quantized` unpacked into it."""
+    modules = dict(template.named_modules())
+    for path, module in quantized.named_modules():
+        if hasattr(module, "scales"):
+            weight = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.biases,
+                group_size=module.group_size,
+                bits=module.bits,
+            )
+            modules[path].weight = weight
+    return template
+
+
+def test_quantize_command_packs_an_assistant(tiny, assistant, gemma4, tmp_path):  # noqa: F811
+    folder, _ = assistant("ple_kv_shared", True)
+    out = tmp_path / "assistant-4bit"
+    result = gemma4("quantize", "--model", str(folder), "--out", str(out), "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    packed = load_model(out, dtype=mx.float32)
+    assert isinstance(packed, AssistantModel)
+    assert hasattr(packed.model.embed_tokens, "scales")
+    assert hasattr(packed.masked_embedding.centroids, "scales")
+    unpacked = dequantized(packed, load_model(folder, dtype=mx.float32))
+    model = load_model(tiny("ple_kv_shared")[0], dtype=mx.float32)
+    prompt_cache = PromptCache(model)
+    hidden = model.language_model(mx.array([[2, *range(5, 25)]]), prompt_cache.cache)[:, -1:]
+    embedding, shared = (
+        model.language_model.embed(mx.array([[9]])),
+        target_shared_kv(model, prompt_cache.cache),
+    )
+    ours, _ = packed(embedding, hidden, 21, shared)
+    reference, _ = unpacked(embedding, hidden, 21, shared)
+    assert relative(ours, reference) < 1e-4
