@@ -164,6 +164,10 @@ class ModelDrafter:
 
 
 def make_drafter(draft_model, model, prompt_cache: PromptCache, prefill_step: int = 2048):
+    """The drafter for `draft_model`; an object that drafts already (`begin`, `propose`,
+    `commit` and `needs_hidden` as `AssistantDrafter` has them) is used as it is."""
+    if hasattr(draft_model, "propose"):
+        return draft_model
     check_draft_model(model, draft_model)
     if isinstance(draft_model, AssistantModel):
         return AssistantDrafter(draft_model, model, prompt_cache)

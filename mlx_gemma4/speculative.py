@@ -43,9 +43,11 @@ class DraftLength:
     """How many tokens to draft next: the count that maximizes expected tokens per second.
 
     The acceptance rate is a decaying count of accepted and rejected drafts (one rejection at
-    most per round); the time of a round is a plain step plus a measured cost per drafted
-    token. When drafting does not pay, rounds go undrafted and a one-token probe runs after
-    an undrafted stretch that doubles each time the probe fails.
+    most per round); a round costs a plain step plus a measured cost per drafted token (one
+    plain step, then a one-token round, measure both before anything longer). When drafting
+    does not pay, rounds go undrafted; a one-token probe runs after an undrafted stretch that
+    doubles each time the probe is rejected, and rarely at all when drafting could not pay
+    even if every draft were accepted.
     """
 
     # False: always draft `most` tokens (to study a drafter, or to test the rollback paths)
@@ -53,7 +55,7 @@ class DraftLength:
     decay = 0.8
     # drafting must promise this much more speed than not drafting
     margin = 1.1
-    first_probe_wait = 16
+    first_probe_wait = 32
     longest_probe_wait = 256
 
     def __init__(self, most: int):
@@ -67,31 +69,40 @@ class DraftLength:
     def rate(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def expected_tokens(self, k: int) -> float:
-        rate = self.rate
+    def expected_tokens(self, k: int, rate: float | None = None) -> float:
+        rate = self.rate if rate is None else rate
         return sum(rate**i for i in range(k + 1))
 
+    def speed(self, k: int, rate: float | None = None) -> float:
+        """Expected tokens per second of a round drafting `k`."""
+        return self.expected_tokens(k, rate) / (self.step_seconds + k * self.draft_seconds)
+
     def best(self) -> int:
-        step = self.step_seconds or 1.0
-        per_draft = self.draft_seconds if self.draft_seconds is not None else 0.1 * step
-        speed = [self.expected_tokens(k) / (step + k * per_draft) for k in range(self.most + 1)]
-        best = max(range(self.most + 1), key=speed.__getitem__)
-        return best if speed[best] > self.margin * speed[0] else 0
+        best = max(range(self.most + 1), key=self.speed)
+        return best if self.speed(best) > self.margin * self.speed(0) else 0
 
     def next(self) -> int:
         if self.most == 0 or not self.adaptive:
             return self.most
+        if self.step_seconds is None:
+            return 0
+        if self.draft_seconds is None:
+            return 1
         k = self.best()
         if k:
             return k
         self.since_probe += 1
-        if self.since_probe < self.wait:
+        hopeless = self.speed(self.most, rate=1.0) <= self.margin * self.speed(0)
+        if self.since_probe < (self.longest_probe_wait if hopeless else self.wait):
             return 0
         self.since_probe = 0
         self.wait = min(2 * self.wait, self.longest_probe_wait)
         return 1
 
-    def update(self, k: int, accepted: int, seconds: float) -> None:
+    def update(self, k: int, accepted: int, seconds: float | None) -> None:
+        """Record a round; `seconds` None for one that is no measure (the prompt's last)."""
+        if seconds is None:
+            return
         if k == 0:
             self.step_seconds = _average(self.step_seconds, seconds)
             return
@@ -255,7 +266,7 @@ def _rounds(
     newest = mx.array(todo[-1:])  # the last prompt token: a round without drafts
     drafts: list[mx.array] = []
     distributions: list[mx.array | None] = []
-    began = time.perf_counter()
+    began = None  # the prompt's last token: its round times more than a step
     while True:
         verified = mx.concatenate([newest, *drafts]) if drafts else newest
         hidden = model.language_model(model.text_ids(verified[None]), cache)
@@ -266,7 +277,8 @@ def _rounds(
         drafter.commit(kept)
         stats.drafted += len(drafts)
         stats.accepted += accepted
-        length.update(len(drafts), accepted, time.perf_counter() - began)
+        timed = None if began is None else time.perf_counter() - began
+        length.update(len(drafts), accepted, timed)
         yield from kept[1:]
         yield token
 

@@ -140,7 +140,11 @@ def test_adaptive_length_stops_drafting_what_is_rejected(chat_checkpoint, assist
 
 def test_length_choice_follows_acceptance_and_cost():
     length = DraftLength(6)
-    length.step_seconds, length.draft_seconds = 1.0, 0.02  # verifying costs about one step
+    assert length.next() == 0  # a plain step first, then one draft: both costs measured
+    length.update(0, 0, 1.0)
+    assert length.next() == 1
+    length.update(1, 1, 1.02)
+    assert length.draft_seconds == pytest.approx(0.02)  # verifying costs about one step
     length.accepted, length.rejected = 8.0, 2.0
     assert length.best() == 6
     length.draft_seconds = 1.0  # every drafted token costs a step: drafting never pays
@@ -155,7 +159,8 @@ def test_length_choice_follows_acceptance_and_cost():
             n += 1
         waits.append(n)
         length.update(1, 0, 1.02)
-    assert waits == [DraftLength.first_probe_wait - 1, 31, 63]
+    first = DraftLength.first_probe_wait
+    assert waits == [first - 1, 2 * first - 1, 4 * first - 1]
 
 
 # --------------------------------------------------------------------------- sampling
