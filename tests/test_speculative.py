@@ -104,6 +104,25 @@ def test_prompt_cache_reuse_across_turns(chat_checkpoint, close_drafter):
 
 
 @pytest.mark.usefixtures("every_round_drafts")
+def test_compacted_window_caches_roll_back(chat_checkpoint, close_drafter):
+    """A long prompt in short chunks: the window caches have dropped old positions (their
+    trim floor is live) before decoding starts."""
+    folder, _ = chat_checkpoint("k_eq_v")
+    model, processor = load(folder)
+    prompt = id_prompts([340], seed=7)[0]
+    settings = dict(max_tokens=16, prefill_step_size=64, prompt_cache=None)
+    plain = solo(model, processor, prompt, **settings)
+    cache = PromptCache(model)
+    tokens, last = speculative(
+        model, processor, prompt, close_drafter("k_eq_v"), **{**settings, "prompt_cache": cache}
+    )
+    assert tokens == plain
+    assert last.accepted_tokens < last.drafted_tokens
+    window = cache.cache[0]
+    assert window.start > 0 and window.offset == len(cache.tokens)
+
+
+@pytest.mark.usefixtures("every_round_drafts")
 def test_quantized_kv_cache_rolls_back(chat_checkpoint, assistant, close_drafter):  # noqa: F811
     folder, _ = chat_checkpoint("k_eq_v")
     model, processor = load(folder)
