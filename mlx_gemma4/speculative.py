@@ -11,6 +11,7 @@ down to none, so a drafter the target keeps rejecting costs little.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,42 +45,45 @@ class DraftLength:
 
     The acceptance rate is a decaying count of accepted and rejected drafts (one rejection at
     most per round); a round costs a plain step plus a measured cost per drafted token (one
-    plain step, then a one-token round, measure both before anything longer). When drafting
-    does not pay, rounds go undrafted; a one-token probe runs after an undrafted stretch that
-    doubles each time the probe is rejected, and rarely at all when drafting could not pay
-    even if every draft were accepted.
+    plain step, then a one-token round, measure both first). When drafting does not pay by
+    `margin`, rounds go undrafted, and a one-token probe runs after a stretch long enough that
+    a rejected probe costs at most `probe_budget` of it (doubling while probes fail).
     """
 
     # False: always draft `most` tokens (to study a drafter, or to test the rollback paths)
     adaptive = True
     decay = 0.8
-    # drafting must promise this much more speed than not drafting
-    margin = 1.1
-    first_probe_wait = 32
+    margin = 1.1  # drafting must promise this much more speed than not drafting
+    probe_budget = 0.02
     longest_probe_wait = 256
 
     def __init__(self, most: int):
         self.most = most
-        self.accepted, self.rejected = 0.5, 0.5  # a weak prior: a rate of one half
+        self.accepted, self.rejected = 1.0, 1.0  # a prior: a rate of one half
         self.step_seconds: float | None = None  # a round without drafts
         self.draft_seconds: float | None = None  # what each drafted token adds to a round
-        self.wait, self.since_probe = self.first_probe_wait, 0
+        self.backoff, self.since_probe = 1, 0
 
     @property
     def rate(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def expected_tokens(self, k: int, rate: float | None = None) -> float:
-        rate = self.rate if rate is None else rate
-        return sum(rate**i for i in range(k + 1))
+    def expected_tokens(self, k: int) -> float:
+        return sum(self.rate**i for i in range(k + 1))
 
-    def speed(self, k: int, rate: float | None = None) -> float:
+    def speed(self, k: int) -> float:
         """Expected tokens per second of a round drafting `k`."""
-        return self.expected_tokens(k, rate) / (self.step_seconds + k * self.draft_seconds)
+        return self.expected_tokens(k) / (self.step_seconds + k * self.draft_seconds)
 
     def best(self) -> int:
         best = max(range(self.most + 1), key=self.speed)
         return best if self.speed(best) > self.margin * self.speed(0) else 0
+
+    def probe_wait(self) -> int:
+        """Undrafted rounds before the next probe."""
+        cost = self.draft_seconds / self.step_seconds  # a rejected probe, in steps
+        wait = max(4, math.ceil(cost / self.probe_budget)) * self.backoff
+        return min(wait, self.longest_probe_wait)
 
     def next(self) -> int:
         if self.most == 0 or not self.adaptive:
@@ -92,11 +96,9 @@ class DraftLength:
         if k:
             return k
         self.since_probe += 1
-        hopeless = self.speed(self.most, rate=1.0) <= self.margin * self.speed(0)
-        if self.since_probe < (self.longest_probe_wait if hopeless else self.wait):
+        if self.since_probe < self.probe_wait():
             return 0
         self.since_probe = 0
-        self.wait = min(2 * self.wait, self.longest_probe_wait)
         return 1
 
     def update(self, k: int, accepted: int, seconds: float | None) -> None:
@@ -111,8 +113,7 @@ class DraftLength:
         if self.step_seconds is not None:
             per_draft = max(seconds - self.step_seconds, 0.0) / k
             self.draft_seconds = _average(self.draft_seconds, per_draft)
-        if accepted:
-            self.wait = self.first_probe_wait
+        self.backoff = 1 if accepted else min(2 * self.backoff, self.longest_probe_wait)
 
 
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:

@@ -170,7 +170,8 @@ def test_length_choice_follows_acceptance_and_cost():
     assert length.best() == 0
     length.draft_seconds, length.accepted, length.rejected = 0.02, 0.0, 10.0
     assert length.best() == 0
-    # undrafted rounds probe with one token, ever more rarely while probes fail
+    # undrafted rounds probe with one token, ever more rarely while probes fail; a probe
+    # costing 2% of a step waits 4 rounds at first, one costing a whole step 50
     waits = []
     for _ in range(3):
         n = 0
@@ -178,8 +179,9 @@ def test_length_choice_follows_acceptance_and_cost():
             n += 1
         waits.append(n)
         length.update(1, 0, 1.02)
-    first = DraftLength.first_probe_wait
-    assert waits == [first - 1, 2 * first - 1, 4 * first - 1]
+    assert waits == [3, 7, 15]
+    length.draft_seconds, length.backoff = 1.0, 1
+    assert length.probe_wait() == 50
 
 
 # --------------------------------------------------------------------------- sampling
