@@ -45,9 +45,12 @@ class DraftLength:
 
     The acceptance rate is a decaying count of accepted and rejected drafts (one rejection at
     most per round); a round costs a plain step plus a measured cost per drafted token (one
-    plain step, then a one-token round, measure both first). When drafting does not pay by
-    `margin`, rounds go undrafted, and a one-token probe runs after a stretch long enough that
-    a rejected probe costs at most `probe_budget` of it (doubling while probes fail).
+    plain step, then a one-token round, measure both first). The length also stays under a
+    ceiling that grows by two after a round whose drafts were all kept and shrinks by one
+    after a rejection, so a drafter is trusted with long drafts only once it earns them.
+    When drafting does not pay by `margin`, rounds go undrafted, and a one-token probe runs
+    after a stretch long enough that a rejected probe costs at most `probe_budget` of it
+    (doubling while probes fail).
     """
 
     # False: always draft `most` tokens (to study a drafter, or to test the rollback paths)
@@ -63,6 +66,7 @@ class DraftLength:
         self.step_seconds: float | None = None  # a round without drafts
         self.draft_seconds: float | None = None  # what each drafted token adds to a round
         self.backoff, self.since_probe = 1, 0
+        self.ceiling = 1
 
     @property
     def rate(self) -> float:
@@ -92,7 +96,7 @@ class DraftLength:
             return 0
         if self.draft_seconds is None:
             return 1
-        k = self.best()
+        k = min(self.best(), self.ceiling)
         if k:
             return k
         self.since_probe += 1
@@ -114,6 +118,10 @@ class DraftLength:
             per_draft = max(seconds - self.step_seconds, 0.0) / k
             self.draft_seconds = _average(self.draft_seconds, per_draft)
         self.backoff = 1 if accepted else min(2 * self.backoff, self.longest_probe_wait)
+        if accepted == k:
+            self.ceiling = min(self.ceiling + 2, self.most)
+        else:
+            self.ceiling = max(self.ceiling - 1, 1)
 
 
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:

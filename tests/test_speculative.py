@@ -166,6 +166,11 @@ def test_length_choice_follows_acceptance_and_cost():
     assert length.draft_seconds == pytest.approx(0.02)  # verifying costs about one step
     length.accepted, length.rejected = 8.0, 2.0
     assert length.best() == 6
+    assert length.next() == 3  # the ceiling: 1, then 3 after the kept probe
+    length.update(3, 3, 1.06)
+    assert length.next() == 5
+    length.update(5, 2, 1.1)
+    assert length.next() == 4
     length.draft_seconds = 1.0  # every drafted token costs a step: drafting never pays
     assert length.best() == 0
     length.draft_seconds, length.accepted, length.rejected = 0.02, 0.0, 10.0
