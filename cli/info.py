@@ -88,10 +88,11 @@ def info(
     --context, what that context needs in memory (weights, KV cache, prefill peak)."""
     from mlx_gemma4 import load_model
     from mlx_gemma4.kv_quant import KVQuantization
+    from mlx_gemma4.loading import require_target_model
     from mlx_gemma4.memory import estimate_memory
 
     kv_quantization = KVQuantization.from_bits(kv_bits)  # refuse bad bits before loading
-    loaded = load_model(model)
+    loaded = require_target_model(load_model(model))
     facts = describe(loaded)
     if context is not None:
         estimate = estimate_memory(loaded, context, batch=batch, kv_quantization=kv_quantization)

@@ -194,7 +194,7 @@ def load(
     revision: str | None = None,
 ) -> tuple[Model, Processor]:
     """A model and its processor (tokenizer, chat template, stop tokens) from one checkpoint."""
-    model = load_model(path_or_repo, dtype=dtype, revision=revision)
+    model = require_target_model(load_model(path_or_repo, dtype=dtype, revision=revision))
     config = model.config
     try:
         return model, Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
@@ -202,3 +202,13 @@ def load(
         if not isinstance(e, PermissionError) or e.filename is None:
             raise
         raise access_error(e.filename, "read", e) from e
+
+
+def require_target_model(model):
+    """`model`, unless it is an assistant drafter, which cannot generate on its own."""
+    if model.config.model_type == ASSISTANT_MODEL_TYPE:
+        raise ConfigError(
+            f"{model.path}: an assistant drafter (gemma4_assistant) does not generate on its "
+            "own; pass it as --draft-model (draft_model=) beside the model it drafts for"
+        )
+    return model

@@ -39,3 +39,11 @@ def test_a_drafter_for_another_target_is_one_line_and_exit_1(chat_checkpoint, ge
     assert result.stderr.strip().count("\n") == 0
     assert "hidden size 32" in result.stderr and "target's is 64" in result.stderr
     assert result.stdout == ""
+
+
+def test_an_assistant_alone_is_refused_in_one_line(assistant, gemma4):  # noqa: F811
+    drafter, _ = assistant("ple_kv_shared", True)
+    for command in (("generate", "--prompt", "hi", "--model", drafter), ("info", drafter)):
+        result = gemma4(*command)
+        assert result.returncode == 1
+        assert "--draft-model" in result.stderr and result.stderr.strip().count("\n") == 0

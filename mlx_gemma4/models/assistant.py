@@ -57,6 +57,7 @@ class AssistantModel(nn.Module):
     """The drafter: input projection, a few decoder layers over the target's K/V, head."""
 
     path: Path | None
+    towers: frozenset[str] = frozenset()  # it reads text only
 
     def __init__(self, config: AssistantConfig):
         super().__init__()
