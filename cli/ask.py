@@ -50,5 +50,6 @@ def ask(
         enable_thinking=flags.think,
         sampling=flags.sampling,
         prompt_cache=PromptCache(loaded_model, flags.kv_quantization),
+        **flags.draft_settings(loaded_model),
     )
     options.print_answer(responses, flags.stats)

@@ -104,6 +104,7 @@ class Chat:
         self._read_line: Callable[[str], str] = input
         self._line_open = False  # the answer being written has not ended its line
         self.last_response = None  # the latest response of the turn being written
+        self.draft_settings: dict = {}  # speculative decoding's drafter, when one is given
 
     def use_kv_quantization(self, kv_quantization) -> None:
         self.kv_quantization = kv_quantization
@@ -159,6 +160,7 @@ class Chat:
             enable_thinking=self.conversation.think,
             sampling=self.sampling,
             media_options=self.media_options,
+            **self.draft_settings,
         )
         if not self.tools:
             messages = self.conversation.chat_messages()
@@ -365,6 +367,7 @@ def chat(
         run_without_asking=yes,
     )
     session.use_kv_quantization(flags.kv_quantization)
+    session.draft_settings = flags.draft_settings(loaded_model)
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 

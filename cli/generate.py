@@ -93,6 +93,7 @@ def generate(
         adapter_path=adapter,
         **parallel.load_options(group, distributed),
     )
+    draft = flags.draft_settings(loaded_model)
     if raw:
         request = text
     else:
@@ -109,5 +110,6 @@ def generate(
         json_schema=schema,
         sampling=flags.sampling,
         prompt_cache=PromptCache(loaded_model, flags.kv_quantization),
+        **draft,
     )
     options.print_answer(responses, flags.stats)

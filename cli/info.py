@@ -98,10 +98,12 @@ def info(
     A folder holding only config.json, or a Hub repo id (only its config.json is downloaded),
     is described from the config alone: no weights are read."""
     from mlx_gemma4.kv_quant import KVQuantization
+    from mlx_gemma4.loading import require_target_model
     from mlx_gemma4.memory import estimate_memory, model_for_estimate
 
     kv_quantization = KVQuantization.from_bits(kv_bits)  # refuse bad bits before loading
     described, weights_read = model_for_estimate(model)
+    require_target_model(described)
     facts = describe(described)
     facts["weights"] = (
         "read from the checkpoint"

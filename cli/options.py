@@ -74,6 +74,18 @@ KVValueBits = Annotated[
     int | None,
     typer.Option("--kv-value-bits", help="Bits for cached values (overrides --kv-bits)."),
 ]
+DraftModel = Annotated[
+    str | None,
+    typer.Option(
+        "--draft-model",
+        help="Speculative decoding: this model's assistant checkpoint (or a smaller Gemma 4 "
+        "with the same vocabulary) drafts tokens the model checks in one pass.",
+    ),
+]
+DraftTokens = Annotated[
+    int,
+    typer.Option("--draft-tokens", min=1, help="With --draft-model: most tokens drafted a step."),
+]
 
 Adapter = Annotated[
     Path | None,
@@ -90,6 +102,18 @@ class GenerationFlags:
     dtype: str | None
     stats: bool
     kv_quantization: KVQuantization | None  # None: float KV caches
+    draft_model: str | None = None  # speculative decoding's drafter (folder or Hub repo id)
+    draft_tokens: int = 4
+
+    def draft_settings(self, model) -> dict:
+        """`stream_generate`'s speculative-decoding arguments: the drafter loaded and checked
+        against `model` (one clear error when it cannot draft for it), or none."""
+        if self.draft_model is None:
+            return {}
+        from mlx_gemma4.drafters import load_draft_model
+
+        drafter = load_draft_model(self.draft_model, model, dtype=self.dtype)
+        return {"draft_model": drafter, "num_draft_tokens": self.draft_tokens}
 
 
 def _generation_flags(
@@ -106,6 +130,8 @@ def _generation_flags(
     kv_bits: KVBits = None,
     kv_key_bits: KVKeyBits = None,
     kv_value_bits: KVValueBits = None,
+    draft_model: DraftModel = None,
+    draft_tokens: DraftTokens = 4,
 ) -> GenerationFlags:
     from mlx_gemma4.kv_quant import KVQuantization
 
@@ -119,7 +145,9 @@ def _generation_flags(
         seed=seed,
     )
     kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
-    return GenerationFlags(sampling, think, dtype, stats, kv_quantization)
+    return GenerationFlags(
+        sampling, think, dtype, stats, kv_quantization, draft_model, draft_tokens
+    )
 
 
 _SHARED = inspect.signature(_generation_flags, eval_str=True).parameters
@@ -152,8 +180,18 @@ def stats_line(response) -> str:
     return (
         f"[{response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s; prompt "
         f"{response.prompt_tokens} tokens ({response.reused_tokens} cached), "
-        f"{response.prompt_tps:.1f} tok/s; peak {response.peak_memory:.2f} GB]"
+        f"{response.prompt_tps:.1f} tok/s; peak {response.peak_memory:.2f} GB"
+        + _draft_stats(response)
+        + "]"
     )
+
+
+def _draft_stats(response) -> str:
+    drafted = getattr(response, "drafted_tokens", 0)
+    if not drafted:
+        return ""
+    accepted = response.accepted_tokens
+    return f"; drafted {drafted}, accepted {accepted} ({100 * accepted / drafted:.0f}%)"
 
 
 def call_line(call) -> str:

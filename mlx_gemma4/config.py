@@ -329,3 +329,71 @@ class ModelConfig:
         if raw.get("audio_config"):
             config.audio_embedder = UnifiedAudioConfig.from_dict(raw["audio_config"])
         return config
+
+
+# ----------------------------------------------------------------------------- assistant drafters
+
+ASSISTANT_MODEL_TYPE = "gemma4_assistant"
+
+
+class DrafterTextConfig(TextConfig):
+    """An assistant's decoder: every layer reads its keys and values from the target model."""
+
+    def _normalize(self, per_layer_config: dict[str, Any] | None) -> None:
+        self.num_kv_shared_layers = 0  # no layer of its own to share from: skip that check
+        super()._normalize(per_layer_config)
+        self.num_kv_shared_layers = self.num_hidden_layers
+
+    def kv_source(self, layer: int) -> int:
+        return -1  # the target's last layer of the same kind, handed in at each call
+
+
+@dataclass
+class AssistantConfig:
+    """A multi-token-prediction drafter (transformers' `Gemma4AssistantConfig`).
+
+    `backbone_hidden_size` is the target's width; `use_ordered_embeddings` scores the
+    vocabulary through `num_centroids` token clusters, of which the
+    `centroid_intermediate_top_k` likeliest are scored and the rest masked.
+    """
+
+    text_config: DrafterTextConfig
+    backbone_hidden_size: int = 1536
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    model_type: str = ASSISTANT_MODEL_TYPE
+    quantization: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AssistantConfig:
+        text_raw = dict(raw.get("text_config") or {})
+        if not text_raw:
+            raise ConfigError("an assistant config.json needs its text_config")
+        text = DrafterTextConfig.from_dict(text_raw)
+        if text.hidden_size_per_layer_input or text.enable_moe_block:
+            raise ConfigError(
+                "an assistant's text_config must have hidden_size_per_layer_input 0 and no MoE"
+            )
+        config = cls(
+            text_config=text,
+            **{
+                k: raw[k]
+                for k in (
+                    "backbone_hidden_size",
+                    "use_ordered_embeddings",
+                    "num_centroids",
+                    "centroid_intermediate_top_k",
+                )
+                if raw.get(k) is not None
+            },
+            quantization=raw.get("quantization"),
+            raw=raw,
+        )
+        if config.use_ordered_embeddings and text.vocab_size % config.num_centroids:
+            raise ConfigError(
+                f"vocab_size {text.vocab_size} is not a multiple of num_centroids "
+                f"{config.num_centroids}"
+            )
+        return config

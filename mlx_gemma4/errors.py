@@ -98,3 +98,8 @@ class AdapterError(Gemma4Error):
 class DistributedError(Gemma4Error):
     """A model that cannot be split across this group (sizes that do not divide, weights
     that cannot be sharded), a group that cannot start, or a rank that was lost."""
+
+
+class DraftModelError(Gemma4Error):
+    """A draft model that cannot draft for this target (vocabulary or hidden size differ), or
+    an option speculative decoding does not take."""

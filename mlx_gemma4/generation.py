@@ -50,6 +50,9 @@ class GenerationResponse:
     # True where `text` carries call text that did not parse (returned as text, not dropped),
     # and on the final response of a turn that had any
     malformed_tool_call: bool = False
+    # speculative decoding (`draft_model`): tokens drafted and the target accepted so far
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def soft_token_blocks(model, ids: list[int]) -> list[tuple[int, int]]:
@@ -212,6 +215,8 @@ def stream_generate(
     kv_value_bits: int | None = None,
     sampling: SamplingOptions | None = None,
     media_options: MediaOptions | None = None,
+    draft_model=None,
+    num_draft_tokens: int = 4,
 ) -> Iterator[GenerationResponse]:
     """Generate from text, token ids or chat messages, one response per token.
 
@@ -250,6 +255,12 @@ def stream_generate(
 
     `sampling` (a `SamplingOptions`) and `media_options` (a `MediaOptions`), when given, stand
     for the keyword arguments of the same names, which are then ignored.
+
+    `draft_model` (an assistant from `load_model`, or a smaller Gemma 4 with the same
+    vocabulary) drafts up to `num_draft_tokens` tokens a step for the model to check in one
+    pass (see `speculative`); the output is the same, greedy or sampled. Responses count the
+    tokens drafted and accepted. With `json_schema`, a forced `tool_choice` or your own
+    `logits_processors` nothing is drafted (they follow one token at a time).
     """
     kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
     sampling = sampling_options(
@@ -301,16 +312,35 @@ def stream_generate(
     start = time.perf_counter()
     inputs = prompt_inputs(model, prompt_ids, media, prompt_cache)
     reused = len(prompt_ids) - len(inputs.todo)
-    tokens = generate_step(
-        model,
-        prompt_ids,
-        inputs,
-        prompt_cache,
-        sampler,
-        processors,
-        prefill_step_size,
-        normalize=sampling.temperature > 0,
-    )
+    if draft_model is None:
+        stats = None
+        tokens = generate_step(
+            model,
+            prompt_ids,
+            inputs,
+            prompt_cache,
+            sampler,
+            processors,
+            prefill_step_size,
+            normalize=sampling.temperature > 0,
+        )
+    else:
+        from .speculative import DraftStats, speculative_generate_step
+
+        stats = DraftStats()
+        one_at_a_time = turn.constraint is not None or bool(logits_processors)
+        tokens = speculative_generate_step(
+            model,
+            draft_model,
+            prompt_ids,
+            inputs,
+            prompt_cache,
+            sampling,
+            processors,
+            prefill_step_size,
+            0 if one_at_a_time else num_draft_tokens,
+            stats,
+        )
     try:
         for n, token in enumerate(tokens, start=1):
             if n == 1:
@@ -333,6 +363,8 @@ def stream_generate(
                 peak_memory=mx.get_peak_memory() / 1e9,
                 tool_calls=new_calls,
                 malformed_tool_call=malformed,
+                drafted_tokens=stats.drafted if stats else 0,
+                accepted_tokens=stats.accepted if stats else 0,
             )
             if finish:
                 break

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
-from .config import DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
+from .config import ASSISTANT_MODEL_TYPE, DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
 from .errors import (
     ConfigError,
     DistributedError,
@@ -170,7 +170,8 @@ def load_model(
     group: Any = None,
     mode: str = "tensor",
 ) -> Model:
-    """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model.
+    """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model; an assistant
+    drafter's checkpoint (`gemma4_assistant`) gives an `AssistantModel`.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
     checkpoints stay quantized (their scales take `dtype`). `adapter_path`: a LoRA adapter
@@ -192,6 +193,14 @@ def load_model(
     else:
         folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
+    if raw_config.get("model_type") == ASSISTANT_MODEL_TYPE:
+        if group is not None or adapter_path is not None:
+            raise ConfigError(
+                f"{folder}: an assistant drafter is loaded whole, without an adapter or a group"
+            )
+        from .assistant_checkpoint import load_assistant  # imports this module
+
+        return load_assistant(folder, raw_config, compute_dtype)
     config = model_config(raw_config, folder)
 
     weights, origin = read_weights(weight_files(folder))
@@ -242,6 +251,7 @@ def load(
         group=group,
         mode=mode,
     )
+    require_target_model(model)
     config = model.config
     try:
         processor = Processor.from_folder(model.path, config.eos_token_id, config.vision_config)
@@ -252,3 +262,13 @@ def load(
     if config.model_type == UNIFIED_MODEL_TYPE:
         configure_processor(processor, config)
     return model, processor
+
+
+def require_target_model(model):
+    """`model`, unless it is an assistant drafter, which cannot generate on its own."""
+    if model.config.model_type == ASSISTANT_MODEL_TYPE:
+        raise ConfigError(
+            f"{model.path}: an assistant drafter (gemma4_assistant) does not generate on its "
+            "own; pass it as --draft-model (draft_model=) beside the model it drafts for"
+        )
+    return model

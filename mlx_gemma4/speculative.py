@@ -1,0 +1,299 @@
+"""Speculative decoding: a drafter proposes tokens, the target checks them all in one forward
+pass, and the caches roll back past the first token it rejects.
+
+Greedy decoding keeps the drafts the target's own argmax agrees with, then adds the target's
+token: the output is the target's greedy output. Sampling uses the standard acceptance rule
+(accept draft x with probability min(1, p(x) / q(x)), on rejection sample from the normalized
+max(p - q, 0)), which leaves the output distributed as the target's own samples.
+`DraftLength` picks how many tokens to draft from the measured acceptance rate and step times,
+down to none, so a drafter the target keeps rejecting costs little.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .drafters import make_drafter
+from .errors import DraftModelError
+from .generation import PromptInputs, prefill_chunk, prefill_chunks
+from .options import SamplingOptions
+from .prompt_cache import PromptCache
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class DraftStats:
+    """Tokens drafted and tokens the target accepted, over one generation."""
+
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class DraftLength:
+    """How many tokens to draft next: the count that maximizes expected tokens per second.
+
+    The acceptance rate is a decaying count of accepted and rejected drafts (one rejection at
+    most per round); a round costs a plain step plus a measured cost per drafted token (one
+    plain step, then a one-token round, measure both first). The length also stays under a
+    ceiling that grows by two after a round whose drafts were all kept and shrinks by one
+    after a rejection, so a drafter is trusted with long drafts only once it earns them.
+    When drafting does not pay by `margin`, rounds go undrafted, and a one-token probe runs
+    after a stretch long enough that a rejected probe costs at most `probe_budget` of it
+    (doubling while probes fail).
+    """
+
+    # False: always draft `most` tokens (to study a drafter, or to test the rollback paths)
+    adaptive = True
+    decay = 0.8
+    margin = 1.1  # drafting must promise this much more speed than not drafting
+    probe_budget = 0.02
+    longest_probe_wait = 256
+
+    def __init__(self, most: int):
+        self.most = most
+        self.accepted, self.rejected = 1.0, 1.0  # a prior: a rate of one half
+        self.step_seconds: float | None = None  # a round without drafts
+        self.draft_seconds: float | None = None  # what each drafted token adds to a round
+        self.backoff, self.since_probe = 1, 0
+        self.ceiling = 1
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def expected_tokens(self, k: int) -> float:
+        return sum(self.rate**i for i in range(k + 1))
+
+    def speed(self, k: int) -> float:
+        """Expected tokens per second of a round drafting `k`."""
+        return self.expected_tokens(k) / (self.step_seconds + k * self.draft_seconds)
+
+    def best(self) -> int:
+        best = max(range(self.most + 1), key=self.speed)
+        return best if self.speed(best) > self.margin * self.speed(0) else 0
+
+    def probe_wait(self) -> int:
+        """Undrafted rounds before the next probe."""
+        cost = self.draft_seconds / self.step_seconds  # a rejected probe, in steps
+        wait = max(4, math.ceil(cost / self.probe_budget)) * self.backoff
+        return min(wait, self.longest_probe_wait)
+
+    def next(self) -> int:
+        if self.most == 0 or not self.adaptive:
+            return self.most
+        if self.step_seconds is None:
+            return 0
+        if self.draft_seconds is None:
+            return 1
+        k = min(self.best(), self.ceiling)
+        if k:
+            return k
+        self.since_probe += 1
+        if self.since_probe < self.probe_wait():
+            return 0
+        self.since_probe = 0
+        return 1
+
+    def update(self, k: int, accepted: int, seconds: float | None) -> None:
+        """Record a round; `seconds` None for one that is no measure (the prompt's last)."""
+        if seconds is None:
+            return
+        if k == 0:
+            self.step_seconds = _average(self.step_seconds, seconds)
+            return
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (accepted < k)
+        if self.step_seconds is not None:
+            per_draft = max(seconds - self.step_seconds, 0.0) / k
+            self.draft_seconds = _average(self.draft_seconds, per_draft)
+        self.backoff = 1 if accepted else min(2 * self.backoff, self.longest_probe_wait)
+        if accepted == k:
+            self.ceiling = min(self.ceiling + 2, self.most)
+        else:
+            self.ceiling = max(self.ceiling - 1, 1)
+
+
+def _average(old: float | None, new: float, weight: float = 0.3) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+class TokenChooser:
+    """Turns target logits into tokens (greedy or sampled) and checks drafts against them.
+
+    Logits processors see, for each position, the history up to and including its input.
+    """
+
+    def __init__(
+        self, sampling: SamplingOptions, processors: list[LogitsProcessor], prompt: list[int]
+    ):
+        self.greedy = sampling.temperature == 0
+        self.temperature = sampling.temperature
+        self.filters = []
+        if 0 < sampling.top_p < 1.0:
+            self.filters.append(lambda x: apply_top_p(x, sampling.top_p))
+        if sampling.min_p:
+            self.filters.append(lambda x: apply_min_p(x, sampling.min_p))
+        if sampling.top_k > 0:
+            self.filters.append(lambda x: apply_top_k(x, sampling.top_k))
+        self.processors = processors
+        self.history = mx.array(prompt)
+
+    def distribution(self, logits: mx.array) -> mx.array:
+        """The probabilities sampling draws from: filters on log-probabilities, temperature."""
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for keep in self.filters:
+            logprobs = keep(logprobs)
+        return mx.softmax(logprobs * (1.0 / self.temperature), axis=-1)
+
+    def sample_draft(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """A drafter's token from its logits [1, vocab], with the distribution it came from."""
+        if self.greedy:
+            return mx.argmax(logits, axis=-1), None
+        probabilities = self.distribution(logits)
+        return mx.random.categorical(mx.log(probabilities)), probabilities
+
+    def _processed(self, inputs: mx.array, logits: mx.array) -> mx.array:
+        """Target logits [n, vocab] for the n positions whose inputs are `inputs` [n]."""
+        if not self.processors:
+            return logits
+        rows = []
+        for i in range(inputs.shape[0]):
+            history = mx.concatenate([self.history, inputs[: i + 1].astype(self.history.dtype)])
+            row = logits[i : i + 1]
+            for processor in self.processors:
+                row = processor(history, row)
+            rows.append(row)
+        return mx.concatenate(rows, axis=0)
+
+    def verify(
+        self,
+        inputs: mx.array,
+        logits: mx.array,
+        drafts: list[mx.array],
+        distributions: list[mx.array | None],
+    ) -> tuple[int, int]:
+        """(drafts accepted, the token after them) from the target's `logits` [k+1, vocab] at
+        `inputs` [k+1] (the newest token, then the k drafts)."""
+        logits = self._processed(inputs, logits)
+        k = len(drafts)
+        if self.greedy:
+            chosen = mx.argmax(logits, axis=-1).tolist()
+            proposed = inputs[1:].tolist()
+            accepted = next((i for i in range(k) if proposed[i] != chosen[i]), k)
+            token = chosen[accepted]
+        else:
+            accepted, token = self._accept(inputs, self.distribution(logits), distributions)
+        kept = inputs[: accepted + 1].astype(self.history.dtype)
+        if self.processors:
+            self.history = mx.concatenate([self.history, kept])
+        return accepted, token
+
+    def _accept(
+        self, inputs: mx.array, target: mx.array, distributions: list[mx.array]
+    ) -> tuple[int, int]:
+        k = target.shape[0] - 1
+        accepted = k
+        if k:
+            drafts = inputs[1:].astype(mx.int32)
+            draft = mx.concatenate(distributions, axis=0)
+            rows = mx.arange(k)
+            p, q = target[rows, drafts], draft[rows, drafts]
+            keep = (mx.random.uniform(shape=(k,)) * q < p).tolist()
+            accepted = next((i for i in range(k) if not keep[i]), k)
+        if accepted < k:  # resample where the target has more mass than the drafter
+            residual = mx.maximum(target[accepted] - draft[accepted], 0.0)
+        else:
+            residual = target[k]
+        return accepted, mx.random.categorical(mx.log(residual)).item()
+
+
+def speculative_generate_step(
+    model,
+    draft_model,
+    prompt: list[int],
+    inputs: PromptInputs,
+    prompt_cache: PromptCache,
+    sampling: SamplingOptions,
+    logits_processors: list[LogitsProcessor],
+    prefill_step_size: int = 2048,
+    num_draft_tokens: int = 4,
+    stats: DraftStats | None = None,
+) -> Iterator[int]:
+    """Token ids as `generate_step` yields them, drafting up to `num_draft_tokens` at a time;
+    `stats` counts the drafts. A draft model that cannot serve raises here, before any step.
+
+    `prompt_cache.tokens` always lists what the caches hold when a token is yielded.
+    """
+    if num_draft_tokens < 0:
+        raise DraftModelError(f"num_draft_tokens must be 0 or more, got {num_draft_tokens}")
+    drafter = make_drafter(draft_model, model, prompt_cache, prefill_step_size)
+    stats = stats if stats is not None else DraftStats()
+    return _rounds(
+        model,
+        drafter,
+        prompt,
+        inputs,
+        prompt_cache,
+        sampling,
+        logits_processors,
+        prefill_step_size,
+        DraftLength(num_draft_tokens),
+        stats,
+    )
+
+
+def _rounds(
+    model,
+    drafter,
+    prompt: list[int],
+    inputs: PromptInputs,
+    prompt_cache: PromptCache,
+    sampling: SamplingOptions,
+    logits_processors: list[LogitsProcessor],
+    prefill_step_size: int,
+    length: DraftLength,
+    stats: DraftStats,
+) -> Iterator[int]:
+    cache, todo = prompt_cache.cache, inputs.todo
+    for start, end in prefill_chunks(len(todo), prefill_step_size, inputs.block_spans):
+        prefill_chunk(model, prompt_cache, inputs, start, end)
+        mx.clear_cache()
+    drafter.begin(prompt)
+    chooser = TokenChooser(sampling, logits_processors, prompt[:-1])
+
+    newest = mx.array(todo[-1:])  # the last prompt token: a round without drafts
+    drafts: list[mx.array] = []
+    distributions: list[mx.array | None] = []
+    began = None  # the prompt's last token: its round times more than a step
+    while True:
+        verified = mx.concatenate([newest, *drafts]) if drafts else newest
+        hidden = model.language_model(model.text_ids(verified[None]), cache)
+        accepted, token = chooser.verify(verified, model.logits(hidden[0]), drafts, distributions)
+        kept = verified[: accepted + 1].tolist()
+        prompt_cache.tokens.extend(kept)
+        prompt_cache.roll_back_to_tokens()  # the positions of rejected drafts
+        drafter.commit(kept)
+        stats.drafted += len(drafts)
+        stats.accepted += accepted
+        timed = None if began is None else time.perf_counter() - began
+        length.update(len(drafts), accepted, timed)
+        yield from kept[1:]
+        yield token
+
+        began = time.perf_counter()
+        newest, drafts, distributions = mx.array([token]), [], []
+        k = length.next()
+        if k:
+            last_hidden = hidden[:, accepted : accepted + 1] if drafter.needs_hidden else None
+            drafts, distributions = drafter.propose(newest, last_hidden, k, chooser.sample_draft)
