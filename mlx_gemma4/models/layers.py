@@ -10,8 +10,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-# Inputs with at least this many rows (prefill chunks) count as matrix-matrix products.
-MATRIX_ROWS = 16
+# Inputs with at least this many rows (prefill chunks) count as matrix-matrix products. A
+# batch's 16-row decode step still runs the packed kernel twice as fast on the CPU (benchmarks/
+# batch.py); at 32 rows dequantizing wins.
+MATRIX_ROWS = 32
 
 
 def on_cpu() -> bool:
