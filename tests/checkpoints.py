@@ -547,3 +547,29 @@ def outlier_text_model(shape: str, pattern: str, seed: int, layers: int = 3):
     model.update(tree_unflatten(list(changed.items())))
     mx.eval(model.parameters())
     return model
+
+
+# A tool and a schema small enough for a tiny model's constrained decoding (short strings).
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from checkpoints import add_tool_tokens, scripted_turns
+from checkpoints import PERSON, WEATHER, add_tool_tokens, scripted_turns
 from conftest import id_prompts
 
 from mlx_gemma4 import BatchGenerator, SamplingOptions, ToolCall, batch_generate, load
@@ -19,29 +19,6 @@ pytest.importorskip("llguidance")
 
 Q = '<|"|>'
 CALL = f"<|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 8},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
-}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    },
-    "required": ["name", "age"],
-}
 
 
 def ask(text: str) -> list[dict]:

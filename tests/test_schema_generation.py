@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
-from checkpoints import TOOL_TOKENS, add_tool_tokens  # noqa: E402
+from checkpoints import TOOL_TOKENS, WEATHER, add_tool_tokens  # noqa: E402
 
 from mlx_gemma4 import generate, load, stream_generate  # noqa: E402
 from mlx_gemma4.constrain import JsonConstraint, _schema_grammar  # noqa: E402
@@ -29,21 +29,6 @@ PERSON = {
         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
     },
     "required": ["name", "age"],
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 8},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
 }
 TIME = {
     "type": "function",

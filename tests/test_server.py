@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from checkpoints import add_tool_tokens
+from checkpoints import PERSON, WEATHER, add_tool_tokens
 from conftest import free_port, random_image, tones
 
 openai = pytest.importorskip("openai")
@@ -262,29 +262,6 @@ def test_text_completions_and_models(served):
     assert error_of(httpx.get(served.url + "/static/nothing.js"))["code"] == "not_found"
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 8},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
-}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    },
-    "required": ["name", "age"],
-}
 ASK_WEATHER = [{"role": "user", "content": "weather in Oslo?"}]
 
 
