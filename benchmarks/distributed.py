@@ -139,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from mlx_gemma4 import load_model
     from mlx_gemma4.collectives import init
-    from mlx_gemma4.distributed import weight_bytes
+    from mlx_gemma4.models.sharding import weight_bytes
 
     group = init()
     mx.reset_peak_memory()

@@ -30,8 +30,8 @@ def start(mode: str | None) -> Any:
     if mode is None:
         return None
     from mlx_gemma4.collectives import init
-    from mlx_gemma4.distributed import MODES
     from mlx_gemma4.errors import DistributedError
+    from mlx_gemma4.models.sharding import MODES
 
     if mode not in MODES:
         raise DistributedError(f"--distributed {mode}: use one of {', '.join(MODES)}")

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
+from .collectives import Group, broadcast_int
 from .config import ASSISTANT_MODEL_TYPE, DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
 from .errors import (
     ConfigError,
@@ -187,8 +188,6 @@ def load_model(
         )
     compute_dtype = resolve_dtype(dtype)
     if group is not None:
-        from .distributed import resolve_once_per_host
-
         folder = resolve_once_per_host(path_or_repo, revision, group)
     else:
         folder = resolve_model_path(path_or_repo, revision)
@@ -217,7 +216,7 @@ def load_model(
     model.load_weights(list(_cast_floats(weights, compute_dtype).items()))
     model.eval()
     if group is not None:
-        from .distributed import parallelize
+        from .models.sharding import parallelize
 
         del weights  # the whole tensors are read only through this rank's slices
         parallelize(model, group, mode)
@@ -272,3 +271,20 @@ def require_target_model(model):
             "own; pass it as --draft-model (draft_model=) beside the model it drafts for"
         )
     return model
+
+
+def resolve_once_per_host(path_or_repo: Any, revision: str | None, group: Group) -> Any:
+    """The checkpoint folder on every rank; a Hub download runs on rank 0 first, so ranks
+    sharing its host (and cache) find the files there instead of fetching them again. When
+    rank 0 fails, it raises its error and the others stop too."""
+    folder, failure = None, None
+    if group.rank() == 0:
+        try:
+            folder = resolve_model_path(path_or_repo, revision)
+        except Exception as e:  # told to the other ranks first, then raised
+            failure = e
+    if broadcast_int(int(failure is not None), group):
+        if failure is not None:
+            raise failure
+        raise DistributedError("rank 0 could not find the checkpoint")
+    return folder if folder is not None else resolve_model_path(path_or_repo, revision)

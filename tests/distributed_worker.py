@@ -18,8 +18,8 @@ import numpy as np
 
 from mlx_gemma4 import load_model
 from mlx_gemma4.collectives import init, lost_ranks_reported
-from mlx_gemma4.distributed import weight_bytes
 from mlx_gemma4.errors import Gemma4Error
+from mlx_gemma4.models.sharding import weight_bytes
 
 PROMPT = [[2, 17, 301, 45, 99, 7, 250, 13, 88, 400, 5, 61]]
 STEPS = 6

@@ -281,7 +281,7 @@ E2B_LAYOUT = dict(
 
 
 def test_pipeline_keeps_kv_sharing_on_one_rank():
-    from mlx_gemma4.distributed import layer_spans
+    from mlx_gemma4.models.sharding import layer_spans
 
     config = real_shaped_config(**E2B_LAYOUT)
     spans = layer_spans(config, 2)
@@ -295,8 +295,8 @@ def test_pipeline_keeps_kv_sharing_on_one_rank():
 
 
 def test_pipeline_refuses_splits_it_cannot_honour():
-    from mlx_gemma4.distributed import layer_spans
     from mlx_gemma4.errors import DistributedError
+    from mlx_gemma4.models.sharding import layer_spans
 
     kinds = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 4
     config = real_shaped_config(
@@ -321,14 +321,14 @@ def test_pipeline_refuses_splits_it_cannot_honour():
     ],
 )
 def test_kv_heads_follow_the_query_heads(heads, kv_heads, size, expected):
-    from mlx_gemma4.distributed import kv_heads_of_rank
+    from mlx_gemma4.models.sharding import kv_heads_of_rank
 
     assert [kv_heads_of_rank(r, size, heads, kv_heads) for r in range(size)] == expected
 
 
 def test_kv_heads_that_neither_split_nor_share_are_refused():
-    from mlx_gemma4.distributed import kv_heads_of_rank
     from mlx_gemma4.errors import DistributedError
+    from mlx_gemma4.models.sharding import kv_heads_of_rank
 
     with pytest.raises(DistributedError, match="6 KV heads can be neither split across nor"):
         kv_heads_of_rank(0, 4, 12, 6)

@@ -112,15 +112,15 @@ class Model(nn.Module):
 
     def shard(self, group: Any = None, experts: str = "auto") -> Model:
         """Tensor parallelism over `group` (default: `mx.distributed.init()`); see
-        `mlx_gemma4.distributed.shard`."""
-        from ..distributed import shard
+        `mlx_gemma4.models.sharding.shard`."""
+        from .sharding import shard
 
         return shard(self, group or mx.distributed.init(), experts=experts)
 
     def pipeline(self, group: Any = None, split: list[int] | None = None) -> Model:
         """Pipeline parallelism over `group`, a contiguous span of layers per rank; see
-        `mlx_gemma4.distributed.pipeline`."""
-        from ..distributed import pipeline
+        `mlx_gemma4.models.sharding.pipeline`."""
+        from .sharding import pipeline
 
         return pipeline(self, group or mx.distributed.init(), split=split)
 

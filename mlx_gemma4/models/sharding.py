@@ -29,11 +29,11 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx.utils import tree_flatten, tree_map
 
-from .cache import FullAttentionCache, SlidingWindowCache
-from .collectives import Collectives, Group, broadcast_int
-from .errors import DistributedError
-from .models.layers import CodebookLinear
-from .models.text import Attention, DecoderLayer, TextModel
+from ..cache import FullAttentionCache, SlidingWindowCache
+from ..collectives import Collectives, Group
+from ..errors import DistributedError
+from .layers import CodebookLinear
+from .text import Attention, DecoderLayer, TextModel
 
 MODES = ("tensor", "pipeline")
 EXPERT_SPLITS = ("auto", "inside", "across")
@@ -474,22 +474,3 @@ def _owned(x: mx.array) -> mx.array:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights this rank holds."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def resolve_once_per_host(path_or_repo: Any, revision: str | None, group: Group) -> Any:
-    """The checkpoint folder on every rank; a Hub download runs on rank 0 first, so ranks
-    sharing its host (and cache) find the files there instead of fetching them again. When
-    rank 0 fails, it raises its error and the others stop too."""
-    from .checkpoint import resolve_model_path
-
-    folder, failure = None, None
-    if group.rank() == 0:
-        try:
-            folder = resolve_model_path(path_or_repo, revision)
-        except Exception as e:  # told to the other ranks first, then raised
-            failure = e
-    if broadcast_int(int(failure is not None), group):
-        if failure is not None:
-            raise failure
-        raise DistributedError("rank 0 could not find the checkpoint")
-    return folder if folder is not None else resolve_model_path(path_or_repo, revision)
