@@ -75,6 +75,7 @@ def serve(
         int, typer.Option("--max-tokens", min=1, help="A request's limit when it sets none.")
     ] = 2048,
     dtype: options.Dtype = None,
+    adapter: options.Adapter = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
@@ -113,6 +114,6 @@ def serve(
         default_max_tokens=max_tokens,
         media=MediaPolicy(allow_local_paths=local),
     )
-    loaded, processor = load(model, dtype=dtype)
+    loaded, processor = load(model, dtype=dtype, adapter_path=adapter)
     typer.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     run(create_app(loaded, processor, settings), host, port, log_level=log_level.lower())

@@ -272,3 +272,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def start_serve(folder, *flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180):
+    """`gemma4 serve --model FOLDER FLAGS` as a child process on a free loopback port, returned
+    with its URL once GET /health answers 200 (the model is loaded)."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    command = [*gemma4_command(), "serve", "--model", str(folder), "--port", str(port), *flags]
+    process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            said = process.communicate()[1] if stderr == subprocess.PIPE else ""
+            raise AssertionError(f"gemma4 serve did not start: {said}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.2)

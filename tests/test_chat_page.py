@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port, gemma4_command, random_image
+from conftest import random_image, start_serve
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -41,23 +41,9 @@ def checkpoint(chat_checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """`gemma4 serve` on a free loopback port, ready (GET /health answers 200)."""
-    port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "server.log").open("w+")
-    command = [*gemma4_command(), "serve", "--model", str(checkpoint), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_serve(checkpoint, stdout=log, stderr=subprocess.STDOUT, timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"gemma4 serve did not start:\n{log.read()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
         yield url
     finally:
         process.terminate()

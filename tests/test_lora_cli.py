@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import random_image
+from conftest import start_serve
 
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -131,4 +131,24 @@ def test_bad_inputs_one_line_each(chat_checkpoint, tiny, gemma4, tmp_path):
     fused = tmp_path / "fused"
     line = one_error_line(gemma4("fuse", "--model", other, "--adapter", adapter, "--out", fused))
     assert "made for another model" in line and not fused.exists()
-    assert random_image(8, 8).size == (8, 8)
+    line = one_error_line(gemma4("serve", "--model", other, "--adapter", adapter))
+    assert "made for another model" in line
+
+
+def test_serve_answers_with_the_adapter(trained):
+    import httpx
+
+    from mlx_gemma4 import generate, load
+
+    folder, root, _ = trained
+    messages = [{"role": "user", "content": "hi"}]
+    adapted = generate(*load(folder, adapter_path=root / "adapter"), messages, max_tokens=6)
+    assert adapted != generate(*load(folder), messages, max_tokens=6)  # the adapter matters
+    process, url = start_serve(folder, "--adapter", str(root / "adapter"))
+    try:
+        body = {"messages": messages, "max_tokens": 6, "temperature": 0}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert answer["choices"][0]["message"]["content"] == adapted

@@ -13,39 +13,12 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, gemma4_command, random_image
+from conftest import free_port, gemma4_command, random_image, start_serve
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from mlx_gemma4.cli.serve import _is_loopback  # noqa: E402
-
-
-def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not answer /health in time")
-
-
-def start_serve(folder, *flags: str) -> tuple[subprocess.Popen, str]:
-    """`gemma4 serve --model FOLDER FLAGS` on a free loopback port, answering /health."""
-    port = free_port()
-    command = [*gemma4_command(), "serve", "--model", str(folder), "--port", str(port), *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, process)
-    except BaseException:
-        process.kill()
-        raise
-    return process, url
 
 
 class Stream(threading.Thread):
