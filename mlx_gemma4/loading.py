@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
-from .config import ASSISTANT_MODEL_TYPE, DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
+from .config import ASSISTANT_MODEL_TYPES, DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
 from .errors import (
     ConfigError,
     DistributedError,
@@ -193,7 +193,7 @@ def load_model(
     else:
         folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
-    if raw_config.get("model_type") == ASSISTANT_MODEL_TYPE:
+    if raw_config.get("model_type") in ASSISTANT_MODEL_TYPES:
         if group is not None or adapter_path is not None:
             raise ConfigError(
                 f"{folder}: an assistant drafter is loaded whole, without an adapter or a group"
@@ -266,9 +266,9 @@ def load(
 
 def require_target_model(model):
     """`model`, unless it is an assistant drafter, which cannot generate on its own."""
-    if model.config.model_type == ASSISTANT_MODEL_TYPE:
+    if model.config.model_type in ASSISTANT_MODEL_TYPES:
         raise ConfigError(
-            f"{model.path}: an assistant drafter (gemma4_assistant) does not generate on its "
+            f"{model.path}: an assistant drafter ({model.config.model_type}) does not generate on its "
             "own; pass it as --draft-model (draft_model=) beside the model it drafts for"
         )
     return model
