@@ -268,7 +268,7 @@ def require_target_model(model):
     """`model`, unless it is an assistant drafter, which cannot generate on its own."""
     if model.config.model_type in ASSISTANT_MODEL_TYPES:
         raise ConfigError(
-            f"{model.path}: an assistant drafter ({model.config.model_type}) does not generate on its "
-            "own; pass it as --draft-model (draft_model=) beside the model it drafts for"
+            f"{model.path}: an assistant drafter ({model.config.model_type}) does not generate "
+            "on its own; pass it as --draft-model (draft_model=) beside the model it drafts for"
         )
     return model

@@ -10,18 +10,20 @@ import numpy as np
 import pytest
 import torch
 from assistants import CENTROIDS, TOP_CLUSTERS, assistant  # noqa: F401  (a fixture)
-from checkpoints import _TEXT_BASE, VOCAB, WINDOW, jitter, save_reference
+from checkpoints import _TEXT_BASE, MM_TOKENS, VOCAB, WINDOW, jitter, save_reference
 from conftest import id_prompts, media_messages, solo
 from test_assistant import relative
-from unified_checkpoints import tiny_unified
+from unified_checkpoints import tiny_unified, token_types
 
-from mlx_gemma4 import load, load_model, stream_generate
-from mlx_gemma4.errors import DraftModelError
+from mlx_gemma4 import PromptCache, load, load_model, stream_generate
+from mlx_gemma4.drafters import target_shared_kv
+from mlx_gemma4.errors import ConfigError, DraftModelError
 from mlx_gemma4.models.assistant import AssistantModel
 from mlx_gemma4.speculative import DraftLength
 
 PROMPT = 20  # past the window: the sliding keys the drafter sees are cut
 K = 3
+MEDIA_IDS = {kind: MM_TOKENS[f"{kind}_token_id"] for kind in ("image", "video", "audio")}
 
 
 def build_unified_assistant(folder, ordered: bool, seed: int = 0, hub_form: bool = True):
@@ -114,6 +116,14 @@ def test_drafter_logits_match_transformers(unified, unified_assistant, ordered):
         floor = theirs.logits.numpy().min()
         assert (np.asarray(logits) > floor + 0.5).sum() == (theirs.logits.numpy() > floor).sum()
 
+    # and the states read from this package's own 12B caches
+    prompt_cache = PromptCache(model)
+    ours_hidden = model.language_model(mx.array(ids), prompt_cache.cache)[:, -1:]
+    logits, _ = drafter(
+        ours_embedding, ours_hidden, PROMPT, target_shared_kv(model, prompt_cache.cache)
+    )
+    assert relative(logits, theirs.logits.numpy()) < 1e-4
+
 
 def test_transformers_form_config_loads_alike(unified_assistant, tmp_path):
     hub, _ = unified_assistant(True)
@@ -154,7 +164,9 @@ def test_greedy_text_output_is_the_targets(unified, unified_assistant):
     prompt = id_prompts([30], seed=1)[0]
     plain = solo(model, processor, prompt, max_tokens=20)
     assert len(plain) == 20
-    tokens, last = speculative(model, processor, prompt, load_model(assistant_folder), max_tokens=20)
+    tokens, last = speculative(
+        model, processor, prompt, load_model(assistant_folder), max_tokens=20
+    )
     assert tokens == plain
     assert last.drafted_tokens >= K * 4  # every round drafted
 
@@ -172,12 +184,32 @@ def test_greedy_text_output_is_the_targets(unified, unified_assistant):
 
 @pytest.mark.usefixtures("every_round_drafts")
 def test_greedy_image_output_is_the_targets(unified, unified_assistant):
-    model, processor = load(unified[0])
-    drafter = load_model(unified_assistant(False)[0])
+    folder, reference = unified
+    assistant_folder, reference_assistant = unified_assistant(False)
+    model, processor = load(folder)
     messages = media_messages("image")
     plain = solo(model, processor, messages, max_tokens=10, max_soft_tokens=70)
-    tokens, last = speculative(model, processor, messages, drafter, max_tokens=10, max_soft_tokens=70)
+    drafter = load_model(assistant_folder)
+    tokens, last = speculative(
+        model, processor, messages, drafter, max_tokens=10, max_soft_tokens=70
+    )
     assert tokens == plain and last.drafted_tokens > 0
+
+    inputs = processor(messages, max_soft_tokens=70)
+    ids = np.array(inputs["input_ids"])
+    reference_assistant.generation_config.num_assistant_tokens = K
+    with torch.no_grad():
+        theirs = reference.generate(
+            torch.tensor(ids),
+            pixel_values=torch.tensor(np.array(inputs["pixel_values"])),
+            image_position_ids=torch.tensor(np.array(inputs["image_position_ids"])),
+            mm_token_type_ids=torch.tensor(token_types(ids, **MEDIA_IDS)),
+            assistant_model=reference_assistant,
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=sorted(processor.stop_token_ids),
+        )
+    assert theirs[0, ids.shape[1] :].tolist() == plain
 
 
 def test_mismatched_pairings_are_one_clear_error(
@@ -194,6 +226,11 @@ def test_mismatched_pairings_are_one_clear_error(
     small_drafter = load_model(assistant("k_eq_v", False)[0])
     with pytest.raises(DraftModelError, match=r"target is gemma4_unified; use the assistant"):
         next(stream_generate(model, processor, [2, 5, 6], draft_model=small_drafter))
+
+
+def test_it_does_not_generate_on_its_own(unified_assistant):
+    with pytest.raises(ConfigError, match=r"\(gemma4_unified_assistant\) does not generate"):
+        load(unified_assistant(False)[0])
 
 
 def test_quantize_command_packs_it(unified_assistant, gemma4, tmp_path):
