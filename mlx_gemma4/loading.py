@@ -171,7 +171,8 @@ def load_model(
     mode: str = "tensor",
 ) -> Model:
     """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model; an assistant
-    drafter's checkpoint (`gemma4_assistant`) gives an `AssistantModel`.
+    drafter's checkpoint (`gemma4_assistant`, `gemma4_unified_assistant`) gives an
+    `AssistantModel`.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
     checkpoints stay quantized (their scales take `dtype`). `adapter_path`: a LoRA adapter

@@ -233,6 +233,23 @@ def test_it_does_not_generate_on_its_own(unified_assistant):
         load(unified_assistant(False)[0])
 
 
+def test_commands_take_it_as_draft_model_only(unified, unified_assistant, chat_checkpoint, gemma4):
+    drafter = unified_assistant(True)[0]
+    common = ("generate", "--prompt", "hello there", "-n", "8", "--temp", "0")
+    plain = gemma4(*common, "--model", unified[0])
+    drafted = gemma4(*common, "--model", unified[0], "--draft-model", drafter)
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and "drafted" in drafted.stderr
+    for args in (
+        ("info", drafter),
+        (*common, "--model", chat_checkpoint("dense")[0], "--draft-model", drafter),
+    ):
+        result = gemma4(*args)
+        assert result.returncode == 1
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "gemma4_unified_assistant" in result.stderr
+
+
 def test_quantize_command_packs_it(unified_assistant, gemma4, tmp_path):
     folder, _ = unified_assistant(True)
     out = tmp_path / "unified-assistant-4bit"
