@@ -334,6 +334,9 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- assistant drafters
 
 ASSISTANT_MODEL_TYPE = "gemma4_assistant"
+# the 12B's drafter: the same network, its decoder a gemma4_unified_text one (12B defaults)
+UNIFIED_ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
+ASSISTANT_MODEL_TYPES = (ASSISTANT_MODEL_TYPE, UNIFIED_ASSISTANT_MODEL_TYPE)
 
 
 class DrafterTextConfig(TextConfig):
@@ -350,7 +353,8 @@ class DrafterTextConfig(TextConfig):
 
 @dataclass
 class AssistantConfig:
-    """A multi-token-prediction drafter (transformers' `Gemma4AssistantConfig`).
+    """A multi-token-prediction drafter (transformers' `Gemma4AssistantConfig`, or
+    `Gemma4UnifiedAssistantConfig` for the 12B: same fields, 12B text defaults).
 
     `backbone_hidden_size` is the target's width; `use_ordered_embeddings` scores the
     vocabulary through `num_centroids` token clusters, of which the
@@ -371,6 +375,11 @@ class AssistantConfig:
         text_raw = dict(raw.get("text_config") or {})
         if not text_raw:
             raise ConfigError("an assistant config.json needs its text_config")
+        model_type = raw.get("model_type") or ASSISTANT_MODEL_TYPE
+        defaults = {}
+        if model_type == UNIFIED_ASSISTANT_MODEL_TYPE:
+            text_raw = unified_text_raw({"text_config": text_raw})
+            defaults["backbone_hidden_size"] = 3840  # the 12B's width
         text = DrafterTextConfig.from_dict(text_raw)
         if text.hidden_size_per_layer_input or text.enable_moe_block:
             raise ConfigError(
@@ -378,15 +387,19 @@ class AssistantConfig:
             )
         config = cls(
             text_config=text,
+            model_type=model_type,
             **{
-                k: raw[k]
-                for k in (
-                    "backbone_hidden_size",
-                    "use_ordered_embeddings",
-                    "num_centroids",
-                    "centroid_intermediate_top_k",
-                )
-                if raw.get(k) is not None
+                **defaults,
+                **{
+                    k: raw[k]
+                    for k in (
+                        "backbone_hidden_size",
+                        "use_ordered_embeddings",
+                        "num_centroids",
+                        "centroid_intermediate_top_k",
+                    )
+                    if raw.get(k) is not None
+                },
             },
             quantization=raw.get("quantization"),
             raw=raw,

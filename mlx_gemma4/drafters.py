@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
-from .config import TextConfig
+from .config import UNIFIED_ASSISTANT_MODEL_TYPE, TextConfig
 from .errors import DraftModelError
 from .loading import load_model
 from .models.assistant import AssistantModel, SharedKV
@@ -25,6 +25,15 @@ def check_draft_model(model, draft_model) -> None:
     target = model.config.text_config
     if isinstance(draft_model, AssistantModel):
         vocab, width = draft_model.vocab_size, draft_model.config.backbone_hidden_size
+        drafts_for_12b = draft_model.config.model_type == UNIFIED_ASSISTANT_MODEL_TYPE
+        if drafts_for_12b != target.unified:
+            kind, made_for = draft_model.config.model_type, "Gemma 4 12B (gemma4_unified)"
+            if not drafts_for_12b:
+                made_for = "Gemma 4 E2B, E4B, 26B-A4B or 31B"
+            raise DraftModelError(
+                f"the draft model is a {kind} drafter, made for {made_for}, but the target is "
+                f"{model.config.model_type}; use the assistant made for this target"
+            )
         if vocab != target.vocab_size:
             raise DraftModelError(
                 f"the draft model's vocabulary has {vocab} tokens but the target's has "

@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from .checkpoint import read_config, read_weights, resolve_model_path, weight_files
 from .collectives import Group, broadcast_int
-from .config import ASSISTANT_MODEL_TYPE, DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
+from .config import ASSISTANT_MODEL_TYPES, DTYPES, UNIFIED_MODEL_TYPE, ModelConfig
 from .errors import (
     ConfigError,
     DistributedError,
@@ -172,7 +172,8 @@ def load_model(
     mode: str = "tensor",
 ) -> Model:
     """Load a Gemma 4 checkpoint (local folder or Hub repo id) as an MLX model; an assistant
-    drafter's checkpoint (`gemma4_assistant`) gives an `AssistantModel`.
+    drafter's checkpoint (`gemma4_assistant`, `gemma4_unified_assistant`) gives an
+    `AssistantModel`.
 
     `dtype` defaults to float32 on the CPU backend and bfloat16 on a GPU; quantized
     checkpoints stay quantized (their scales take `dtype`). `adapter_path`: a LoRA adapter
@@ -192,7 +193,7 @@ def load_model(
     else:
         folder = resolve_model_path(path_or_repo, revision)
     raw_config = read_config(folder)
-    if raw_config.get("model_type") == ASSISTANT_MODEL_TYPE:
+    if raw_config.get("model_type") in ASSISTANT_MODEL_TYPES:
         if group is not None or adapter_path is not None:
             raise ConfigError(
                 f"{folder}: an assistant drafter is loaded whole, without an adapter or a group"
@@ -265,10 +266,10 @@ def load(
 
 def require_target_model(model):
     """`model`, unless it is an assistant drafter, which cannot generate on its own."""
-    if model.config.model_type == ASSISTANT_MODEL_TYPE:
+    if model.config.model_type in ASSISTANT_MODEL_TYPES:
         raise ConfigError(
-            f"{model.path}: an assistant drafter (gemma4_assistant) does not generate on its "
-            "own; pass it as --draft-model (draft_model=) beside the model it drafts for"
+            f"{model.path}: an assistant drafter ({model.config.model_type}) does not generate "
+            "on its own; pass it as --draft-model (draft_model=) beside the model it drafts for"
         )
     return model
 

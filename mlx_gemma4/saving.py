@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ASSISTANT_MODEL_TYPE, DTYPES, TURBOQUANT_MODEL_TYPE
+from .config import ASSISTANT_MODEL_TYPES, DTYPES, TURBOQUANT_MODEL_TYPE
 from .errors import FileAccessError
 from .files import atomic_directory
 from .models.gemma4 import TOWER_PREFIXES, Model
@@ -104,7 +104,7 @@ def checkpoint_config(model: Model, quantization: dict[str, Any] | None) -> dict
     if config.get("model_type") == TURBOQUANT_MODEL_TYPE:
         config["model_type"] = config.pop("base_model_type")
     multimodal = "text_config" in config
-    if config.get("model_type") == ASSISTANT_MODEL_TYPE:  # its keys are transformers' already
+    if config.get("model_type") in ASSISTANT_MODEL_TYPES:  # its keys are transformers' already
         entry = dict(quantization)
     else:
         entry = community_quantization(quantization, multimodal)
@@ -126,7 +126,7 @@ def checkpoint_weights(model: Model, dtype: mx.Dtype | None = None) -> dict[str,
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in weights.items()
         }
-    if model.config.raw.get("model_type") == ASSISTANT_MODEL_TYPE:
+    if model.config.raw.get("model_type") in ASSISTANT_MODEL_TYPES:
         return weights  # transformers' names, which peers and this package read
     return community_weights(weights, multimodal="text_config" in model.config.raw)
 
