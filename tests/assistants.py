@@ -62,12 +62,7 @@ def build_assistant(
 
     torch.manual_seed(seed)
     model = Gemma4AssistantForCausalLM(assistant_config(variant, ordered, backbone)).eval()
-    jitter(model, seed + 1)
-    if ordered:
-        generator = torch.Generator().manual_seed(seed)
-        model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=generator))
-    save_reference(model, folder, hub_form)
-    return model
+    return finish_assistant(model, folder, ordered, seed, hub_form)
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +78,33 @@ def assistant(tmp_path_factory):
         return built[key]
 
     return get
+
+
+def finish_assistant(model, folder: Path, ordered: bool, seed: int, hub_form: bool):
+    """Jitter a fresh transformers assistant, shuffle its centroid head's token order when it
+    has one, save it to `folder` and return it."""
+    jitter(model, seed + 1)
+    if ordered:
+        generator = torch.Generator().manual_seed(seed)
+        model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=generator))
+    save_reference(model, folder, hub_form)
+    return model
+
+
+def assisted_greedy(
+    reference, reference_assistant, ids, draft_tokens: int, max_new_tokens: int, stop_ids, **inputs
+) -> list[int]:
+    """transformers' greedy `generate(..., assistant_model=...)` from the [1, n] prompt `ids`
+    (media in `inputs`): the new token ids."""
+    ids = torch.tensor(ids)
+    reference_assistant.generation_config.num_assistant_tokens = draft_tokens
+    with torch.no_grad():
+        out = reference.generate(
+            ids,
+            assistant_model=reference_assistant,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(stop_ids),
+            **inputs,
+        )
+    return out[0, ids.shape[1] :].tolist()

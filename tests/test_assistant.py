@@ -8,6 +8,7 @@ import pytest
 import torch
 from assistants import assistant  # noqa: F401  (a fixture)
 from checkpoints import VOCAB, WINDOW
+from conftest import relative_error
 
 from mlx_gemma4 import PromptCache, load_model
 from mlx_gemma4.drafters import target_shared_kv
@@ -16,11 +17,6 @@ from mlx_gemma4.models.assistant import AssistantModel
 # E2B-like (PLE, KV sharing), 31B-like (keys as values), 26B-A4B-like (MoE)
 TARGETS = ["ple_kv_shared", "k_eq_v", "moe_k_eq_v"]
 PROMPT = 20  # past the window: the sliding keys the drafter sees are cut
-
-
-def relative(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def reference_draft(target, drafter, ids: np.ndarray, newest: int):
@@ -54,8 +50,8 @@ def test_drafter_logits_match_transformers(tiny, assistant, token_ids, target, o
     model = load_model(target_folder, dtype=mx.float32)
     embedding = model.language_model.embed(mx.array([[newest]]))
     logits, projected = drafter(embedding, mx.array(hidden.numpy()), PROMPT, shared)
-    assert relative(logits, theirs.logits.numpy()) < 1e-4
-    assert relative(projected, theirs.last_hidden_state.numpy()) < 1e-4
+    assert relative_error(logits, theirs.logits.numpy()) < 1e-4
+    assert relative_error(projected, theirs.last_hidden_state.numpy()) < 1e-4
     if ordered:  # only the top clusters' tokens are scored, the rest share one floor value
         floor = theirs.logits.numpy().min()
         assert (np.asarray(logits) > floor + 0.5).sum() == (theirs.logits.numpy() > floor).sum()
@@ -66,9 +62,12 @@ def test_drafter_logits_match_transformers(tiny, assistant, token_ids, target, o
     ours_shared = target_shared_kv(model, prompt_cache.cache)
     keys, _ = ours_shared["sliding_attention"]
     reference_keys = states.shared_kv_states["sliding_attention"][0].numpy()
-    assert relative(keys[..., -(WINDOW + 1) :, :], reference_keys[..., -(WINDOW + 1) :, :]) < 1e-4
+    assert (
+        relative_error(keys[..., -(WINDOW + 1) :, :], reference_keys[..., -(WINDOW + 1) :, :])
+        < 1e-4
+    )
     logits, _ = drafter(embedding, ours_hidden, PROMPT, ours_shared)
-    assert relative(logits, theirs.logits.numpy()) < 1e-4
+    assert relative_error(logits, theirs.logits.numpy()) < 1e-4
 
 
 def test_transformers_form_config_loads_alike(assistant):  # noqa: F811
@@ -115,4 +114,4 @@ def test_quantize_command_packs_an_assistant(tiny, assistant, gemma4, tmp_path):
     )
     ours, _ = packed(embedding, hidden, 21, shared)
     reference, _ = unpacked(embedding, hidden, 21, shared)
-    assert relative(ours, reference) < 1e-4
+    assert relative_error(ours, reference) < 1e-4

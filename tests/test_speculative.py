@@ -6,8 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from assistants import assistant  # noqa: F401  (a fixture)
+from assistants import assistant, assisted_greedy  # noqa: F401  (assistant: a fixture)
 from checkpoints import VOCAB
 from conftest import id_prompts, media_messages, solo
 
@@ -74,16 +73,10 @@ def test_greedy_output_is_the_targets(chat_checkpoint, assistant, close_drafter,
     assert tokens == plain
     assert 0 < last.accepted_tokens < last.drafted_tokens  # some rounds rolled back, some not
 
-    reference_assistant.generation_config.num_assistant_tokens = K
-    with torch.no_grad():
-        theirs = reference.generate(
-            torch.tensor([prompt]),
-            assistant_model=reference_assistant,
-            do_sample=False,
-            max_new_tokens=20,
-            eos_token_id=sorted(processor.stop_token_ids),
-        )
-    assert theirs[0, len(prompt) :].tolist() == plain
+    theirs = assisted_greedy(
+        reference, reference_assistant, [prompt], K, 20, processor.stop_token_ids
+    )
+    assert theirs == plain
 
 
 @pytest.mark.usefixtures("every_round_drafts")

@@ -9,10 +9,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from assistants import CENTROIDS, TOP_CLUSTERS, assistant  # noqa: F401  (a fixture)
-from checkpoints import _TEXT_BASE, MM_TOKENS, VOCAB, WINDOW, jitter, save_reference
-from conftest import id_prompts, media_messages, solo
-from test_assistant import relative
+from assistants import (  # noqa: F401  (assistant: a fixture)
+    CENTROIDS,
+    TOP_CLUSTERS,
+    assistant,
+    assisted_greedy,
+    finish_assistant,
+)
+from checkpoints import _TEXT_BASE, MM_TOKENS, VOCAB, WINDOW
+from conftest import id_prompts, media_messages, relative_error, solo
 from unified_checkpoints import tiny_unified, token_types
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
@@ -57,12 +62,7 @@ def build_unified_assistant(folder, ordered: bool, seed: int = 0, hub_form: bool
     )
     torch.manual_seed(seed)
     model = Gemma4UnifiedAssistantForCausalLM(config).eval()
-    jitter(model, seed + 1)
-    if ordered:
-        generator = torch.Generator().manual_seed(seed)
-        model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=generator))
-    save_reference(model, folder, hub_form)
-    return model
+    return finish_assistant(model, folder, ordered, seed, hub_form)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,8 @@ def test_drafter_logits_match_transformers(unified, unified_assistant, ordered):
     model = load_model(target_folder, dtype=mx.float32)
     ours_embedding = model.language_model.embed(mx.array([[newest]]))
     logits, projected = drafter(ours_embedding, mx.array(hidden.numpy()), PROMPT, shared)
-    logit_error = relative(logits, theirs.logits.numpy())
-    hidden_error = relative(projected, theirs.last_hidden_state.numpy())
+    logit_error = relative_error(logits, theirs.logits.numpy())
+    hidden_error = relative_error(projected, theirs.last_hidden_state.numpy())
     print(f"max relative error: logits {logit_error:.2e}, projected hidden {hidden_error:.2e}")
     assert logit_error < 1e-4 and hidden_error < 1e-4
     if ordered:  # only the top clusters' tokens are scored, the rest share one floor value
@@ -122,7 +122,7 @@ def test_drafter_logits_match_transformers(unified, unified_assistant, ordered):
     logits, _ = drafter(
         ours_embedding, ours_hidden, PROMPT, target_shared_kv(model, prompt_cache.cache)
     )
-    assert relative(logits, theirs.logits.numpy()) < 1e-4
+    assert relative_error(logits, theirs.logits.numpy()) < 1e-4
 
 
 def test_transformers_form_config_loads_alike(unified_assistant, tmp_path):
@@ -170,16 +170,10 @@ def test_greedy_text_output_is_the_targets(unified, unified_assistant):
     assert tokens == plain
     assert last.drafted_tokens >= K * 4  # every round drafted
 
-    reference_assistant.generation_config.num_assistant_tokens = K
-    with torch.no_grad():
-        theirs = reference.generate(
-            torch.tensor([prompt]),
-            assistant_model=reference_assistant,
-            do_sample=False,
-            max_new_tokens=20,
-            eos_token_id=sorted(processor.stop_token_ids),
-        )
-    assert theirs[0, len(prompt) :].tolist() == plain
+    theirs = assisted_greedy(
+        reference, reference_assistant, [prompt], K, 20, processor.stop_token_ids
+    )
+    assert theirs == plain
 
 
 @pytest.mark.usefixtures("every_round_drafts")
@@ -197,19 +191,18 @@ def test_greedy_image_output_is_the_targets(unified, unified_assistant):
 
     inputs = processor(messages, max_soft_tokens=70)
     ids = np.array(inputs["input_ids"])
-    reference_assistant.generation_config.num_assistant_tokens = K
-    with torch.no_grad():
-        theirs = reference.generate(
-            torch.tensor(ids),
-            pixel_values=torch.tensor(np.array(inputs["pixel_values"])),
-            image_position_ids=torch.tensor(np.array(inputs["image_position_ids"])),
-            mm_token_type_ids=torch.tensor(token_types(ids, **MEDIA_IDS)),
-            assistant_model=reference_assistant,
-            do_sample=False,
-            max_new_tokens=10,
-            eos_token_id=sorted(processor.stop_token_ids),
-        )
-    assert theirs[0, ids.shape[1] :].tolist() == plain
+    theirs = assisted_greedy(
+        reference,
+        reference_assistant,
+        ids,
+        K,
+        10,
+        processor.stop_token_ids,
+        pixel_values=torch.tensor(np.array(inputs["pixel_values"])),
+        image_position_ids=torch.tensor(np.array(inputs["image_position_ids"])),
+        mm_token_type_ids=torch.tensor(token_types(ids, **MEDIA_IDS)),
+    )
+    assert theirs == plain
 
 
 def test_mismatched_pairings_are_one_clear_error(
