@@ -83,6 +83,8 @@ def e2b_shaped_checkpoint(layers: int = 5, shared: int = 2, real_vision: bool = 
 
     The vision tower is a token one unless `real_vision` asks for E2B's (768 wide, 16 layers).
     """
+    # the layers before the shared ones must hold both attention kinds for the shared to read
+    shared = max(0, min(shared, layers - len(LAYER_TYPES)))
     folder = CACHE / f"e2b-shaped-{layers}l-{shared}s{'-vision' if real_vision else ''}"
     if (folder / "config.json").exists():
         return folder
