@@ -17,7 +17,11 @@ Time to first token: `arrival` sequences decode; a new prompt of `prompt` tokens
 timed until its first token comes out, both engines alike (mlx-lm's with room for one more).
 
 `--matmul` instead times one E2B MLP weight (6144 x 1536) times 1-32 rows: a float32 GEMM, MLX's
-4-bit `quantized_matmul`, and dequantize + GEMM: how much a decode step's cost grows with rows.
+4-bit `quantized_matmul`, `mx.dequantize` + GEMM, and the library's route for many rows
+(`models/dequantize.py`: dequantized a slice of output rows at a time, then GEMM): how much a
+decode step's cost grows with rows, and where dequantizing starts to pay (`layers.MATRIX_ROWS`).
+Then the tied 262k-row LM head at 16 rows: both routes' time and the memory each needs beyond
+its inputs.
 """
 
 from __future__ import annotations
@@ -154,34 +158,78 @@ def engines(folder, precision: str) -> dict:
     }
 
 
+def best_ms(compute, rounds: int) -> float:
+    import mlx.core as mx
+
+    times = []
+    for _ in range(max(rounds, 3)):
+        start = time.perf_counter()
+        mx.eval(compute())
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
 def matmul_scaling(rounds: int) -> None:
     import mlx.core as mx
 
-    def best_ms(compute) -> float:
-        times = []
-        for _ in range(max(rounds, 3)):
-            start = time.perf_counter()
-            mx.eval(compute())
-            times.append(time.perf_counter() - start)
-        return 1000 * min(times)
+    from mlx_gemma4.models.dequantize import dequantized_matmul
 
     weight = mx.random.normal((6144, 1536), key=mx.random.key(0)) * 0.02
     packed = mx.quantize(weight, group_size=64, bits=4)
     mx.eval(weight, packed)
     rows = []
-    for n in (1, 4, 8, 16, 32):
+    for n in (1, 2, 4, 8, 16, 32):
         x = mx.random.normal((n, 1536), key=mx.random.key(n))
         mx.eval(x)
-        times = [
-            best_ms(lambda x=x: x @ weight.T),
-            best_ms(lambda x=x: mx.quantized_matmul(x, *packed, group_size=64, bits=4)),
-            best_ms(lambda x=x: x @ mx.dequantize(*packed, group_size=64, bits=4).T),
+        computes = [
+            lambda x=x: x @ weight.T,
+            lambda x=x: mx.quantized_matmul(x, *packed, group_size=64, bits=4),
+            lambda x=x: x @ mx.dequantize(*packed, group_size=64, bits=4).T,
+            lambda x=x: dequantized_matmul(x, *packed, group_size=64, bits=4),
         ]
-        rows.append([n, *(f"{t:.1f}" for t in times)])
+        rows.append([n, *(f"{best_ms(compute, rounds):.1f}" for compute in computes)])
     print_table(
         "One 6144 x 1536 weight times n rows (ms, best of rounds)",
-        ["rows", "float32 GEMM", "4-bit quantized_matmul", "dequantize + GEMM"],
+        [
+            "rows",
+            "float32 GEMM",
+            "4-bit quantized_matmul",
+            "mx.dequantize + GEMM",
+            "dequantized_matmul (sliced)",
+        ],
         rows,
+    )
+
+
+def lm_head(rows: int, rounds: int) -> None:
+    """The tied 262k x 1536 4-bit head on `rows` rows: both routes' time and the memory each
+    needs beyond its inputs (the float weight is made a slice at a time)."""
+    import mlx.core as mx
+
+    from mlx_gemma4.models.dequantize import dequantized_matmul
+
+    packed = mx.quantize(
+        mx.random.normal((262_144, 1536), key=mx.random.key(0)) * 0.02, group_size=64, bits=4
+    )
+    x = mx.random.normal((rows, 1536), key=mx.random.key(1))
+    mx.eval(packed, x)
+    mx.clear_cache()
+    table = []
+    for name, compute in (
+        ("quantized_matmul", lambda: mx.quantized_matmul(x, *packed, group_size=64, bits=4)),
+        ("dequantized_matmul", lambda: dequantized_matmul(x, *packed, group_size=64, bits=4)),
+    ):
+        ms = best_ms(compute, rounds)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(compute())
+        extra = (mx.get_peak_memory() - base) / 2**20
+        table.append([name, f"{ms:.0f}", f"{extra:.0f}"])
+    print_table(
+        f"Tied 262,144 x 1536 4-bit LM head times {rows} rows",
+        ["route", "ms (best of rounds)", "peak MiB beyond inputs"],
+        table,
     )
 
 
@@ -197,6 +245,7 @@ def main() -> None:
     if args.matmul:
         print(blas)
         matmul_scaling(args.rounds)
+        lm_head(16, args.rounds)
         return
     import numpy as np
 

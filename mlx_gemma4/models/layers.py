@@ -10,38 +10,79 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-# Inputs with at least this many rows (prefill chunks) count as matrix-matrix products. A
-# batch's 16-row decode step still runs the packed kernel twice as fast on the CPU (benchmarks/
-# batch.py); at 32 rows dequantizing wins.
-MATRIX_ROWS = 32
+from .dequantize import dequantized_matmul, has_fast_path
+
+# Inputs with at least this many rows go through the float weight on the CPU (dequantize +
+# GEMM): MLX's CPU `quantized_matmul` costs in proportion to its rows, a float32 GEMM about the
+# same for 1 to 32 rows, and dequantizing affine 2/4/8-bit weights (`dequantize.py`) costs
+# about as much as the packed kernel on MATRIX_ROWS rows (`python benchmarks/batch.py
+# --matmul` prints both by rows). Other modes dequantize through `mx.dequantize`, about twice
+# as slow, which pays from SLOW_MATRIX_ROWS rows.
+MATRIX_ROWS = 8
+SLOW_MATRIX_ROWS = 32
 
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def through_float_weight(x: mx.array, module: nn.Module) -> bool:
+    """Whether a quantized module's product with `x` is cheaper dequantized (CPU, many rows)."""
+    fast = has_fast_path(module.bits, module.mode, module.get("biases"))
+    rows = MATRIX_ROWS if fast else SLOW_MATRIX_ROWS
+    return x.size >= rows * x.shape[-1] and on_cpu()
+
+
+def float_weight_product(x: mx.array, module: nn.Module) -> mx.array:
+    """`x @ W.T` for a quantized module's weight W, through its float form a slice at a time."""
+    return dequantized_matmul(
+        x,
+        module["weight"],
+        module["scales"],
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear`, except for many-row inputs on the CPU backend.
 
-    MLX's CPU `quantized_matmul` does not use BLAS: for a prefill chunk it is an order of
-    magnitude slower than dequantizing the weight and running a float32 GEMM (benchmarks/
-    generate.py measures it). One-row decode steps keep the packed kernel, which reads 4-8x
-    fewer bytes. On a GPU the packed kernel is always used.
+    MLX's CPU `quantized_matmul` does not use BLAS: from a few rows on (a batch's decode step,
+    a prefill chunk) dequantizing the weight and running a float32 GEMM is faster, by an order
+    of magnitude for a prefill chunk. One-row decode steps keep the packed kernel, which reads
+    4-8x fewer bytes. On a GPU the packed kernel is always used.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size < MATRIX_ROWS * x.shape[-1] or not on_cpu():
+        if not through_float_weight(x, self):
             return super().__call__(x)
-        weight = mx.dequantize(
-            self.weight,
-            self.scales,
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
-        out = x @ weight.astype(x.dtype).T
+        out = float_weight_product(x, self)
         return out + self.bias if "bias" in self else out
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose `as_linear` (the tied LM head) takes the same CPU route as
+    `QuantizedLinear` for many rows: a batch's 16-row step spends most of its time there."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not through_float_weight(x, self):
+            return super().as_linear(x)
+        return float_weight_product(x, self)
+
+
+class Embedding(nn.Embedding):
+    def to_quantized(
+        self,
+        group_size: int | None = None,
+        bits: int | None = None,
+        mode: str = "affine",
+        quantize_input: bool = False,
+    ) -> nn.Module:
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
 
 
 class RMSNorm(nn.Module):

@@ -19,7 +19,7 @@ from ..config import FULL, SLIDING, TextConfig
 from ..kv_quant import KVQuantization, QuantizedKV, require_packable
 from .activations import geglu
 from .attention import attention, quantized_attention
-from .layers import Linear, RMSNorm, RMSNormNoScale, rotated
+from .layers import Embedding, Linear, RMSNorm, RMSNormNoScale, rotated
 from .moe import Experts, Router
 from .rope import RoPE
 
@@ -166,7 +166,7 @@ class TextModel(nn.Module):
         super().__init__()
         self.config = config
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.embed_tokens = Embedding(config.vocab_size, hidden)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(hidden, eps=eps)
         self.kv_sources = [config.kv_source(i) for i in range(config.num_hidden_layers)]
@@ -174,7 +174,7 @@ class TextModel(nn.Module):
         ple = config.hidden_size_per_layer_input
         if ple:
             n_layers = config.num_hidden_layers
-            self.embed_tokens_per_layer = nn.Embedding(
+            self.embed_tokens_per_layer = Embedding(
                 config.vocab_size_per_layer_input, n_layers * ple
             )
             self.per_layer_model_projection = Linear(hidden, n_layers * ple, bias=False)
