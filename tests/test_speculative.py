@@ -3,6 +3,8 @@ generation, the rollback of every cache kind, the sampling rule, bad drafters.""
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from conftest import id_prompts, media_messages, solo
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
 from mlx_gemma4.config import AssistantConfig
+from mlx_gemma4.drafters import make_drafter
 from mlx_gemma4.errors import DraftModelError
 from mlx_gemma4.models.assistant import AssistantModel
 from mlx_gemma4.options import SamplingOptions
@@ -298,3 +301,51 @@ def test_mismatched_drafter_is_one_clear_error(chat_checkpoint, vocab, backbone,
     model, processor = load(folder)
     with pytest.raises(DraftModelError, match=message):
         next(stream_generate(model, processor, [2, 5, 6], draft_model=drafter_of(vocab, backbone)))
+
+
+class SlowDrafter:
+    """A drafter that takes `delay` seconds longer to propose: a timing the length must ignore."""
+
+    def __init__(self, drafter, delay: float):
+        self.drafter, self.delay = drafter, delay
+        self.needs_hidden = drafter.needs_hidden
+
+    def begin(self, prompt):
+        self.drafter.begin(prompt)
+
+    def propose(self, *args):
+        time.sleep(self.delay)
+        return self.drafter.propose(*args)
+
+    def commit(self, kept):
+        self.drafter.commit(kept)
+
+
+def test_seeded_sampling_repeats_whatever_the_timings(chat_checkpoint, assistant):  # noqa: F811
+    """The draft length adapts (acceptance and cost), yet the same seed gives the same tokens
+    with a drafter that is fast in one run and slow in the other."""
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    model, processor = load(folder)
+    # a random assistant: with sampling some of its drafts are kept; cheap, so it drafts often
+    other = load_model(assistant("ple_kv_shared", ordered=True)[0])
+    prompt = id_prompts([10], seed=8)[0]
+    runs = []
+    for delay in (0.0, 0.05, 0.0):
+        cache = PromptCache(model)
+        drafter = SlowDrafter(make_drafter(other, model, cache), delay)
+        runs.append(
+            speculative(
+                model,
+                processor,
+                prompt,
+                drafter,
+                max_tokens=24,
+                temperature=1.0,
+                seed=11,
+                prompt_cache=cache,
+            )
+        )
+    (tokens, last), *others = runs
+    assert all(other == tokens for other, _ in others)
+    assert 0 < last.accepted_tokens < last.drafted_tokens
+    assert all(o.drafted_tokens == last.drafted_tokens for _, o in others)
