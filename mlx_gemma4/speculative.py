@@ -25,6 +25,7 @@ from .drafters import make_drafter
 from .errors import DraftModelError
 from .generation import PromptInputs, prefill_chunk, prefill_chunks
 from .options import SamplingOptions
+from .processing.processor import Media
 from .prompt_cache import PromptCache
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -251,16 +252,18 @@ def speculative_generate_step(
     prefill_step_size: int = 2048,
     num_draft_tokens: int = 4,
     stats: DraftStats | None = None,
+    media: Media | None = None,
 ) -> Iterator[int]:
     """Token ids as `generate_step` yields them, drafting up to `num_draft_tokens` at a time;
     `stats` counts the drafts. A draft model that cannot serve raises here, before any step.
+    `media`: the prompt's, which a plain draft model with the towers for them sees too.
 
     `prompt_cache.tokens` always lists what the caches hold when a token is yielded. A seeded
     sampled run gives the same tokens on every run (its draft lengths read no clock).
     """
     if num_draft_tokens < 0:
         raise DraftModelError(f"num_draft_tokens must be 0 or more, got {num_draft_tokens}")
-    drafter = make_drafter(draft_model, model, prompt_cache, prefill_step_size)
+    drafter = make_drafter(draft_model, model, prompt_cache, prefill_step_size, media)
     stats = stats if stats is not None else DraftStats()
     seeded = sampling.temperature > 0 and sampling.seed is not None
     return _rounds(

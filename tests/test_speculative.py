@@ -349,3 +349,25 @@ def test_seeded_sampling_repeats_whatever_the_timings(chat_checkpoint, assistant
     assert all(other == tokens for other, _ in others)
     assert 0 < last.accepted_tokens < last.drafted_tokens
     assert all(o.drafted_tokens == last.drafted_tokens for _, o in others)
+
+
+@pytest.mark.usefixtures("every_round_drafts")
+def test_a_draft_model_with_a_vision_tower_sees_the_image(chat_checkpoint):
+    """A plain draft model with its own vision tower drafts from the image's soft tokens: the
+    same model at 8 bits is then kept more often than its copy without the tower (which reads
+    the image's placeholders as pad tokens), and the output stays the model's."""
+    folder, _ = chat_checkpoint("multimodal")
+    model, processor = load(folder)
+    seeing, blind = load_model(folder), load_model(folder)
+    del blind["vision_tower"]  # the same weights, no tower: text only
+    for drafter in (seeing, blind):
+        quantize_model(drafter, bits=8, group_size=32)
+    messages = media_messages("image")
+    plain = solo(model, processor, messages, max_tokens=16)
+    accepted = {}
+    for name, drafter in (("seeing", seeing), ("blind", blind)):
+        tokens, last = speculative(model, processor, messages, drafter, max_tokens=16)
+        assert tokens == plain
+        accepted[name] = last.accepted_tokens / last.drafted_tokens
+    assert accepted["seeing"] > accepted["blind"]
+    assert accepted["seeing"] > 0.5
