@@ -176,23 +176,19 @@ class TokenChooser:
         probabilities = self.distribution(logits)
         return mx.random.categorical(mx.log(probabilities)), probabilities
 
-    def _processed(self, inputs: mx.array, logits: mx.array) -> mx.array:
-        """Target logits [n, vocab] for the n positions whose inputs are `inputs` [n]."""
+    def _processed(self, inputs: mx.array, i: int, logits: mx.array) -> mx.array:
+        """Target logits [1, vocab] of position i, whose inputs end with `inputs[i]`."""
         if not self.processors:
             return logits
-        rows = []
-        for i in range(inputs.shape[0]):
-            history = mx.concatenate([self.history, inputs[: i + 1].astype(self.history.dtype)])
-            row = logits[i : i + 1]
-            for processor in self.processors:
-                row = processor(history, row)
-            rows.append(row)
-        return mx.concatenate(rows, axis=0)
+        history = mx.concatenate([self.history, inputs[: i + 1].astype(self.history.dtype)])
+        for processor in self.processors:
+            logits = processor(history, logits)
+        return logits
 
     def next_token(self, newest: mx.array, logits: mx.array) -> mx.array:
         """The token [1] after `newest` [1] from its logits [1, vocab], left unevaluated (an
         undrafted round's, queued behind the previous one)."""
-        logits = self._processed(newest, logits)
+        logits = self._processed(newest, 0, logits)
         if self.processors:
             self.history = mx.concatenate([self.history, newest.astype(self.history.dtype)])
         if self.greedy:
@@ -202,43 +198,58 @@ class TokenChooser:
     def verify(
         self,
         inputs: mx.array,
-        logits: mx.array,
+        logits: mx.array | Callable[[int], mx.array],
         drafts: list[mx.array],
         distributions: list[mx.array | None],
     ) -> tuple[int, int]:
         """(drafts accepted, the token after them) from the target's `logits` [k+1, vocab] at
-        `inputs` [k+1] (the newest token, then the k drafts)."""
-        logits = self._processed(inputs, logits)
+        `inputs` [k+1] (the newest token, then the k drafts). `logits` may instead be a
+        function of a position giving its logits [1, vocab]: it is called only for the
+        positions the check reaches, up to the first rejected draft."""
+        row = logits if callable(logits) else (lambda i: logits[i : i + 1])
         k = len(drafts)
-        if self.greedy:
-            chosen = mx.argmax(logits, axis=-1).tolist()
-            proposed = inputs[1:].tolist()
-            accepted = next((i for i in range(k) if proposed[i] != chosen[i]), k)
-            token = chosen[accepted]
-        else:
-            accepted, token = self._accept(inputs, self.distribution(logits), distributions)
+        proposed = inputs[1:].tolist()
+        if not self.greedy and k:
+            draws = mx.random.uniform(shape=(k,))
+            draft = mx.concatenate(distributions, axis=0)
+        for i in range(k + 1):
+            scores = self._processed(inputs, i, row(i))
+            if self.greedy:
+                token = mx.argmax(scores, axis=-1).item()
+                if i < k and proposed[i] == token:
+                    continue
+                break
+            target = self.distribution(scores)[0]
+            if i == k:
+                token = mx.random.categorical(mx.log(target)).item()
+                break
+            x = proposed[i]
+            if (draws[i] * draft[i, x] < target[x]).item():
+                continue
+            # rejected: resample where the target has more mass than the drafter
+            residual = mx.maximum(target - draft[i], 0.0)
+            token = mx.random.categorical(mx.log(residual)).item()
+            break
+        accepted = i
         kept = inputs[: accepted + 1].astype(self.history.dtype)
         if self.processors:
             self.history = mx.concatenate([self.history, kept])
         return accepted, token
 
-    def _accept(
-        self, inputs: mx.array, target: mx.array, distributions: list[mx.array]
-    ) -> tuple[int, int]:
-        k = target.shape[0] - 1
-        accepted = k
-        if k:
-            drafts = inputs[1:].astype(mx.int32)
-            draft = mx.concatenate(distributions, axis=0)
-            rows = mx.arange(k)
-            p, q = target[rows, drafts], draft[rows, drafts]
-            keep = (mx.random.uniform(shape=(k,)) * q < p).tolist()
-            accepted = next((i for i in range(k) if not keep[i]), k)
-        if accepted < k:  # resample where the target has more mass than the drafter
-            residual = mx.maximum(target[accepted] - draft[accepted], 0.0)
-        else:
-            residual = target[k]
-        return accepted, mx.random.categorical(mx.log(residual)).item()
+
+def head_costs_per_row(model) -> bool:
+    """Whether the output head costs in proportion to the rows it scores (quantized weights on
+    the CPU, where `quantized_matmul` is compute-bound): then a check scores each position
+    only once the drafts before it are kept. On a GPU scoring k+1 rows costs about one."""
+    head = model["lm_head"] if "lm_head" in model else model.language_model.embed_tokens
+    return mx.default_device() == mx.cpu and "scales" in head
+
+
+def _head(model, states: mx.array, by_row: bool) -> mx.array | Callable[[int], mx.array]:
+    """The logits of `states` [n, hidden]: all rows at once, or one row when asked."""
+    if by_row:
+        return lambda i: model.logits(states[i : i + 1])
+    return model.logits(states)
 
 
 def speculative_generate_step(
@@ -298,6 +309,7 @@ def _rounds(
         mx.clear_cache()
     drafter.begin(prompt)
     chooser = TokenChooser(sampling, logits_processors, prompt[:-1])
+    by_row = head_costs_per_row(model)
 
     # the last prompt token starts undrafted rounds: `newest` is the next input, not yet
     # cached; `hidden` the target's last hidden state at the position before it
@@ -312,7 +324,8 @@ def _rounds(
         drafts, distributions = drafter.propose(newest, last_hidden, k, chooser.sample_draft)
         verified = mx.concatenate([newest, *drafts])
         hidden = model.language_model(model.text_ids(verified[None]), cache)
-        accepted, token = chooser.verify(verified, model.logits(hidden[0]), drafts, distributions)
+        logits = _head(model, hidden[0], by_row)
+        accepted, token = chooser.verify(verified, logits, drafts, distributions)
         kept = verified[: accepted + 1].tolist()
         prompt_cache.tokens.extend(kept)
         prompt_cache.roll_back_to_tokens()  # the positions of rejected drafts

@@ -19,7 +19,7 @@ from mlx_gemma4.errors import DraftModelError
 from mlx_gemma4.models.assistant import AssistantModel
 from mlx_gemma4.options import SamplingOptions
 from mlx_gemma4.quantize import quantize_model
-from mlx_gemma4.speculative import DraftLength, TokenChooser
+from mlx_gemma4.speculative import DraftLength, TokenChooser, head_costs_per_row
 
 TARGETS = ["ple_kv_shared", "k_eq_v", "moe_k_eq_v"]
 PROMPT = 30  # past the sliding window (8): decoding runs on trimmed window caches
@@ -371,3 +371,23 @@ def test_a_draft_model_with_a_vision_tower_sees_the_image(chat_checkpoint):
         accepted[name] = last.accepted_tokens / last.drafted_tokens
     assert accepted["seeing"] > accepted["blind"]
     assert accepted["seeing"] > 0.5
+
+
+@pytest.mark.usefixtures("every_round_drafts")
+def test_quantized_head_scores_only_the_positions_checked(chat_checkpoint, assistant):  # noqa: F811
+    """With 4-bit weights on the CPU the output head costs per row, so a check scores a
+    position only once every draft before it is kept; the output stays the model's."""
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    model, processor = load(folder)
+    quantize_model(model, bits=4, group_size=32)
+    assert head_costs_per_row(model)
+    prompt = id_prompts([PROMPT], seed=9)[0]
+    plain = solo(model, processor, prompt, max_tokens=12)
+    scored = []
+    logits = model.logits
+    model.logits = lambda hidden: scored.append(hidden.shape[0]) or logits(hidden)
+    drafter = load_model(assistant("ple_kv_shared", ordered=True)[0])  # rarely right
+    tokens, last = speculative(model, processor, prompt, drafter, max_tokens=12)
+    assert tokens == plain
+    rounds = last.drafted_tokens // K  # each drafted K; one undrafted round came first
+    assert sum(scored) == 1 + rounds + last.accepted_tokens < 1 + rounds * (K + 1)
