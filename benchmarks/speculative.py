@@ -1,6 +1,7 @@
 """Speculative decoding on the E2B-shaped checkpoint: decode tokens/s with and without drafting.
 
     python benchmarks/speculative.py [--decode 32] [--prompt 64] [--ks 2,4,6] [--bundled-blas]
+        [--precision float32|4-bit|both] [--acceptance 0,0.5,0.8,1] [--drafters assistant,fixed]
 
 Greedy decoding, float32 and 4-bit (every linear and embedding, group 64). Drafters:
 - an E2B-shaped assistant (random weights: it proposes almost nothing the target accepts), with
@@ -22,7 +23,6 @@ import time
 from common import CACHE, base_parser, e2b_shaped_checkpoint, load_ours, parse, print_table
 
 VOCAB = 262_144
-RATES = (0.0, 0.5, 0.8, 1.0)
 
 
 def e2b_shaped_assistant():
@@ -131,7 +131,13 @@ def main() -> None:
     parser = base_parser(rounds=1)
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--decode", type=int, default=32, help="generated tokens")
-    parser.add_argument("--ks", default="2,4,6", help="draft lengths")
+    parser.add_argument("--ks", "--draft-tokens", default="2,4,6", help="draft lengths")
+    parser.add_argument(
+        "--acceptance", default="0,0.5,0.8,1", help="the oracle's rates p ('' for none)"
+    )
+    parser.add_argument(
+        "--drafters", default="assistant,fixed", help="also: 'assistant', 'fixed' (p=0.8, fixed K)"
+    )
     parser.add_argument("--precision", choices=["float32", "4-bit", "both"], default="both")
     args, blas = parse(parser)
 
@@ -145,6 +151,8 @@ def main() -> None:
     assistant_folder = e2b_shaped_assistant()
     ids = [2, *mx.random.randint(5, VOCAB, (args.prompt - 1,), key=mx.random.key(0)).tolist()]
     ks = [int(k) for k in args.ks.split(",")]
+    rates = [float(p) for p in args.acceptance.split(",") if p]
+    extra = args.drafters.split(",")
     precisions = ("float32", "4-bit") if args.precision == "both" else (args.precision,)
     rows = []
     for precision in precisions:
@@ -155,12 +163,13 @@ def main() -> None:
         mx.eval(model.parameters(), assistant.parameters())
         TRUTH[id(model)] = decode(model, ids, args.decode + max(ks) + 1)[0]
         truth = TRUTH[id(model)][: args.decode]
-        drafters = [*((p, f"oracle p={p}") for p in RATES), (assistant, "assistant")]
+        drafters = [(p, f"oracle p={p}", True) for p in rates]
+        if "assistant" in extra:
+            drafters.append((assistant, "assistant", True))
+        if "fixed" in extra:
+            drafters.append((0.8, "oracle p=0.8, fixed K", False))
         for k in ks:
-            for drafter, name, adaptive in [
-                *((d, n, True) for d, n in drafters),
-                (0.8, "oracle p=0.8, fixed K", False),
-            ]:
+            for drafter, name, adaptive in drafters:
                 DraftLength.adaptive = adaptive
                 # each drafted run right after a plain one: the pair sees the same load
                 ratios, speeds, plain_speeds = [], [], []

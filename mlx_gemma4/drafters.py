@@ -11,9 +11,11 @@ import mlx.core as mx
 
 from .cache import FullAttentionCache, QuantizedFullAttentionCache, SlidingWindowCache
 from .config import UNIFIED_ASSISTANT_MODEL_TYPE, TextConfig
-from .errors import DraftModelError
+from .errors import DraftModelError, Gemma4Error
+from .generation import prefill_chunk, prefill_chunks, prompt_inputs
 from .loading import load_model
 from .models.assistant import AssistantModel, SharedKV
+from .processing.processor import Media
 from .prompt_cache import PromptCache
 
 # (logits [1, vocab]) -> (token [1], its distribution [1, vocab] or None when greedy)
@@ -113,15 +115,41 @@ class AssistantDrafter:
 _DRAFT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def media_kinds(media: Media | None) -> list[str]:
+    """The kinds of media ("image", "video", "audio") a prompt holds."""
+    if media is None:
+        return []
+    held = {"image": media.images, "video": media.video_frames, "audio": media.audio}
+    return [kind for kind, batch in held.items() if batch is not None]
+
+
+def encodes(draft_model, kinds: list[str]) -> bool:
+    """Whether `draft_model` has a tower for each of `kinds`."""
+    try:
+        for kind in kinds:
+            draft_model.require_tower(kind)
+    except Gemma4Error:
+        return False
+    return True
+
+
 class ModelDrafter:
     """Drafts with a smaller Gemma 4 that keeps its own caches, a step behind the target's.
 
-    It reads text only: media placeholders reach it as the pad token.
+    It sees the prompt's `media` through its own towers when it has one for every kind there;
+    otherwise it reads text only, and media placeholders reach it as the pad token.
     """
 
     needs_hidden = False
 
-    def __init__(self, draft_model, model, prompt_cache: PromptCache, prefill_step: int = 2048):
+    def __init__(
+        self,
+        draft_model,
+        model,
+        prompt_cache: PromptCache,
+        prefill_step: int = 2048,
+        media: Media | None = None,
+    ):
         self.draft_model, self.model, self.target_cache = draft_model, model, prompt_cache
         held = _DRAFT_CACHES.get(prompt_cache)
         if held is None or held.model is not draft_model:
@@ -129,12 +157,32 @@ class ModelDrafter:
             _DRAFT_CACHES[prompt_cache] = held
         self.cache = held
         self.prefill_step = prefill_step
+        kinds = media_kinds(media)
+        self.media = media if kinds and encodes(draft_model, kinds) else None
+        self._prompt: list[int] | None = None  # a prompt with media, fed with the first draft
         self._fed = 0  # tokens of this round in the drafter's caches: the newest, then drafts
 
     def begin(self, prompt: list[int]) -> None:
-        """Keep the cached prefix of `prompt`; the rest is fed with the first proposal."""
+        """Keep the cached prefix of `prompt`; the rest is fed with the first proposal (its
+        media's soft tokens too, from the drafter's towers: nothing runs if nothing is drafted)."""
         self.cache.roll_back_to_tokens()  # a turn interrupted mid-round
-        self.cache.prepare(prompt)
+        self._prompt = None
+        if self.media is None:
+            self.cache.prepare(prompt)
+        else:
+            self._prompt = prompt
+
+    def _feed_prompt(self, prompt: list[int]) -> None:
+        """The prompt's positions not yet cached, with the soft tokens of its media."""
+        try:
+            inputs = prompt_inputs(self.draft_model, prompt, self.media, self.cache)
+        except ValueError:  # its towers give another count of soft tokens: text only
+            self.media = None
+            self.cache.prepare(prompt)
+            return
+        todo = len(inputs.todo)
+        for start, end in prefill_chunks(todo + 1, self.prefill_step, inputs.block_spans):
+            prefill_chunk(self.draft_model, self.cache, inputs, start, end)
 
     def _feed(self, ids: list[int] | mx.array) -> mx.array:
         ids = mx.array(ids) if isinstance(ids, list) else ids
@@ -149,6 +197,9 @@ class ModelDrafter:
     def propose(
         self, token: mx.array, hidden: mx.array | None, k: int, sample: DraftSampler
     ) -> tuple[list[mx.array], list[mx.array]]:
+        if self._prompt is not None:
+            self._feed_prompt(self._prompt)
+            self._prompt = None
         committed = self.target_cache.tokens
         behind = committed[len(self.cache.tokens) :]
         logits = self._feed(mx.concatenate([mx.array(behind, dtype=token.dtype), token]))
@@ -172,15 +223,22 @@ class ModelDrafter:
         self._fed = 0
 
 
-def make_drafter(draft_model, model, prompt_cache: PromptCache, prefill_step: int = 2048):
+def make_drafter(
+    draft_model,
+    model,
+    prompt_cache: PromptCache,
+    prefill_step: int = 2048,
+    media: Media | None = None,
+):
     """The drafter for `draft_model`; an object that drafts already (`begin`, `propose`,
-    `commit` and `needs_hidden` as `AssistantDrafter` has them) is used as it is."""
+    `commit` and `needs_hidden` as `AssistantDrafter` has them) is used as it is. `media`:
+    the prompt's, for a draft model with towers of its own."""
     if hasattr(draft_model, "propose"):
         return draft_model
     check_draft_model(model, draft_model)
     if isinstance(draft_model, AssistantModel):
         return AssistantDrafter(draft_model, model, prompt_cache)
-    return ModelDrafter(draft_model, model, prompt_cache, prefill_step)
+    return ModelDrafter(draft_model, model, prompt_cache, prefill_step, media)
 
 
 def load_draft_model(path_or_repo, model, *, dtype=None):

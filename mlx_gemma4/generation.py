@@ -340,6 +340,7 @@ def stream_generate(
             prefill_step_size,
             0 if one_at_a_time else num_draft_tokens,
             stats,
+            media=media,
         )
     try:
         for n, token in enumerate(tokens, start=1):

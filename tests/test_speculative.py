@@ -3,6 +3,8 @@ generation, the rollback of every cache kind, the sampling rule, bad drafters.""
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,11 +14,12 @@ from conftest import id_prompts, media_messages, solo
 
 from mlx_gemma4 import PromptCache, load, load_model, stream_generate
 from mlx_gemma4.config import AssistantConfig
+from mlx_gemma4.drafters import make_drafter
 from mlx_gemma4.errors import DraftModelError
 from mlx_gemma4.models.assistant import AssistantModel
 from mlx_gemma4.options import SamplingOptions
 from mlx_gemma4.quantize import quantize_model
-from mlx_gemma4.speculative import DraftLength, TokenChooser
+from mlx_gemma4.speculative import DraftLength, TokenChooser, head_costs_per_row
 
 TARGETS = ["ple_kv_shared", "k_eq_v", "moe_k_eq_v"]
 PROMPT = 30  # past the sliding window (8): decoding runs on trimmed window caches
@@ -298,3 +301,93 @@ def test_mismatched_drafter_is_one_clear_error(chat_checkpoint, vocab, backbone,
     model, processor = load(folder)
     with pytest.raises(DraftModelError, match=message):
         next(stream_generate(model, processor, [2, 5, 6], draft_model=drafter_of(vocab, backbone)))
+
+
+class SlowDrafter:
+    """A drafter that takes `delay` seconds longer to propose: a timing the length must ignore."""
+
+    def __init__(self, drafter, delay: float):
+        self.drafter, self.delay = drafter, delay
+        self.needs_hidden = drafter.needs_hidden
+
+    def begin(self, prompt):
+        self.drafter.begin(prompt)
+
+    def propose(self, *args):
+        time.sleep(self.delay)
+        return self.drafter.propose(*args)
+
+    def commit(self, kept):
+        self.drafter.commit(kept)
+
+
+def test_seeded_sampling_repeats_whatever_the_timings(chat_checkpoint, assistant):  # noqa: F811
+    """The draft length adapts (acceptance and cost), yet the same seed gives the same tokens
+    with a drafter that is fast in one run and slow in the other."""
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    model, processor = load(folder)
+    # a random assistant: with sampling some of its drafts are kept; cheap, so it drafts often
+    other = load_model(assistant("ple_kv_shared", ordered=True)[0])
+    prompt = id_prompts([10], seed=8)[0]
+    runs = []
+    for delay in (0.0, 0.05, 0.0):
+        cache = PromptCache(model)
+        drafter = SlowDrafter(make_drafter(other, model, cache), delay)
+        runs.append(
+            speculative(
+                model,
+                processor,
+                prompt,
+                drafter,
+                max_tokens=24,
+                temperature=1.0,
+                seed=11,
+                prompt_cache=cache,
+            )
+        )
+    (tokens, last), *others = runs
+    assert all(other == tokens for other, _ in others)
+    assert 0 < last.accepted_tokens < last.drafted_tokens
+    assert all(o.drafted_tokens == last.drafted_tokens for _, o in others)
+
+
+@pytest.mark.usefixtures("every_round_drafts")
+def test_a_draft_model_with_a_vision_tower_sees_the_image(chat_checkpoint):
+    """A plain draft model with its own vision tower drafts from the image's soft tokens: the
+    same model at 8 bits is then kept more often than its copy without the tower (which reads
+    the image's placeholders as pad tokens), and the output stays the model's."""
+    folder, _ = chat_checkpoint("multimodal")
+    model, processor = load(folder)
+    seeing, blind = load_model(folder), load_model(folder)
+    del blind["vision_tower"]  # the same weights, no tower: text only
+    for drafter in (seeing, blind):
+        quantize_model(drafter, bits=8, group_size=32)
+    messages = media_messages("image")
+    plain = solo(model, processor, messages, max_tokens=16)
+    accepted = {}
+    for name, drafter in (("seeing", seeing), ("blind", blind)):
+        tokens, last = speculative(model, processor, messages, drafter, max_tokens=16)
+        assert tokens == plain
+        accepted[name] = last.accepted_tokens / last.drafted_tokens
+    assert accepted["seeing"] > accepted["blind"]
+    assert accepted["seeing"] > 0.5
+
+
+@pytest.mark.usefixtures("every_round_drafts")
+def test_quantized_head_scores_only_the_positions_checked(chat_checkpoint, assistant):  # noqa: F811
+    """With 4-bit weights on the CPU the output head costs per row, so a check scores a
+    position only once every draft before it is kept; the output stays the model's."""
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    model, processor = load(folder)
+    quantize_model(model, bits=4, group_size=32)
+    assert head_costs_per_row(model)
+    prompt = id_prompts([PROMPT], seed=9)[0]
+    plain = solo(model, processor, prompt, max_tokens=12)
+    scored = []
+    logits = model.logits
+    model.logits = lambda hidden: scored.append(hidden.shape[0]) or logits(hidden)
+    drafter = load_model(assistant("ple_kv_shared", ordered=True)[0])  # rarely right
+    tokens, last = speculative(model, processor, prompt, drafter, max_tokens=12)
+    assert tokens == plain
+    rounds = last.drafted_tokens // K  # each drafted K; one undrafted round came first
+    assert sum(scored) == 1 + rounds + last.accepted_tokens < 1 + rounds * (K + 1)
