@@ -4,9 +4,11 @@ rows rolled back by their own rejected counts in every cache kind."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
-from assistants import assistant, close_drafter  # noqa: F401  (fixtures)
-from conftest import id_prompts, solo
+from assistants import assistant, build_assistant, close_drafter  # noqa: F401  (fixtures)
+from conftest import free_port, id_prompts, solo, start_serve
 
 from mlx_gemma4 import BatchGenerator, batch_generate, load, load_model, stream_generate
 from mlx_gemma4.drafters import AssistantDrafter
@@ -103,7 +105,7 @@ def test_the_batched_assistant_drafts_what_the_solo_one_drafts(
     read: each row's drafts must be the solo drafter's, round for round."""
     model, processor = load(chat_checkpoint("ple_kv_shared")[0])
     drafter = load_model(assistant("ple_kv_shared", ordered=True)[0])
-    prompts = id_prompts(LENGTHS, seed=1)
+    prompts = id_prompts([3, 30, 12], seed=1)
 
     solo_rounds: list[list[int]] = []
     solo_propose = AssistantDrafter.propose
@@ -172,3 +174,55 @@ def test_sampled_rows_and_logits_processors_use_the_solo_rule(chat_checkpoint, c
     for request_id in (sampled, penalized):
         last = responses[request_id][-1]
         assert 0 < last.accepted_tokens < last.drafted_tokens
+
+
+def test_served_answers_with_a_drafter_equal_undrafted_ones(chat_checkpoint, assistant):  # noqa: F811
+    openai = pytest.importorskip("openai")
+    folder, _ = chat_checkpoint("ple_kv_shared")
+    drafter, _ = assistant("ple_kv_shared", ordered=True)
+    process, url = start_serve(folder, "--draft-model", drafter, "--draft-tokens", str(K))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        questions = ["hello there", "what is up with you"]
+
+        def ask(question: str, stream: bool):
+            messages = [{"role": "user", "content": question}]
+            settings = dict(model="tiny", messages=messages, max_tokens=12, temperature=0)
+            if not stream:
+                answer = client.chat.completions.create(**settings)
+                return answer.choices[0].message.content or "", answer.usage
+            chunks = list(
+                client.chat.completions.create(
+                    **settings, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return text, chunks[-1].usage
+
+        with ThreadPoolExecutor(2) as pool:  # decoded together in the server's batch
+            answers = list(pool.map(ask, questions, [False, True]))
+    finally:
+        process.terminate()
+        process.wait(30)
+    model, processor = load(folder)
+    for question, (text, usage) in zip(questions, answers, strict=True):
+        messages = [{"role": "user", "content": question}]
+        pieces = list(stream_generate(model, processor, messages, max_tokens=12))
+        assert text == "".join(p.text for p in pieces)
+        assert usage.completion_tokens == len(pieces)
+        details = usage.completion_tokens_details  # the random assistant is rarely right
+        assert details.rejected_prediction_tokens > 0
+        assert 0 <= details.accepted_prediction_tokens < details.rejected_prediction_tokens
+
+
+def test_serve_with_a_drafter_for_another_target_is_one_line_and_exit_1(
+    chat_checkpoint, gemma4, tmp_path
+):
+    folder, _ = chat_checkpoint("dense")
+    build_assistant("dense", tmp_path / "narrow", False, backbone=32)
+    result = gemma4(
+        "serve", "--model", folder, "--port", free_port(), "--draft-model", tmp_path / "narrow"
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "hidden size 32" in result.stderr and "target's is 64" in result.stderr
