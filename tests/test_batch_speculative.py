@@ -151,9 +151,15 @@ def test_the_batched_assistant_drafts_what_the_solo_one_drafts(
         assert rounds == [d[: len(r)] for d, r in zip(solo_drafts, rounds, strict=False)]
 
 
+def no_token_7(history, logits):
+    logits[:, 7] = -1e9
+    return logits
+
+
 def test_sampled_rows_and_logits_processors_use_the_solo_rule(chat_checkpoint, close_drafter):  # noqa: F811
     """top_k=1 sampling goes through the drafts' distributions and the acceptance rule yet
-    must give the greedy tokens; a repetition penalty is a processor each position reads."""
+    must give the greedy tokens; a repetition penalty is a processor each position reads; a
+    caller's processor follows one token at a time, so its row drafts nothing."""
     model, processor = load(chat_checkpoint("ple_kv_shared")[0])
     prompts = id_prompts([9, 24], seed=9)
     generator = BatchGenerator(
@@ -161,6 +167,7 @@ def test_sampled_rows_and_logits_processors_use_the_solo_rule(chat_checkpoint, c
     )
     sampled = generator.submit(prompts[0], max_tokens=12, temperature=1.0, top_k=1)
     penalized = generator.submit(prompts[1], max_tokens=12, repetition_penalty=1.5)
+    banned = generator.submit(prompts[1], max_tokens=12, logits_processors=[no_token_7])
     responses = {}
     while not generator.done:
         for response in generator.step():
@@ -174,6 +181,9 @@ def test_sampled_rows_and_logits_processors_use_the_solo_rule(chat_checkpoint, c
     for request_id in (sampled, penalized):
         last = responses[request_id][-1]
         assert 0 < last.accepted_tokens < last.drafted_tokens
+    options = dict(max_tokens=12, logits_processors=[no_token_7])
+    assert [r.token for r in responses[banned]] == solo(model, processor, prompts[1], **options)
+    assert responses[banned][-1].drafted_tokens == 0
 
 
 def test_served_answers_with_a_drafter_equal_undrafted_ones(chat_checkpoint, assistant):  # noqa: F811

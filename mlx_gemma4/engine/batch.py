@@ -81,6 +81,8 @@ class _Request:
     sampled: int = 0  # tokens sampled for it (read or still being computed)
     sampling: SamplingOptions | None = None
     drafting: RowDrafting | None = None  # its part in speculative decoding, once it runs
+    # a constraint or the caller's processors follow one token at a time: nothing is drafted
+    one_at_a_time: bool = False
 
 
 class BatchGenerator:
@@ -273,6 +275,7 @@ class BatchGenerator:
             next_token=prompt_ids[-1],
             kv_bytes=kv_bytes,
             sampling=sampling,
+            one_at_a_time=turn.constraint is not None or bool(logits_processors),
         )
         self._pending.append(request)
         return request.id

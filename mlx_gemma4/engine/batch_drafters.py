@@ -138,7 +138,11 @@ class ModelRows:
 
 
 def make_rows_drafter(draft_model, model, caches: list[BatchKVCache], prefill_step: int):
-    """The batch drafter for `draft_model` (checked against `model` by the caller)."""
+    """The batch drafter for `draft_model` (checked against `model` by the caller); an object
+    that drafts rows already (`join`, `keep_rows`, `propose`, `commit` and `needs_hidden` as
+    `ModelRows` has them) is used as it is."""
+    if hasattr(draft_model, "propose"):
+        return draft_model
     if isinstance(draft_model, AssistantModel):
         return AssistantRows(draft_model, model, caches)
     return ModelRows(draft_model, model, prefill_step)

@@ -2,9 +2,11 @@
 tokens (the drafter runs all rows together), the target checks every row's newest token and
 drafts in one forward over the batch caches, and each row keeps what it accepted.
 
-Rows share the forward's width: a row allowed fewer drafts (near its `max_tokens`, or an
-assistant's row just joined, with no hidden state yet) checks only its own, and its other
-positions are rolled back with its rejected drafts (`BatchKVCache.roll_back`, per row).
+Rows share the forward's width: a row allowed fewer drafts (near its `max_tokens`, an
+assistant's row just joined, with no hidden state yet, or a row with a `json_schema`, a forced
+`tool_choice` or the caller's `logits_processors`, which drafts none) checks only its own,
+and its other positions are rolled back with its rejected drafts (`BatchKVCache.roll_back`,
+per row).
 Each row chooses and checks its tokens with its own `TokenChooser` (the solo rule: greedy
 drafts kept while they equal the target's argmax; sampled ones by the standard acceptance
 rule), so its output is what its solo run gives. Sampled rows draw from MLX's global
@@ -41,7 +43,8 @@ class BatchSpeculator:
     ):
         if num_draft_tokens < 0:
             raise DraftModelError(f"num_draft_tokens must be 0 or more, got {num_draft_tokens}")
-        check_draft_model(model, draft_model)
+        if not hasattr(draft_model, "propose"):  # a row drafter of the caller's own
+            check_draft_model(model, draft_model)
         self.model, self.caches, self.most = model, caches, num_draft_tokens
         self.drafter = make_rows_drafter(draft_model, model, caches, prefill_step)
 
@@ -56,7 +59,10 @@ class BatchSpeculator:
 
     def _allowed(self, request) -> int:
         """Drafts this row may make: none past its last token, none without a hidden state
-        when the drafter needs one."""
+        when the drafter needs one, none under a constraint or the caller's processors (as
+        `stream_generate`: they follow one token at a time)."""
+        if request.one_at_a_time:
+            return 0
         if self.drafter.needs_hidden and request.drafting.hidden is None:
             return 0
         left = request.output.max_tokens - request.output.generated
@@ -121,7 +127,10 @@ class BatchSpeculator:
             i for i, row in enumerate(rows) if row.chooser.greedy and not row.chooser.processors
         ]
         # greedy rows without logits processors: one argmax for all of them
-        chosen = mx.argmax(logits[mx.array(plain)], axis=-1).tolist() if plain else []
+        chosen = []
+        if plain:
+            some = logits if len(plain) == len(rows) else logits[mx.array(plain)]
+            chosen = mx.argmax(some, axis=-1).tolist()
         by_row = dict(zip(plain, chosen, strict=True))
         accepted, tokens = [], []
         for i, (row, n) in enumerate(zip(rows, allowed, strict=True)):
