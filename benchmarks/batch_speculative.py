@@ -10,8 +10,8 @@ Greedy float32, every row a different random prompt. Drafters:
   rollback) at a controlled acceptance rate;
 - the E2B-shaped assistant of benchmarks/speculative.py (random weights: it proposes almost
   nothing the target accepts): the cost of drafting that does not pay.
-The batch drafts a fixed K every step. Every drafted run must reproduce the plain run's
-tokens. The figure: tokens generated over the seconds from the step after every row joined to
+The draft length adapts (`DraftLength`, as for one sequence); "fixed K" rows draft K every
+step (`DraftLength.adaptive = False`). Every drafted run must reproduce the plain run's tokens. The figure: tokens generated over the seconds from the step after every row joined to
 the last; each drafted run follows a plain run and its speed-up is the ratio within that pair
 (median over rounds).
 """
@@ -95,6 +95,7 @@ def main() -> None:
     import mlx.core as mx
 
     from mlx_gemma4 import load, load_model
+    from mlx_gemma4.speculative import DraftLength
 
     model, processor = load(checkpoint_with_tokenizer(args.layers))
     assistant = load_model(e2b_shaped_assistant(), dtype=mx.float32)
@@ -109,8 +110,14 @@ def main() -> None:
         truth_tokens = run(model, processor, prompts, args.decode + args.k + 1)[0]
         truth = {tuple(p): t for p, t in zip(prompts, truth_tokens, strict=True)}
         expected = [t[: args.decode] for t in truth_tokens]
-        drafters = [*((p, f"oracle p={p}") for p in rates), ("assistant", "random assistant")]
-        for drafter, name in drafters:
+        drafters = [
+            *((p, f"oracle p={p}", True) for p in rates),
+            ("assistant", "random assistant", True),
+            (rates[0], f"oracle p={rates[0]}, fixed K", False),
+            ("assistant", "random assistant, fixed K", False),
+        ]
+        for drafter, name, adaptive in drafters:
+            DraftLength.adaptive = adaptive
             ratios, speeds, plain_speeds = [], [], []
             for _ in range(args.rounds):
                 _, plain, _, _ = run(model, processor, prompts, args.decode)

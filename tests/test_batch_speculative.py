@@ -22,6 +22,12 @@ K = 3
 LENGTHS = [3, 30, 1, 12, 21]
 
 
+@pytest.fixture(autouse=True)
+def every_step_drafts(monkeypatch):
+    """Draft K tokens every step, however few the target accepts: the rollback paths run."""
+    monkeypatch.setattr(DraftLength, "adaptive", False)
+
+
 @pytest.fixture
 def short_lags(monkeypatch):
     """Realign rows once one lags three columns behind another: both the per-row writes of
@@ -115,7 +121,6 @@ def test_the_batched_assistant_drafts_what_the_solo_one_drafts(
         solo_rounds.append([d.item() for d in drafts])
         return drafts, distributions
 
-    monkeypatch.setattr(DraftLength, "adaptive", False)
     monkeypatch.setattr(AssistantDrafter, "propose", record_solo)
     expected = []
     for prompt in prompts:
@@ -236,3 +241,23 @@ def test_serve_with_a_drafter_for_another_target_is_one_line_and_exit_1(
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert "hidden size 32" in result.stderr and "target's is 64" in result.stderr
+
+
+def test_the_draft_length_adapts_to_a_drafter_it_keeps_rejecting(
+    chat_checkpoint,
+    assistant,  # noqa: F811
+    monkeypatch,
+):
+    monkeypatch.setattr(DraftLength, "adaptive", True)
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    drafter = load_model(assistant("ple_kv_shared", ordered=True)[0])
+    prompts = id_prompts([3, 30, 12], seed=1)
+    results = batch_generate(
+        model, processor, prompts, max_tokens=24, draft_model=drafter, num_draft_tokens=K
+    )
+    assert [r.tokens for r in results] == [
+        solo(model, processor, p, max_tokens=24) for p in prompts
+    ]
+    drafted = sum(r.drafted_tokens for r in results)
+    # fixed K drafts K a step from each row's second step on: 3 x 22 x 3 here
+    assert 0 < drafted <= sum(r.generation_tokens for r in results) // 2

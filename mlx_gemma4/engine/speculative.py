@@ -9,19 +9,22 @@ and its other positions are rolled back with its rejected drafts (`BatchKVCache.
 per row).
 Each row chooses and checks its tokens with its own `TokenChooser` (the solo rule: greedy
 drafts kept while they equal the target's argmax; sampled ones by the standard acceptance
-rule), so its output is what its solo run gives. Sampled rows draw from MLX's global
+rule), so its output is what its solo run gives. How many tokens the batch drafts adapts as
+one sequence's do (`DraftLength`, fed each step's time and its rows' mean accepted count), so
+a drafter the model keeps rejecting stops costing the batch. Sampled rows draw from MLX's global
 generator: a `seed` does not make them reproducible beside other rows here.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from ..drafters import check_draft_model
 from ..errors import DraftModelError
-from ..speculative import DraftStats, TokenChooser
+from ..speculative import DraftLength, DraftStats, TokenChooser
 from .batch_cache import BatchKVCache
 from .batch_drafters import make_rows_drafter
 
@@ -47,6 +50,7 @@ class BatchSpeculator:
             check_draft_model(model, draft_model)
         self.model, self.caches, self.most = model, caches, num_draft_tokens
         self.drafter = make_rows_drafter(draft_model, model, caches, prefill_step)
+        self.length = DraftLength(num_draft_tokens)
 
     def join(self, request) -> RowDrafting:
         """A request whose prefilled row was just appended: its drafter row and chooser."""
@@ -71,8 +75,10 @@ class BatchSpeculator:
     def step(self, running: list) -> list[list[int]]:
         """One speculative step over the running requests; each one's new tokens (the drafts
         it accepted, then the target's next token)."""
+        began = time.perf_counter()
         rows = [request.drafting for request in running]
-        allowed = [self._allowed(request) for request in running]
+        most = self.length.next()
+        allowed = [min(most, self._allowed(request)) for request in running]
         k = max(allowed)
         newest = mx.array([request.next_token for request in running], dtype=mx.uint32)
         inputs, distributions = newest[:, None], [[] for _ in running]
@@ -97,7 +103,18 @@ class BatchSpeculator:
             row.stats.accepted += a
             if self.drafter.needs_hidden:
                 row.hidden = hidden[i : i + 1, a : a + 1]
+        self._measure(k, allowed, accepted, time.perf_counter() - began)
         return [row_ids[1:] + [t] for row_ids, t in zip(kept, tokens, strict=True)]
+
+    def _measure(self, k: int, allowed: list[int], accepted: list[int], seconds: float) -> None:
+        """Tell the draft length what the step cost and how much of the rows' drafts stayed
+        (rows that drafted fewer than `k` for their own reasons do not count)."""
+        if not k:
+            self.length.update(0, 0, seconds)
+            return
+        full = [a for a, n in zip(accepted, allowed, strict=True) if n == k]
+        if full:
+            self.length.update(k, sum(full) / len(full), seconds)
 
     def _hidden_or_zeros(self, row: RowDrafting) -> mx.array:
         if row.hidden is not None:
