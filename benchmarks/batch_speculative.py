@@ -11,9 +11,10 @@ Greedy float32, every row a different random prompt. Drafters:
 - the E2B-shaped assistant of benchmarks/speculative.py (random weights: it proposes almost
   nothing the target accepts): the cost of drafting that does not pay.
 The draft length adapts (`DraftLength`, as for one sequence); "fixed K" rows draft K every
-step (`DraftLength.adaptive = False`). Every drafted run must reproduce the plain run's tokens. The figure: tokens generated over the seconds from the step after every row joined to
-the last; each drafted run follows a plain run and its speed-up is the ratio within that pair
-(median over rounds).
+step (`DraftLength.adaptive = False`). Every drafted run must reproduce the plain run's
+tokens. The figure: tokens generated over the seconds from the step after every row has its
+first token to the last; each drafted run follows a plain run and its speed-up is the ratio
+within that pair (median over rounds).
 """
 
 from __future__ import annotations
