@@ -77,7 +77,7 @@ def create_app(
             num_draft_tokens=settings.draft_tokens,
         )
 
-    if draft_model is not None:
+    if draft_model is not None and not hasattr(draft_model, "propose"):  # a model
         check_draft_model(model, draft_model)  # before the engine thread starts
         materialize(draft_model)
     driver = EngineDriver(model, make_generator, settings.max_concurrency)
