@@ -76,6 +76,8 @@ def serve(
     ] = 2048,
     dtype: options.Dtype = None,
     adapter: options.Adapter = None,
+    draft_model: options.DraftModel = None,
+    draft_tokens: options.DraftTokens = 4,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
@@ -113,7 +115,18 @@ def serve(
         prefix_cache_bytes=prefix_cache_bytes,
         default_max_tokens=max_tokens,
         media=MediaPolicy(allow_local_paths=local),
+        draft_tokens=draft_tokens,
     )
     loaded, processor = load(model, dtype=dtype, adapter_path=adapter)
+    drafter = None
+    if draft_model is not None:
+        from mlx_gemma4.drafters import load_draft_model
+
+        drafter = load_draft_model(draft_model, loaded, dtype=dtype)
     typer.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    run(create_app(loaded, processor, settings), host, port, log_level=log_level.lower())
+    run(
+        create_app(loaded, processor, settings, draft_model=drafter),
+        host,
+        port,
+        log_level=log_level.lower(),
+    )

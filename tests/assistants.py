@@ -108,3 +108,22 @@ def assisted_greedy(
             **inputs,
         )
     return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="session")
+def close_drafter(chat_checkpoint):
+    """`close_drafter(variant)`: the tiny target itself at 8 bits, a plain draft model the
+    target agrees with often but not always."""
+    from mlx_gemma4 import load_model
+    from mlx_gemma4.quantize import quantize_model
+
+    built = {}
+
+    def get(variant: str):
+        if variant not in built:
+            drafter = load_model(chat_checkpoint(variant)[0])
+            quantize_model(drafter, bits=8, group_size=32)
+            built[variant] = drafter
+        return built[variant]
+
+    return get

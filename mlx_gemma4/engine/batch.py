@@ -37,6 +37,7 @@ from ..turn import LogitsProcessor, TurnOutput, prepare_turn, sampling_options
 from .batch_cache import BatchKVCache
 from .prefix_pool import PrefixCachePool
 from .sampling import RowSampler, sample_rows
+from .speculative import BatchSpeculator, RowDrafting
 
 
 @dataclass
@@ -53,6 +54,9 @@ class BatchResponse:
     reused_tokens: int = 0  # prompt tokens served from the prefix pool
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed by this token
     malformed_tool_call: bool = False  # as `GenerationResponse.malformed_tool_call`
+    # speculative decoding (`draft_model`): the request's tokens drafted and accepted so far
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -75,6 +79,10 @@ class _Request:
     reused_tokens: int = 0
     admitted: bool = False
     sampled: int = 0  # tokens sampled for it (read or still being computed)
+    sampling: SamplingOptions | None = None
+    drafting: RowDrafting | None = None  # its part in speculative decoding, once it runs
+    # a constraint or the caller's processors follow one token at a time: nothing is drafted
+    one_at_a_time: bool = False
 
 
 class BatchGenerator:
@@ -94,6 +102,11 @@ class BatchGenerator:
     A request that does not fit in the budget beside the admitted ones waits, first come first
     served (a smaller later request does not pass a waiting larger one); one that does not fit
     even alone is refused at `submit`.
+
+    `draft_model` (an assistant checkpoint's model, or a smaller Gemma 4 with the target's
+    vocabulary) turns on speculative decoding (`engine.speculative`): every step each row
+    drafts up to `num_draft_tokens` tokens and keeps those the target accepts; responses
+    count each request's drafted and accepted tokens.
     """
 
     def __init__(
@@ -107,6 +120,8 @@ class BatchGenerator:
         kv_value_bits: int | None = None,
         prefix_cache_bytes: int = 0,
         kv_budget_bytes: int | None = None,
+        draft_model=None,
+        num_draft_tokens: int = 4,
     ):
         if kv_budget_bytes is not None and kv_budget_bytes < 1:
             raise BatchRequestError(
@@ -123,6 +138,11 @@ class BatchGenerator:
         self.kv_quantization = KVQuantization.from_bits(kv_bits, kv_key_bits, kv_value_bits)
         self.pool = PrefixCachePool(model, prefix_cache_bytes) if prefix_cache_bytes else None
         self._caches = [BatchKVCache.like(c) for c in model.make_cache(self.kv_quantization)]
+        self.speculator = None
+        if draft_model is not None:
+            self.speculator = BatchSpeculator(
+                model, draft_model, num_draft_tokens, self._caches, prefill_step_size
+            )
         # the tokens the last queued forward samples, one per request in `_queued_rows`, not
         # yet read
         self._queued: mx.array | None = None
@@ -148,10 +168,14 @@ class BatchGenerator:
     def row_kv_bytes(self, positions: int) -> int:
         """The most KV one batch row of up to `positions` positions takes: the memory model's
         per-sequence KV bytes with the batch cache's spare columns added (`BatchKVCache.step`,
-        room a buffer keeps past its newest position)."""
+        room a buffer keeps past its newest position; with a drafter also the drafts and the
+        columns a row may lag behind the others, `BatchKVCache.max_lag`)."""
+        spare = BatchKVCache.step
+        if self.speculator is not None:
+            spare += self.speculator.most + 1 + BatchKVCache.max_lag
         return kv_cache_bytes(
             self.model.config.text_config,
-            positions + BatchKVCache.step,
+            positions + spare,
             dtype=self.model.language_model.norm.weight.dtype,
             kv_quantization=self.kv_quantization,
             prefill_step_size=self.prefill_step_size,
@@ -250,6 +274,8 @@ class BatchGenerator:
             history=mx.array(prompt_ids) if processors else None,
             next_token=prompt_ids[-1],
             kv_bytes=kv_bytes,
+            sampling=sampling,
+            one_at_a_time=turn.constraint is not None or bool(logits_processors),
         )
         self._pending.append(request)
         return request.id
@@ -272,6 +298,8 @@ class BatchGenerator:
         self._prefill()
         if not self._running:
             return []
+        if self.speculator is not None:
+            return self._decode_speculative()
         return self._decode()
 
     # ------------------------------------------------------------------------------ prefill
@@ -323,6 +351,8 @@ class BatchGenerator:
         request.prompt_cache = None  # its caches now live in the batch
         request.inputs = None
         self._running.append(request)
+        if self.speculator is not None:
+            request.drafting = self.speculator.join(request)
 
     # ------------------------------------------------------------------------------ decode
     def _decode(self) -> list[BatchResponse]:
@@ -340,6 +370,19 @@ class BatchGenerator:
             responses.append(response)
             if response.finish_reason is not None:
                 finished.add(request.id)
+        self._retire(finished)
+        return responses
+
+    def _decode_speculative(self) -> list[BatchResponse]:
+        """A speculative step: each request's accepted drafts and next token, up to its end."""
+        responses, finished = [], set()
+        for request, tokens in zip(self._running, self.speculator.step(self._running), strict=True):
+            for token in tokens:
+                response = self._advance(request, token)
+                responses.append(response)
+                if response.finish_reason is not None:
+                    finished.add(request.id)
+                    break
         self._retire(finished)
         return responses
 
@@ -391,6 +434,7 @@ class BatchGenerator:
         """Record a request's new token: its text and calls, and whether it ends the request."""
         request.next_token = token
         piece = request.output.add(token)
+        stats = request.drafting.stats if request.drafting is not None else None
         return BatchResponse(
             request.id,
             token,
@@ -402,6 +446,8 @@ class BatchGenerator:
             request.reused_tokens,
             piece.tool_calls,
             piece.malformed_tool_call,
+            stats.drafted if stats else 0,
+            stats.accepted if stats else 0,
         )
 
     def _retire(self, request_ids: set[int]) -> None:
@@ -412,6 +458,8 @@ class BatchGenerator:
             self._running = [self._running[row] for row in keep]
             for cache in self._caches:
                 cache.keep_rows(keep)
+            if self.speculator is not None:
+                self.speculator.keep_rows(keep)
         queued = [i for i, r in enumerate(self._queued_rows) if r.id not in request_ids]
         if len(queued) < len(self._queued_rows):
             self._queued_rows = [self._queued_rows[i] for i in queued]

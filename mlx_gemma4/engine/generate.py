@@ -25,6 +25,9 @@ class BatchResult:
     generation_tokens: int
     tool_calls: list[ToolCall] = field(default_factory=list)  # the calls, call text left out
     malformed_tool_call: bool = False
+    # speculative decoding (`draft_model`): tokens drafted for this prompt, and accepted
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def batch_generate(
@@ -38,12 +41,15 @@ def batch_generate(
     kv_value_bits: int | None = None,
     kv_budget_bytes: int | None = None,
     prefix_cache_bytes: int = 0,
+    draft_model=None,
+    num_draft_tokens: int = 4,
     progress: bool = False,
     verbose: bool = False,
     **options,
 ) -> list[BatchResult]:
     """Generate for every prompt (text, token ids or chat messages) together; the results in
-    prompt order.
+    prompt order. A `draft_model` drafts up to `num_draft_tokens` tokens per prompt and step
+    (speculative decoding, `BatchGenerator`); each result counts its drafted and accepted ones.
 
     `options` are `BatchGenerator.submit`'s (`max_tokens`, `temperature`, `seed`, `stop`,
     `tools`, `json_schema`, `sampling`, ...), the same for every prompt; a `seed` seeds each
@@ -61,6 +67,8 @@ def batch_generate(
         kv_value_bits=kv_value_bits,
         prefix_cache_bytes=prefix_cache_bytes,
         kv_budget_bytes=kv_budget_bytes,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
     )
     ids = [generator.submit(prompt, **options) for prompt in prompts]
     results = {i: BatchResult("", "", [], None, 0, 0) for i in ids}
@@ -75,6 +83,8 @@ def batch_generate(
                 result.malformed_tool_call |= response.malformed_tool_call
                 result.prompt_tokens = response.prompt_tokens
                 result.generation_tokens = response.generation_tokens
+                result.drafted_tokens = response.drafted_tokens
+                result.accepted_tokens = response.accepted_tokens
                 shown.generated += 1
                 if response.finish_reason is not None:
                     result.finish_reason = response.finish_reason

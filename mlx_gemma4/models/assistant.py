@@ -78,8 +78,9 @@ class AssistantModel(nn.Module):
         self,
         token_embedding: mx.array,
         target_hidden: mx.array,
-        position: int,
+        position: int | mx.array,
         shared_kv: SharedKV,
+        masks: dict[str, mx.array] | None = None,
     ) -> tuple[mx.array, mx.array]:
         """(logits [B, L, vocab], hidden [B, L, backbone width] for the next draft step).
 
@@ -87,13 +88,19 @@ class AssistantModel(nn.Module):
         `target_hidden` the target's final hidden state before it, both [B, L, backbone
         width]; `position` is the newest token's position; `shared_kv` maps each layer kind
         to the keys and values of the target's last layer of that kind, over the positions
-        before `position`.
+        before `position`. A batch of rows gives per-row `position`s [B] and `masks` (layer
+        kind -> [B, 1, 1, keys]) picking each row's keys; without them every key is seen
+        (the last window + 1 on sliding layers).
         """
         text = self.config.text_config
         h = self.pre_projection(mx.concatenate([token_embedding, target_hidden], axis=-1))
-        visible = {kind: self._visible(kind, kv) for kind, kv in shared_kv.items()}
+        if masks is None:
+            visible = {kind: self._visible(kind, kv) for kind, kv in shared_kv.items()}
+        else:
+            visible = shared_kv
         for kind, layer in zip(text.layer_types, self.model.layers, strict=True):
-            h, _ = layer(h, None, None, position, visible[kind], None)
+            mask = None if masks is None else masks[kind]
+            h, _ = layer(h, mask, None, position, visible[kind], None)
         h = self.model.norm(h)
         if self.config.use_ordered_embeddings:
             logits = self.masked_embedding(h, self.model.embed_tokens)

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 
+from ..drafters import check_draft_model
 from ..engine import BatchGenerator
 from ..options import SamplingOptions
 from .completions import (
@@ -24,7 +25,7 @@ from .completions import (
     sampling_options,
     stream,
 )
-from .driver import EngineDriver, Job
+from .driver import EngineDriver, Job, materialize
 from .http import APIError, BodyLimit, RequestLog, api_key_check, install_error_handlers
 from .messages import MIB, MediaPolicy, chat_messages
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -52,11 +53,16 @@ class ServerSettings:
     transcription_max_tokens: int = 448  # per 30 s chunk: fast speech, with room
     max_body_bytes: int = 64 * MIB
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    draft_tokens: int = 4  # with a drafter (`create_app`'s draft_model): most drafts a step
 
 
-def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(
+    model, processor, settings: ServerSettings | None = None, draft_model=None
+) -> FastAPI:
     """The OpenAI-compatible app for a loaded model. Its engine thread starts with the app
-    (the lifespan) and stops with it, ending unfinished streams with an error event."""
+    (the lifespan) and stops with it, ending unfinished streams with an error event.
+    `draft_model` (checked against `model`) drafts for every request: speculative decoding,
+    reported in each answer's usage as accepted and rejected prediction tokens."""
     settings = settings or ServerSettings()
 
     def make_generator() -> BatchGenerator:
@@ -67,8 +73,13 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             kv_bits=settings.kv_bits,
             prefix_cache_bytes=settings.prefix_cache_bytes,
             kv_budget_bytes=settings.kv_budget_bytes,
+            draft_model=draft_model,
+            num_draft_tokens=settings.draft_tokens,
         )
 
+    if draft_model is not None and not hasattr(draft_model, "propose"):  # a model
+        check_draft_model(model, draft_model)  # before the engine thread starts
+        materialize(draft_model)
     driver = EngineDriver(model, make_generator, settings.max_concurrency)
 
     @contextlib.asynccontextmanager

@@ -110,6 +110,8 @@ class Outcome:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     cached_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for the request
+    accepted_tokens: int = 0  # and those the model accepted
 
     def add(self, response) -> dict[str, Any]:
         """Take one engine response; return its chat delta (new text, thought, calls)."""
@@ -118,6 +120,8 @@ class Outcome:
         self.prompt_tokens = response.prompt_tokens
         self.generation_tokens = response.generation_tokens
         self.cached_tokens = response.reused_tokens
+        self.drafted_tokens = response.drafted_tokens
+        self.accepted_tokens = response.accepted_tokens
         delta: dict[str, Any] = {}
         if response.thought:
             delta["reasoning_content"] = response.thought
@@ -133,12 +137,19 @@ class Outcome:
         return delta
 
     def usage(self) -> dict[str, Any]:
-        return {
+        usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.generation_tokens,
             "total_tokens": self.prompt_tokens + self.generation_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.drafted_tokens:
+            # OpenAI's fields for predicted tokens: here the drafts of speculative decoding
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": self.accepted_tokens,
+                "rejected_prediction_tokens": self.drafted_tokens - self.accepted_tokens,
+            }
+        return usage
 
     def chat_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
