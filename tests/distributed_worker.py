@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_gemma4 import load_model
 from mlx_gemma4.collectives import init, lost_ranks_reported
@@ -96,6 +97,12 @@ def media_run(model, kind: str) -> tuple[np.ndarray, list[int]]:
     return _continue(model, cache, logits, STEPS)
 
 
+def media_bytes(model) -> int:
+    """Bytes of the weights that turn media into soft tokens (towers, 12B's embedders)."""
+    media = ("vision_tower", "vision_embedder", "embed_vision", "audio_tower", "embed_audio")
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k.startswith(media))
+
+
 def run_case(case: dict, group) -> dict:
     mx.clear_cache()
     before = mx.get_active_memory()
@@ -106,6 +113,7 @@ def run_case(case: dict, group) -> dict:
     gc.collect()
     resident = mx.get_active_memory() - before
     held = weight_bytes(sharded)
+    media_held = media_bytes(sharded)
     seen = {"text": greedy(sharded)}
     for kind in case.get("media", ()):
         seen[kind] = media_run(sharded, kind)
@@ -114,6 +122,7 @@ def run_case(case: dict, group) -> dict:
     whole = load_model(case["path"])
     result = {
         "weight_bytes": held,
+        "media_bytes": media_held,
         "resident_bytes": resident,
         "whole_bytes": weight_bytes(whole),
     }

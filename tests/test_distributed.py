@@ -111,6 +111,18 @@ def cli_entries(chat_checkpoint, picture: Path, odd_heads: Path) -> list[dict]:
             "stdin": image_turns(picture),
         },
         {
+            "name": "ask-pipeline",
+            "args": [
+                "ask",
+                str(picture),
+                *ASK,
+                "--model",
+                str(multimodal),
+                "--distributed",
+                "pipeline",
+            ],
+        },
+        {
             "name": "odd-heads",
             "args": ["generate", "--model", str(odd_heads), "-p", "hi", "--distributed", "tensor"],
         },
@@ -120,6 +132,7 @@ def cli_entries(chat_checkpoint, picture: Path, odd_heads: Path) -> list[dict]:
 GENERATE = ["-p", "hello there", "-n", "8", "--no-stats"]
 CHAT_TURNS = "hello\nhow are you\n/exit\n"
 IMAGE_CHAT = ["--budget", "70"]
+ASK = ["what is this", "-n", "6", "--budget", "70", "--no-stats"]
 
 
 def image_turns(picture: Path) -> str:
@@ -250,11 +263,12 @@ def test_each_rank_holds_about_half_the_weights(ranks, case):
         # norms, routers and single KV heads are replicated
         assert all(0.45 < share < 0.6 for share in shares), shares
     else:
-        # a pipeline splits whole layers; the KV-shared block stays on one rank, the towers
-        # on rank 0
+        # a pipeline splits whole layers; the KV-shared block stays on one rank
         assert 0.95 < sum(shares) < 1.05 and max(shares) < 0.85, shares
-        if case.startswith(("multimodal", "unified")):
-            assert shares[0] > shares[1], shares
+    if case.startswith(("multimodal", "unified")):
+        media = [ranks[rank]["cases"][case]["media_bytes"] for rank in (0, 1)]
+        # the towers: whole on rank 0 in a pipeline, replicated in tensor mode
+        assert media[0] > 0 and media[1] == (media[0] if case.endswith("tensor") else 0), media
 
 
 def test_sizes_that_do_not_divide_give_one_clear_error(ranks):
@@ -309,6 +323,14 @@ def test_chat_with_an_image_in_a_pipeline_gives_the_single_process_answer(
     alone = gemma4(*args, *IMAGE_CHAT, stdin=image_turns(picture))
     assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
     run = launched(ranks, "chat-image-pipeline")
+    assert (run["exit_code"], run["stdout"]) == (0, alone.stdout), run["stderr"]
+
+
+def test_ask_in_a_pipeline_gives_the_single_process_answer(ranks, chat_checkpoint, gemma4, picture):
+    folder, _ = chat_checkpoint("multimodal")
+    alone = gemma4("ask", picture, *ASK, "--model", folder)
+    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
+    run = launched(ranks, "ask-pipeline")
     assert (run["exit_code"], run["stdout"]) == (0, alone.stdout), run["stderr"]
 
 
@@ -408,6 +430,39 @@ def test_a_stopped_rank_ends_every_rank_after_the_timeout(chat_checkpoint):
     # mlx.launch itself exits 0 whatever its ranks do: it reports a failed one on stderr
     assert "Node with rank 0 exited with code 1" in stderr.decode()
     assert gone(pids[1]) and not ranks_of_session(launch.pid)
+
+
+WATCHED = """
+import sys, time
+from mlx_gemma4.collectives import Watchdog, watched
+
+def slow(n):
+    for i in range(n):
+        time.sleep(0.4)
+        yield i
+
+assert list(watched(slow(5), 1.0)) == list(range(5))  # 2 s in all, a beat every 0.4 s
+with Watchdog(0):
+    time.sleep(1.5)  # 0: no watchdog
+print("beats kept it alive", flush=True)
+with Watchdog(1.0):
+    time.sleep(30)  # no beat: ended after about a second
+print("not reached", flush=True)
+"""
+
+
+def test_the_watchdog_ends_the_process_only_without_progress():
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", WATCHED], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == "beats kept it alive\n"
+    assert run.stderr.splitlines() == [
+        "error: no progress from the other ranks for 1 s (--distributed-timeout): a rank is "
+        "stopped or stuck without closing its connection; ending this rank"
+    ]
+    assert time.monotonic() - started < 25
 
 
 def test_a_hostfile_that_does_not_parse_is_one_line(chat_checkpoint, gemma4, tmp_path):
