@@ -332,6 +332,7 @@ def chat(
     ] = False,
     adapter: options.Adapter = None,
     distributed: parallel.Distributed = None,
+    distributed_timeout: parallel.DistributedTimeout = parallel.DEFAULT_TIMEOUT,
 ) -> None:
     """Chat in the terminal; reads the conversation from stdin when it is not a terminal.
 
@@ -368,10 +369,13 @@ def chat(
     )
     session.use_kv_quantization(flags.kv_quantization)
     session.draft_settings = flags.draft_settings(loaded_model)
+    session._stream_generate = parallel.watching(
+        session._stream_generate, group, distributed_timeout
+    )
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
         typer.echo(f"gemma4 chat: {model}. /help for commands, Ctrl-D to leave.")
-        session.run(parallel.shared_reader(input, group))
+        session.run(parallel.shared_reader(input, group, distributed_timeout))
     else:
-        session.run(parallel.shared_reader(_pipe_reader(), group))
+        session.run(parallel.shared_reader(_pipe_reader(), group, distributed_timeout))

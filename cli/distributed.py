@@ -1,7 +1,8 @@
 """`--distributed tensor|pipeline`: one command run by every rank `mlx.launch` started.
 
 Rank 0 talks to the user; the other ranks follow silently: they get rank 0's prompt and input
-lines, draw the same random numbers, and compute their share of every step.
+lines, draw the same random numbers, and compute their share of every step. A rank that stops
+answering without going away ends every rank after --distributed-timeout seconds.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 import typer
+
+from mlx_gemma4.collectives import DEFAULT_TIMEOUT  # noqa: F401  (the option's default)
 
 Distributed = Annotated[
     str | None,
@@ -23,6 +26,19 @@ Distributed = Annotated[
         "across ranks) or pipeline (a span of layers per rank).",
     ),
 ]
+DistributedTimeout = Annotated[
+    float,
+    typer.Option(
+        "--distributed-timeout",
+        metavar="SECONDS",
+        min=0,
+        help="With --distributed: end every rank when the others make no progress for this "
+        "long while generating (a rank stopped or stuck); 0 waits forever.",
+    ),
+]
+
+
+_silenced: list[tuple[Any, Any]] = []
 
 
 def start(mode: str | None) -> Any:
@@ -38,6 +54,10 @@ def start(mode: str | None) -> Any:
     group = init()
     if group.rank():
         devnull = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+        # the streams replaced stay referenced: dropping the last reference to a text
+        # wrapper closes the buffer beneath it, which its owner (a test runner, a program
+        # running the command in-process) may still read
+        _silenced.append((sys.stdout, sys.stderr))
         sys.stdout = sys.stderr = devnull
     _same_random_numbers(group)
     return group
@@ -62,12 +82,15 @@ def shared_text(text: str | None, group: Any) -> str | None:
     return broadcast_text(text, group)
 
 
-def shared_reader(read_line: Callable[[str], str], group: Any) -> Callable[[str], str]:
+def shared_reader(
+    read_line: Callable[[str], str], group: Any, timeout: float | None = None
+) -> Callable[[str], str]:
     """Rank 0 reads lines with `read_line` and sends each (or the end of input) to the
-    others, whose reader returns the same lines."""
+    others, whose reader returns the same lines. Sending is watched (`timeout` seconds);
+    waiting for the user, on rank 0 or behind it, is not."""
     if group is None:
         return read_line
-    from mlx_gemma4.collectives import broadcast_int, broadcast_text
+    from mlx_gemma4.collectives import Watchdog, broadcast_int, broadcast_text
 
     def read(prompt: str) -> str:
         line, ended = None, 0
@@ -76,11 +99,32 @@ def shared_reader(read_line: Callable[[str], str], group: Any) -> Callable[[str]
                 line = read_line(prompt)
             except EOFError:
                 ended = 1
-        if broadcast_int(ended, group):
-            raise EOFError
-        return broadcast_text(line, group)
+        with Watchdog(timeout if group.rank() == 0 else None):
+            if broadcast_int(ended, group):
+                raise EOFError
+            return broadcast_text(line, group)
 
     return read
+
+
+def watched(responses: Iterable, group: Any, timeout: float | None) -> Iterable:
+    """A generation's responses, watched for a rank that stops answering (`timeout`
+    seconds without progress ends this rank); unchanged when not distributed."""
+    if group is None:
+        return responses
+    from mlx_gemma4.collectives import watched as watch
+
+    return watch(responses, timeout)
+
+
+def watching(stream_generate: Callable[..., Iterable], group: Any, timeout: float | None):
+    """`stream_generate` whose responses are `watched`."""
+
+    @functools.wraps(stream_generate)
+    def run(*args, **kwargs):
+        return watched(stream_generate(*args, **kwargs), group, timeout)
+
+    return run
 
 
 def reports_lost_ranks(command: Callable) -> Callable:

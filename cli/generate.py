@@ -71,6 +71,7 @@ def generate(
     json_schema: JsonSchema = None,
     adapter: options.Adapter = None,
     distributed: parallel.Distributed = None,
+    distributed_timeout: parallel.DistributedTimeout = parallel.DEFAULT_TIMEOUT,
 ) -> None:
     """Stream one answer to PROMPT (wrapped as a user turn unless --raw). With --tools, the
     calls the model makes follow the answer on stdout, one JSON line each
@@ -112,4 +113,4 @@ def generate(
         prompt_cache=PromptCache(loaded_model, flags.kv_quantization),
         **draft,
     )
-    options.print_answer(responses, flags.stats)
+    options.print_answer(parallel.watched(responses, group, distributed_timeout), flags.stats)

@@ -1,18 +1,26 @@
 """A group's collectives as this package uses them: in one order on every rank, broadcasts
-from rank 0 (prompts, input lines, seeds), the group's start and a lost peer's error."""
+from rank 0 (prompts, input lines, seeds), the group's start, a lost peer's error and a
+watchdog for a peer that stops answering without going away."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from typing import Any
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
 from .errors import DistributedError
 
 Group = Any  # mx.distributed.Group (not subscriptable as a type)
+T = TypeVar("T")
+
+# seconds a rank waits for the others in a step before it gives up (`Watchdog`)
+DEFAULT_TIMEOUT = 120.0
 
 
 class Collectives:
@@ -35,6 +43,7 @@ class Collectives:
     def _done(self, out: mx.array) -> mx.array:
         # a one-element array computed from `out` marks it, without keeping its buffer alive
         self._last = out.reshape(-1)[:1].sum()
+        Watchdog.progress()  # a new collective: the ones before it have been waited for
         return out
 
     def all_sum(self, x: mx.array) -> mx.array:
@@ -105,3 +114,76 @@ def lost_ranks_reported() -> Iterator[None]:
                 f"another rank stopped or became unreachable ({e}); see its output above"
             ) from e
         raise
+
+
+class Watchdog:
+    """While entered, ends this process when the group stops making progress: one line on
+    stderr ("error: ...") and exit status 1 once `seconds` pass without a `beat()`.
+
+    A peer that dies closes its connections, and the next collective fails
+    (`lost_ranks_reported`); a peer that is stopped (SIGSTOP) or stuck keeps them open, and a
+    collective waits for it forever, inside MLX, where no exception can reach it: a thread
+    of its own does the timing. Enter it around work the peers should answer promptly (a
+    generation step, sending an input line), never around a wait for a user or a client:
+    every `Collectives` operation built and every `watched` item counts as a beat. With
+    `seconds` None or 0 it does nothing. On `mlx.launch`, the exit makes the launcher
+    terminate the other ranks (a stopped one when it is continued).
+    """
+
+    _entered: list[Watchdog] = []  # innermost last
+
+    def __init__(
+        self, seconds: float | None = DEFAULT_TIMEOUT, option: str = "--distributed-timeout"
+    ):
+        self.seconds = seconds or 0.0
+        self.option = option
+        self._deadline = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        self._deadline = time.monotonic() + self.seconds
+
+    @classmethod
+    def progress(cls) -> None:
+        """A beat for every watchdog entered (none: nothing)."""
+        for dog in cls._entered:
+            dog.beat()
+
+    def __enter__(self) -> Watchdog:
+        if self.seconds > 0:
+            self.beat()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
+            self._thread.start()
+            Watchdog._entered.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            Watchdog._entered.remove(self)
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.seconds / 4)):
+            if time.monotonic() > self._deadline:
+                self._give_up()
+
+    def _give_up(self) -> None:
+        sys.stderr.write(
+            f"error: no progress from the other ranks for {self.seconds:g} s ({self.option}): "
+            "a rank is stopped or stuck without closing its connection; ending this rank\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)  # the main thread waits inside a collective: nothing else can end it
+
+
+def watched(items: Iterable[T], seconds: float | None = DEFAULT_TIMEOUT) -> Iterator[T]:
+    """`items` (a generation's responses), each one a beat of a `Watchdog(seconds)` that
+    watches the whole iteration."""
+    with Watchdog(seconds) as dog:
+        for item in items:
+            dog.beat()
+            yield item

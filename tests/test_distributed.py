@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,9 +89,72 @@ def build_with(folder: Path, variant: str, **overrides) -> Path:
     return folder
 
 
+def cli_entries(chat_checkpoint, picture: Path, odd_heads: Path) -> list[dict]:
+    """The `gemma4` commands the launch runs, each on every rank: {name, args, stdin}."""
+    moe, _ = chat_checkpoint("moe_k_eq_v")
+    ple, _ = chat_checkpoint("ple_kv_shared")
+    multimodal, _ = chat_checkpoint("multimodal")
+    chat = ["chat", "--max-tokens", "6", "--temp", "0", "--no-stats"]
+    return [
+        {
+            "name": "generate-tensor",
+            "args": ["generate", "--model", str(moe), *GENERATE, "--distributed", "tensor"],
+        },
+        {
+            "name": "chat-pipeline",
+            "args": [*chat, "--model", str(ple), "--distributed", "pipeline"],
+            "stdin": CHAT_TURNS,
+        },
+        {
+            "name": "chat-image-pipeline",
+            "args": [*chat, *IMAGE_CHAT, "--model", str(multimodal), "--distributed", "pipeline"],
+            "stdin": image_turns(picture),
+        },
+        {
+            "name": "ask-pipeline",
+            "args": [
+                "ask",
+                str(picture),
+                *ASK,
+                "--model",
+                str(multimodal),
+                "--distributed",
+                "pipeline",
+            ],
+        },
+        {
+            "name": "odd-heads",
+            "args": ["generate", "--model", str(odd_heads), "-p", "hi", "--distributed", "tensor"],
+        },
+    ]
+
+
+GENERATE = ["-p", "hello there", "-n", "8", "--no-stats"]
+CHAT_TURNS = "hello\nhow are you\n/exit\n"
+IMAGE_CHAT = ["--budget", "70"]
+ASK = ["what is this", "-n", "6", "--budget", "70", "--no-stats"]
+
+
+def image_turns(picture: Path) -> str:
+    return f"/image {picture}\nwhat is this\nand the colours?\n/exit\n"
+
+
 @pytest.fixture(scope="module")
-def ranks(tiny, tmp_path_factory):
-    """What each of the two ranks saw: {rank: results}."""
+def picture(tmp_path_factory) -> Path:
+    from conftest import random_image
+
+    path = tmp_path_factory.mktemp("picture") / "picture.png"
+    random_image(96, 64).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny, chat_checkpoint, picture, tmp_path_factory):
+    """What each of the two ranks saw: {rank: results}. One launch runs every case (model
+    checks, refusals, `gemma4` commands, a lost rank): starting two ranks costs more than
+    all the checks they run."""
+    from unified_checkpoints import tiny_unified
+
     root = tmp_path_factory.mktemp("distributed")
     cases = [
         {"name": f"{variant}-{mode}", "path": str(tiny(variant)[0]), "mode": mode}
@@ -97,8 +162,10 @@ def ranks(tiny, tmp_path_factory):
         for mode in MODES
     ]
     multimodal = str(tiny("multimodal")[0])
+    unified = str(tiny_unified(tmp_path_factory)[0])
     cases += [
-        {"name": f"multimodal-{mode}", "path": multimodal, "mode": mode, "image": True}
+        {"name": f"{name}-{mode}", "path": path, "mode": mode, "media": list(MEDIA)}
+        for name, path in (("multimodal", multimodal), ("unified", unified))
         for mode in MODES
     ]
     # 4-bit, with inner widths whose quantization groups split in two
@@ -110,20 +177,25 @@ def ranks(tiny, tmp_path_factory):
     cases.append(
         {"name": "experts-across", "path": str(tiny("moe_k_eq_v")[0]), "experts": "across"}
     )
-    bad = [
-        {
-            "name": "odd-heads",
-            "path": str(build_with(root / "three-heads", "dense", num_attention_heads=3)),
-            "mode": "tensor",
-        },
-    ]
+    odd_heads = build_with(root / "three-heads", "dense", num_attention_heads=3)
+    bad = [{"name": "odd-heads", "path": str(odd_heads), "mode": "tensor"}]
     # the MLP's 96 inputs are 3 groups of 32: they cannot split in two, so the MLP stays whole
     dense_4bit = build_quantized(tiny("dense")[0], root / "dense-4bit", 32)
     cases.append({"name": "4bit-whole-mlp", "path": str(dense_4bit), "mode": "tensor"})
     out = root / "out"
     out.mkdir()
     spec = root / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "bad": bad, "out": str(out), "lose_rank_1": True}))
+    spec.write_text(
+        json.dumps(
+            {
+                "cases": cases,
+                "bad": bad,
+                "cli": cli_entries(chat_checkpoint, picture, odd_heads),
+                "out": str(out),
+                "lose_rank_1": True,
+            }
+        )
+    )
     worker = Path(__file__).with_name("distributed_worker.py")
     run = run_launch(launch_command(str(worker), str(spec)), cwd=Path(__file__).parent)
     results = {}
@@ -134,13 +206,19 @@ def ranks(tiny, tmp_path_factory):
     return results
 
 
+MEDIA = ("image", "video", "audio")
 CASES = [f"{variant}-{mode}" for variant in VARIANTS for mode in MODES] + [
     "4bit-tensor",
     "4bit-pipeline",
     "experts-across",
     "4bit-whole-mlp",
-    "multimodal-tensor",
-    "multimodal-pipeline",
+    *(f"{name}-{mode}" for name in ("multimodal", "unified") for mode in MODES),
+]
+MEDIA_CASES = [
+    f"{name}-{mode}-{kind}"
+    for name in ("multimodal", "unified")
+    for mode in MODES
+    for kind in MEDIA
 ]
 
 
@@ -148,13 +226,24 @@ CASES = [f"{variant}-{mode}" for variant in VARIANTS for mode in MODES] + [
 def test_sharded_logits_equal_whole_model(ranks, case):
     for rank in (0, 1):
         assert ranks[rank]["size"] == 2
-        assert ranks[rank]["cases"][case]["max_error"] < 1e-4, (rank, case)
+        assert ranks[rank]["cases"][case]["text"]["max_error"] < 1e-4, (rank, case)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_equal(ranks, case):
     for rank in (0, 1):
-        seen = ranks[rank]["cases"][case]
+        seen = ranks[rank]["cases"][case]["text"]
+        assert seen["tokens"] == seen["reference_tokens"], (rank, case)
+
+
+@pytest.mark.parametrize("case", MEDIA_CASES)
+def test_media_prompts_equal_the_whole_model(ranks, case):
+    """An image, video or audio prompt, in both modes: in a pipeline rank 0 alone holds the
+    towers (or 12B's embedders) and sends the soft tokens."""
+    name, kind = case.rsplit("-", 1)
+    for rank in (0, 1):
+        seen = ranks[rank]["cases"][name][kind]
+        assert seen["max_error"] < 1e-4, (rank, case, seen["max_error"])
         assert seen["tokens"] == seen["reference_tokens"], (rank, case)
 
 
@@ -167,8 +256,8 @@ def test_each_rank_holds_about_half_the_weights(ranks, case):
         # what MLX holds after loading is what the weights take: no whole tensor stays behind
         assert seen["resident_bytes"] <= seen["weight_bytes"] * 1.05 + 64 * 1024, (rank, case)
         shares.append(share)
-    if case in ("4bit-whole-mlp", "multimodal-tensor"):
-        # an MLP that stays whole, or the towers, replicated on both ranks
+    if case in ("4bit-whole-mlp", "multimodal-tensor", "unified-tensor"):
+        # an MLP that stays whole, or the towers (12B's embedders), replicated on both ranks
         assert all(0.6 < share < 0.9 for share in shares), shares
     elif case.endswith("tensor") or case == "experts-across":
         # norms, routers and single KV heads are replicated
@@ -176,17 +265,10 @@ def test_each_rank_holds_about_half_the_weights(ranks, case):
     else:
         # a pipeline splits whole layers; the KV-shared block stays on one rank
         assert 0.95 < sum(shares) < 1.05 and max(shares) < 0.85, shares
-
-
-def test_images_in_tensor_mode_equal_the_whole_model(ranks):
-    for rank in (0, 1):
-        assert ranks[rank]["cases"]["multimodal-tensor"]["image_error"] < 1e-4
-
-
-def test_pipeline_refuses_media_on_every_rank_alike(ranks):
-    for rank in (0, 1):
-        refused = ranks[rank]["cases"]["multimodal-pipeline"]["image_refused"]
-        assert refused == "media input is not supported with --distributed pipeline yet; use tensor"
+    if case.startswith(("multimodal", "unified")):
+        media = [ranks[rank]["cases"][case]["media_bytes"] for rank in (0, 1)]
+        # the towers: whole on rank 0 in a pipeline, replicated in tensor mode
+        assert media[0] > 0 and media[1] == (media[0] if case.endswith("tensor") else 0), media
 
 
 def test_sizes_that_do_not_divide_give_one_clear_error(ranks):
@@ -205,41 +287,182 @@ def test_a_lost_rank_is_one_clear_error(ranks):
 # --------------------------------------------------------------------------- the command line
 
 
-def launch_gemma4(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    """`mlx.launch -n 2 --backend ring -- gemma4 ARGS`."""
-    return run_launch(launch_command("-m", "mlx_gemma4.cli", *map(str, args)), stdin)
+def launched(ranks, name: str) -> dict:
+    """Rank 0's result of the `gemma4` command `name`; the followers printed nothing."""
+    for rank in (0, 1):
+        seen = ranks[rank]["cli"][name]
+        assert "exception" not in seen, (rank, seen)
+    follower = ranks[1]["cli"][name]
+    assert follower["stdout"] == follower["stderr"] == "", follower
+    return ranks[0]["cli"][name]
 
 
-def test_generate_distributed_prints_the_single_process_answer_once(chat_checkpoint, gemma4):
+def test_generate_distributed_prints_the_single_process_answer_once(ranks, chat_checkpoint, gemma4):
     folder, _ = chat_checkpoint("moe_k_eq_v")
-    args = ["generate", "--model", folder, "-p", "hello there", "-n", "8", "--no-stats"]
-    alone = gemma4(*args)
+    alone = gemma4("generate", "--model", folder, *GENERATE)
     assert alone.returncode == 0, alone.stderr
-    run = launch_gemma4(*args, "--distributed", "tensor")
-    assert run.stdout == alone.stdout, run.stderr  # rank 0 only: the answer appears once
+    run = launched(ranks, "generate-tensor")
+    assert (run["exit_code"], run["stdout"]) == (0, alone.stdout), run["stderr"]
 
 
-def test_chat_distributed_follows_rank_0(chat_checkpoint):
-    from conftest import run_chat
-
+def test_chat_distributed_follows_rank_0(ranks, chat_checkpoint, gemma4):
     folder, _ = chat_checkpoint("ple_kv_shared")
-    turns = "hello\nhow are you\n/exit\n"  # mlx.launch never closes the ranks' stdin
-    alone = run_chat(folder, turns, "--no-stats")
-    assert alone.returncode == 0, alone.stderr
     args = ["chat", "--model", folder, "--max-tokens", "6", "--temp", "0", "--no-stats"]
-    run = launch_gemma4(*args, "--distributed", "pipeline", stdin=turns)
-    assert run.stdout == alone.stdout, run.stderr
+    alone = gemma4(*args, stdin=CHAT_TURNS)
+    assert alone.returncode == 0, alone.stderr
+    run = launched(ranks, "chat-pipeline")
+    assert (run["exit_code"], run["stdout"]) == (0, alone.stdout), run["stderr"]
 
 
-def test_group_size_that_does_not_divide_is_one_line_from_rank_0(tmp_path):
-    folder = build_with(tmp_path / "three-heads", "dense", num_attention_heads=3)
-    run = launch_gemma4("generate", "--model", folder, "-p", "hi", "--distributed", "tensor")
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [
+def test_chat_with_an_image_in_a_pipeline_gives_the_single_process_answer(
+    ranks, chat_checkpoint, gemma4, picture
+):
+    """Rank 0 holds the vision tower; each rank reads the image path it is sent."""
+    folder, _ = chat_checkpoint("multimodal")
+    args = ["chat", "--model", folder, "--max-tokens", "6", "--temp", "0", "--no-stats"]
+    alone = gemma4(*args, *IMAGE_CHAT, stdin=image_turns(picture))
+    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
+    run = launched(ranks, "chat-image-pipeline")
+    assert (run["exit_code"], run["stdout"]) == (0, alone.stdout), run["stderr"]
+
+
+def test_ask_in_a_pipeline_gives_the_single_process_answer(ranks, chat_checkpoint, gemma4, picture):
+    folder, _ = chat_checkpoint("multimodal")
+    alone = gemma4("ask", picture, *ASK, "--model", folder)
+    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
+    run = launched(ranks, "ask-pipeline")
+    assert (run["exit_code"], run["stdout"]) == (0, alone.stdout), run["stderr"]
+
+
+def test_group_size_that_does_not_divide_is_one_line_from_rank_0(ranks):
+    run = launched(ranks, "odd-heads")
+    assert run["exit_code"] == 1
+    assert run["stderr"].splitlines() == [
         "error: 3 attention heads cannot be split across 2 ranks; use a group size that "
         "divides them, or --distributed pipeline"
-    ], run.stderr
-    assert "Traceback" not in run.stderr
+    ], run["stderr"]
+
+
+def ranks_of_session(session: int) -> dict[int, int]:
+    """{rank: pid} of the processes `mlx.launch` (leader of `session`) started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        for item in environ:
+            if item.startswith(b"MLX_RANK="):
+                found[int(item.split(b"=")[1])] = int(entry.name)
+    return found
+
+
+def read_until(stream, text: str, seconds: float) -> str:
+    """What `stream` (a pipe) gives until `text` appears, at most `seconds` long."""
+    seen, end = "", time.monotonic() + seconds
+    while text not in seen and time.monotonic() < end:
+        ready, _, _ = select.select([stream], [], [], 1.0)
+        if ready:
+            chunk = os.read(stream.fileno(), 4096).decode()
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"  # ended, not yet reaped
+
+
+def test_a_stopped_rank_ends_every_rank_after_the_timeout(chat_checkpoint):
+    """A rank that stops (SIGSTOP) keeps its connections open: rank 0 gives up after
+    --distributed-timeout with one line and exit status 1, and mlx.launch then ends the
+    others (a stopped rank as soon as it is continued: only SIGKILL reaches it before)."""
+    folder, _ = chat_checkpoint("dense")
+    args = ["chat", "--model", folder, "--max-tokens", "4", "--temp", "0", "--no-stats"]
+    command = launch_command(
+        "-m", "mlx_gemma4.cli", *map(str, args), "--distributed", "pipeline",
+        "--distributed-timeout", "3",
+    )  # fmt: skip
+    launch = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        launch.stdin.write(b"hello\n")
+        launch.stdin.flush()
+        first = read_until(launch.stdout, "\n", TIMEOUT)
+        assert first.strip(), "the first turn gave no answer"
+        pids = ranks_of_session(launch.pid)
+        assert sorted(pids) == [0, 1], pids
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        launch.stdin.write(b"and again\n")  # rank 0 sends it, and waits for rank 1
+        launch.stdin.flush()
+        while not gone(pids[0]) and time.monotonic() - stopped_at < 120:
+            time.sleep(0.2)
+        waited = time.monotonic() - stopped_at
+        assert gone(pids[0]), "rank 0 still waits for the stopped rank"
+        os.kill(pids[1], signal.SIGCONT)  # the launcher's SIGTERM, pending, now ends it
+        _, stderr = launch.communicate(timeout=60)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.communicate()
+    errors = [line for line in stderr.decode().splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: no progress from the other ranks for 3 s (--distributed-timeout): a rank is "
+        "stopped or stuck without closing its connection; ending this rank"
+    ], stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert 3 <= waited < 60, waited
+    # mlx.launch itself exits 0 whatever its ranks do: it reports a failed one on stderr
+    assert "Node with rank 0 exited with code 1" in stderr.decode()
+    assert gone(pids[1]) and not ranks_of_session(launch.pid)
+
+
+WATCHED = """
+import sys, time
+from mlx_gemma4.collectives import Watchdog, watched
+
+def slow(n):
+    for i in range(n):
+        time.sleep(0.4)
+        yield i
+
+assert list(watched(slow(5), 1.0)) == list(range(5))  # 2 s in all, a beat every 0.4 s
+with Watchdog(0):
+    time.sleep(1.5)  # 0: no watchdog
+print("beats kept it alive", flush=True)
+with Watchdog(1.0):
+    time.sleep(30)  # no beat: ended after about a second
+print("not reached", flush=True)
+"""
+
+
+def test_the_watchdog_ends_the_process_only_without_progress():
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", WATCHED], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == "beats kept it alive\n"
+    assert run.stderr.splitlines() == [
+        "error: no progress from the other ranks for 1 s (--distributed-timeout): a rank is "
+        "stopped or stuck without closing its connection; ending this rank"
+    ]
+    assert time.monotonic() - started < 25
 
 
 def test_a_hostfile_that_does_not_parse_is_one_line(chat_checkpoint, gemma4, tmp_path):

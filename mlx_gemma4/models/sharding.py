@@ -12,8 +12,9 @@ is replicated, each rank keeping the one its query heads read.
 loop; a layer held elsewhere passes the hidden state through (keeping its cache's position
 bookkeeping), and where the span changes hands the owner's hidden state is broadcast. KV-shared
 layers and the layers they read stay on one rank, so no keys or values cross the wire. The
-vocabulary tables are cut by rows as in `shard`; the towers' weights stay on rank 0 (media
-input is refused in pipeline mode for now).
+vocabulary tables are cut by rows as in `shard`; the towers' weights stay on rank 0, which
+encodes every image, video frame and audio clip and broadcasts the soft tokens (their count
+first, so every rank knows the shape before the data arrive).
 
 Both run on any backend `mx.distributed.init` gives (ring over TCP, JACCL over Thunderbolt,
 MPI). Quantized weights are cut as stored, without dequantizing.
@@ -378,21 +379,46 @@ class StageLayer(nn.Module):
         return h, kv
 
 
-class PipelineTower(nn.Module):
-    """A modality tower in a pipeline: its weights stay on rank 0 (`tower`), absent elsewhere.
-
-    Media input is refused on every rank alike, before any collective, so the ranks stay in
-    step: the other ranks would need rank 0's soft tokens, which are not sent yet."""
-
-    def __init__(self, tower: nn.Module | None):
-        super().__init__()
-        if tower is not None:
-            self.tower = tower
+class AbsentTower(nn.Module):
+    """Where a modality tower (or embedder) sits on the ranks after 0 in a pipeline: its
+    weights stay on rank 0, which computes the soft tokens and sends them (`SoftTokensFromRank0`);
+    the name stays, so every rank reads placeholders and takes media alike."""
 
     def __call__(self, *args, **kwargs):
-        raise DistributedError(
-            "media input is not supported with --distributed pipeline yet; use tensor"
+        raise DistributedError("the modality towers run on rank 0 only in a pipeline")
+
+
+class SoftTokensFromRank0:
+    """A pipeline model's `vision_features` / `audio_features`: rank 0 runs the tower, then
+    sends the soft tokens' count and the soft tokens themselves; the other ranks, which hold
+    no tower, take both. Every rank calls it for the same media (the same prompt), so the two
+    broadcasts pair up; a count of -1 says rank 0 refused the input, and every rank raises."""
+
+    def __init__(self, encode: Callable[..., mx.array], comm: Collectives, hidden: int):
+        self.encode, self.comm, self.hidden = encode, comm, hidden
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        features, failure = None, None
+        if self.comm.rank == 0:
+            try:
+                features = self.encode(*args, **kwargs)
+            except Exception as e:  # told to the other ranks first, then raised
+                failure = e
+        count = -1 if features is None else features.shape[0]
+        count = int(self.comm.broadcast(mx.array(count, dtype=mx.int32), 0).item())
+        if count < 0:
+            if failure is not None:
+                raise failure
+            raise DistributedError("rank 0 could not encode the media input; see its error")
+        # float32 on the wire: exact for bfloat16 and float16 soft tokens alike
+        local = (
+            features.astype(mx.float32)
+            if features is not None
+            else mx.zeros((count, self.hidden), dtype=mx.float32)
         )
+        out = self.comm.broadcast(local, 0)
+        mx.eval(out)
+        return out if features is None else out.astype(features.dtype)
 
 
 def _pipeline_caches(text: TextModel, owned: list[bool]) -> Callable[..., list[Any]]:
@@ -435,12 +461,26 @@ def pipeline(model: nn.Module, group: Group, split: Sequence[int] | None = None)
             caches,
         )
     text.make_cache = _pipeline_caches(text, [o == rank for o in owner])
-    for tower in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
-        if tower in model:
-            model[tower] = PipelineTower(None if rank else model[tower])
+    _towers_on_rank_0(model, comm)
     _vocab_parallel(model, comm)
     _materialize(model)
     return model
+
+
+# the modules that turn media into soft tokens: the towers (or 12B's embedders) and projections
+_MEDIA_MODULES = ("vision_tower", "vision_embedder", "embed_vision", "audio_tower", "embed_audio")
+
+
+def _towers_on_rank_0(model: nn.Module, comm: Collectives) -> None:
+    """Keep the media modules on rank 0 only; every rank's media calls go through rank 0."""
+    if comm.rank:
+        for name in _MEDIA_MODULES:
+            if name in model:
+                model[name] = AbsentTower()
+    hidden = model.language_model.config.hidden_size
+    for method in ("vision_features", "audio_features"):
+        # an instance attribute, as `make_cache` above: the class's method stays the encoder
+        setattr(model, method, SoftTokensFromRank0(getattr(model, method), comm, hidden))
 
 
 # ----------------------------------------------------------------------------- entry points
