@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 
 from mlx_gemma4.errors import Gemma4Error
 
+from . import distributed as parallel
 from . import options
 
 
@@ -33,6 +35,7 @@ def _check_port(host: str, port: int) -> None:
             raise Gemma4Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+@parallel.reports_lost_ranks
 def serve(
     model: options.Model = options.DEFAULT_MODEL,
     host: Annotated[
@@ -79,16 +82,22 @@ def serve(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    distributed: parallel.Distributed = None,
 ) -> None:
-    """Serve the model over OpenAI's API (chat, completions, transcriptions) and a chat page."""
+    """Serve the model over OpenAI's API (chat, completions, transcriptions) and a chat page.
+    Under mlx.launch, --distributed splits the model across the ranks: rank 0 serves, the
+    others follow its engine."""
     from mlx_gemma4.kv_quant import KVQuantization
 
     KVQuantization.from_bits(kv_bits, None, None)  # bad bits fail before the model loads
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise Gemma4Error(f"--log-level: {log_level!r} is not debug, info, warning or error")
-    _check_port(host, port)
+    group = parallel.start(distributed)
+    leader = group is None or group.rank() == 0
+    if leader:
+        _check_port(host, port)
     try:
-        from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app
+        from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app, follow
         from mlx_gemma4.server import serve as run
     except ImportError as e:
         raise Gemma4Error(
@@ -114,6 +123,17 @@ def serve(
         default_max_tokens=max_tokens,
         media=MediaPolicy(allow_local_paths=local),
     )
-    loaded, processor = load(model, dtype=dtype, adapter_path=adapter)
-    typer.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    run(create_app(loaded, processor, settings), host, port, log_level=log_level.lower())
+    loaded, processor = load(
+        model, dtype=dtype, adapter_path=adapter, **parallel.load_options(group, distributed)
+    )
+    try:
+        if not leader:
+            follow(loaded, processor, settings, group)
+            return
+        typer.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+        app = create_app(loaded, processor, settings, group=group)
+        run(app, host, port, log_level=log_level.lower())
+    finally:
+        # The interpreter's last collection walks every object the model, tokenizer and web
+        # stack made (hundreds of thousands) and takes seconds; the process is ending anyway.
+        gc.freeze()
