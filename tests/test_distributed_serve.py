@@ -133,7 +133,8 @@ def library(checkpoint):
     model, processor = load(checkpoint)
 
     def answer(messages, **options) -> str:
-        pieces = stream_generate(model, processor, messages, temperature=0.0, **options)
+        options.setdefault("temperature", 0.0)
+        pieces = stream_generate(model, processor, messages, **options)
         return "".join(piece.text for piece in pieces)
 
     return answer
@@ -156,9 +157,8 @@ def pipeline(checkpoint, tmp_path_factory):
 
 
 def chat(launched: Launch, messages, **options) -> str:
-    answer = launched.client.chat.completions.create(
-        model="tiny", messages=messages, temperature=0, **options
-    )
+    options.setdefault("temperature", 0)
+    answer = launched.client.chat.completions.create(model="tiny", messages=messages, **options)
     return answer.choices[0].message.content
 
 
@@ -204,6 +204,10 @@ def test_tensor_answers_equal_the_library(tensor, library):
     expected = library(HELLO, max_tokens=8)
     assert chat(tensor, HELLO, max_tokens=8) == expected
     assert streamed(tensor, HELLO, max_tokens=8) == expected
+    # sampled: every rank draws the same tokens (a follower that drew others would feed the
+    # split embedding other rows, and rank 0's answer would differ from the library's)
+    sampled = dict(max_tokens=8, temperature=1.5, seed=5)
+    assert chat(tensor, HELLO, **sampled) == library(HELLO, **sampled)
 
 
 def test_tensor_serves_two_requests_at_once(tensor, library):
