@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 
 from mlx_gemma4.errors import Gemma4Error
 
+from . import distributed as parallel
 from . import options
 
 
@@ -33,6 +35,7 @@ def _check_port(host: str, port: int) -> None:
             raise Gemma4Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+@parallel.reports_lost_ranks
 def serve(
     model: options.Model = options.DEFAULT_MODEL,
     host: Annotated[
@@ -81,16 +84,26 @@ def serve(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    distributed: parallel.Distributed = None,
 ) -> None:
-    """Serve the model over OpenAI's API (chat, completions, transcriptions) and a chat page."""
+    """Serve the model over OpenAI's API (chat, completions, transcriptions) and a chat page.
+    Under mlx.launch, --distributed splits the model across the ranks: rank 0 serves, the
+    others follow its engine."""
     from mlx_gemma4.kv_quant import KVQuantization
 
     KVQuantization.from_bits(kv_bits, None, None)  # bad bits fail before the model loads
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise Gemma4Error(f"--log-level: {log_level!r} is not debug, info, warning or error")
-    _check_port(host, port)
+    if distributed is not None and draft_model is not None:
+        raise Gemma4Error(
+            "--draft-model: drafting is not supported with --distributed yet; drop one of them"
+        )
+    group = parallel.start(distributed)
+    leader = group is None or group.rank() == 0
+    if leader:
+        _check_port(host, port)
     try:
-        from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app
+        from mlx_gemma4.server import MediaPolicy, ServerSettings, create_app, follow
         from mlx_gemma4.server import serve as run
     except ImportError as e:
         raise Gemma4Error(
@@ -117,16 +130,22 @@ def serve(
         media=MediaPolicy(allow_local_paths=local),
         draft_tokens=draft_tokens,
     )
-    loaded, processor = load(model, dtype=dtype, adapter_path=adapter)
+    loaded, processor = load(
+        model, dtype=dtype, adapter_path=adapter, **parallel.load_options(group, distributed)
+    )
     drafter = None
     if draft_model is not None:
         from mlx_gemma4.drafters import load_draft_model
 
         drafter = load_draft_model(draft_model, loaded, dtype=dtype)
-    typer.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    run(
-        create_app(loaded, processor, settings, draft_model=drafter),
-        host,
-        port,
-        log_level=log_level.lower(),
-    )
+    try:
+        if not leader:
+            follow(loaded, processor, settings, group)
+            return
+        typer.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+        app = create_app(loaded, processor, settings, draft_model=drafter, group=group)
+        run(app, host, port, log_level=log_level.lower())
+    finally:
+        # The interpreter's last collection walks every object the model, tokenizer and web
+        # stack made (hundreds of thousands) and takes seconds; the process is ending anyway.
+        gc.freeze()

@@ -71,6 +71,12 @@ class BatchKVCache:
     def keys(self) -> mx.array | None:
         return None if self.parts is None else self.parts[0]
 
+    @keys.setter
+    def keys(self, keys: mx.array) -> None:
+        """Replace the first part by an array equal to it (a pipeline ties it to the last
+        broadcast of its forward pass: `models.sharding.ForwardCaches`)."""
+        self.parts[0] = keys
+
     def _kept(self, length: int) -> int:
         """How many of a row's past positions a buffer keeps when it is compacted."""
         return length if self.window is None else min(length, self.window - 1 + self.spare)

@@ -34,7 +34,11 @@ class PrefixCachePool:
 
     @property
     def nbytes(self) -> int:
-        return sum(_cache_bytes(entry) for entry in self._entries.values())
+        return sum(self.entry_bytes(entry) for entry in self._entries.values())
+
+    def entry_bytes(self, prompt_cache: PromptCache) -> int:
+        """The bytes a pooled cache counts for against `max_bytes`."""
+        return _cache_bytes(prompt_cache)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -61,7 +65,7 @@ class PrefixCachePool:
     def put(self, prompt_cache: PromptCache) -> None:
         """Keep a copy of a prefilled cache; drop the least recently used past the budget.
         A cache whose tokens another entry already starts with replaces that entry."""
-        if not prompt_cache.tokens or _cache_bytes(prompt_cache) > self.max_bytes:
+        if not prompt_cache.tokens or self.entry_bytes(prompt_cache) > self.max_bytes:
             return
         for key, entry in list(self._entries.items()):
             covered = common_prefix(entry.tokens, prompt_cache.tokens) == len(entry.tokens)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -15,7 +14,6 @@ from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..drafters import check_draft_model
-from ..engine import BatchGenerator
 from ..options import SamplingOptions
 from .completions import (
     Reply,
@@ -25,62 +23,46 @@ from .completions import (
     sampling_options,
     stream,
 )
+from .distributed import LeaderDriver
 from .driver import EngineDriver, Job, materialize
 from .http import APIError, BodyLimit, RequestLog, api_key_check, install_error_handlers
-from .messages import MIB, MediaPolicy, chat_messages
+from .messages import chat_messages
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .settings import ServerSettings, engine_generator
 from .transcriptions import TranscriptionFormat, transcribe_upload
 
 STATIC = Path(__file__).parent / "static"
 NO_CACHE = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies pass events on
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """How the server runs. `max_concurrency`: requests decoded at once (None: as many as the
-    KV budget admits); `kv_budget_bytes`, `kv_bits`, `prefix_cache_bytes` and
-    `prefill_step_size` go to the `BatchGenerator`; `default_max_tokens` is a request's limit
-    when it gives none, `transcription_max_tokens` an audio chunk's."""
-
-    model_name: str = "gemma4"
-    api_key: str | None = None
-    max_concurrency: int | None = None
-    kv_budget_bytes: int | None = None
-    kv_bits: int | None = None
-    prefix_cache_bytes: int = 1024 * MIB
-    prefill_step_size: int = 512
-    default_max_tokens: int = 2048
-    transcription_max_tokens: int = 448  # per 30 s chunk: fast speech, with room
-    max_body_bytes: int = 64 * MIB
-    media: MediaPolicy = field(default_factory=MediaPolicy)
-    draft_tokens: int = 4  # with a drafter (`create_app`'s draft_model): most drafts a step
-
-
 def create_app(
-    model, processor, settings: ServerSettings | None = None, draft_model=None
+    model,
+    processor,
+    settings: ServerSettings | None = None,
+    draft_model=None,
+    group: Any = None,
 ) -> FastAPI:
     """The OpenAI-compatible app for a loaded model. Its engine thread starts with the app
     (the lifespan) and stops with it, ending unfinished streams with an error event.
+
     `draft_model` (checked against `model`) drafts for every request: speculative decoding,
-    reported in each answer's usage as accepted and rejected prediction tokens."""
+    reported in each answer's usage as accepted and rejected prediction tokens.
+    `group`: the distributed group the model is split across (see `server.distributed`); this
+    process is its rank 0, and every other rank runs `follow` meanwhile."""
     settings = settings or ServerSettings()
-
-    def make_generator() -> BatchGenerator:
-        return BatchGenerator(
-            model,
-            processor,
-            prefill_step_size=settings.prefill_step_size,
-            kv_bits=settings.kv_bits,
-            prefix_cache_bytes=settings.prefix_cache_bytes,
-            kv_budget_bytes=settings.kv_budget_bytes,
-            draft_model=draft_model,
-            num_draft_tokens=settings.draft_tokens,
-        )
-
     if draft_model is not None and not hasattr(draft_model, "propose"):  # a model
         check_draft_model(model, draft_model)  # before the engine thread starts
         materialize(draft_model)
-    driver = EngineDriver(model, make_generator, settings.max_concurrency)
+    if group is None:
+        driver = EngineDriver(
+            model,
+            lambda: engine_generator(model, processor, settings, draft_model),
+            settings.max_concurrency,
+        )
+    elif draft_model is not None:
+        raise ValueError("a split model cannot draft yet: no draft_model with a group")
+    else:
+        driver = LeaderDriver(model, processor, settings, group)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):

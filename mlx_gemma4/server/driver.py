@@ -66,6 +66,9 @@ class EngineDriver:
     """Runs `generator` on its own thread, at most `max_concurrency` requests at a time (the
     rest wait here, first come first served)."""
 
+    # seconds an idle engine waits for a command before iterating anyway (None: until one comes)
+    idle_wait: float | None = None
+
     def __init__(
         self,
         model,
@@ -84,6 +87,10 @@ class EngineDriver:
         # reentrant: `stop_soon` runs in a signal handler, maybe while this thread is in `submit`
         self._lock = threading.RLock()
         self.cancelled = 0  # jobs dropped before their end (their clients left)
+        # why submissions are refused once closed (a lost rank says so instead of "shutting down")
+        self._closed_reason = "the server is shutting down"
+        self.failure: Exception | None = None  # why the driver gave up, if it did (`_give_up`)
+        self.on_failure: Callable[[], None] = lambda: None  # called from the engine thread
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
     # ---------------------------------------------------------------------- any thread
@@ -94,7 +101,7 @@ class EngineDriver:
         """Queue `job`; the future resolves when the engine took it (or refused it)."""
         with self._lock:  # no job is left behind the stop command unanswered
             if self._closed:
-                job.accepted.set_exception(ServerStopping("the server is shutting down"))
+                job.accepted.set_exception(ServerStopping(self._closed_reason))
             else:
                 self._commands.put(("submit", job))
         return job.accepted
@@ -137,11 +144,17 @@ class EngineDriver:
                 if self._iterate():
                     return
             except Exception as error:
-                # The batch's state is unknown after an unexpected error: end every job (their
-                # clients get a server error, the log the traceback), start a fresh generator.
-                log.exception("the engine failed")
-                self._end_all(EngineFailure(type(error).__name__))
-                self.generator = self._make_generator()
+                if self._recover(error):
+                    return
+
+    def _recover(self, error: Exception) -> bool:
+        """After an unexpected error the batch's state is unknown: end every job (their
+        clients get a server error, the log the traceback), start a fresh generator. True when
+        the driver cannot go on."""
+        log.exception("the engine failed")
+        self._end_all(EngineFailure(type(error).__name__))
+        self.generator = self._make_generator()
+        return False
 
     def _iterate(self) -> bool:
         """Take the commands, fill free slots, step once; True when the driver stopped."""
@@ -150,15 +163,35 @@ class EngineDriver:
         if self._stopping:
             self._end_all(ServerStopping("the server is shutting down"))
             self._refuse_the_rest()
+            self._stopped()
             return True
         self._fill_slots()
+        self._before_step()
         if not self.generator.done:
             self._step()
         return False
 
+    def _give_up(self, error: Exception) -> None:
+        """Stop for good: refuse new jobs and end every job with `error`'s reason, keep it as
+        `failure` and call `on_failure`."""
+        reason = str(error)
+        with self._lock:
+            self._closed, self._closed_reason = True, reason
+        self._end_all(ServerStopping(reason))
+        self._refuse_the_rest()
+        self.failure = error
+        self.on_failure()
+
+    def _before_step(self) -> None:
+        """Called once an iteration, after the commands are applied and before the step (even
+        when nothing steps)."""
+
+    def _stopped(self) -> None:
+        """Called once, when the driver stops."""
+
     def _take_commands(self, block: bool) -> None:
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=self.idle_wait if block else None)
         except queue.Empty:
             return
         while True:
@@ -193,7 +226,7 @@ class EngineDriver:
                 except queue.Empty:
                     return
                 if kind == "submit":
-                    job.accepted.set_exception(ServerStopping("the server is shutting down"))
+                    job.accepted.set_exception(ServerStopping(self._closed_reason))
 
     def _fill_slots(self) -> None:
         while self._waiting and (

@@ -19,6 +19,11 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
         self._driver = app.state.driver
+        self._driver.on_failure = self._engine_gave_up
+
+    def _engine_gave_up(self) -> None:
+        """The engine cannot go on (a split model lost a rank): shut the server down."""
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
@@ -38,7 +43,8 @@ def serve(
     log_level: str = "info",
     graceful_seconds: float = 10.0,
 ) -> None:
-    """Serve `app` (from `create_app`) on host:port until a stop signal; returns afterwards."""
+    """Serve `app` (from `create_app`) on host:port until a stop signal; returns afterwards.
+    When the engine gave up instead (a split model lost a rank), its error is raised."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -59,3 +65,5 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if app.state.driver.failure is not None:
+        raise app.state.driver.failure

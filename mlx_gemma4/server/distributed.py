@@ -1,0 +1,258 @@
+"""Serving a model split across a distributed group: rank 0 runs the HTTP server and the
+engine driver, every other rank follows.
+
+Every forward pass is collective, so every rank must make the same `BatchGenerator` calls in
+the same order with the same inputs. Before each engine iteration rank 0 broadcasts the calls
+it made since the last one (the requests it submitted, with their prompts and options, and
+the ones it cancelled) and a fresh random seed; the followers make the same calls, seed alike,
+and everyone steps. A stop message ends the followers.
+
+The messages are pickled: the ranks are one program that `mlx.launch` started together, and
+the followers only ever read what rank 0 sent. A rank blocked in a broadcast polls its socket
+and keeps a core busy, so an idle rank 0 sends an empty message every `IDLE_TICK` seconds and
+the followers sleep nearly as long after each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..collectives import Group, broadcast, lost_ranks_reported
+from ..engine import BatchGenerator
+from ..engine.prefix_pool import PrefixCachePool
+from ..errors import DistributedError, ServerRequestError
+from ..prompt_cache import PromptCache
+from .driver import EngineDriver
+from .settings import ServerSettings, engine_generator
+
+log = logging.getLogger("mlx_gemma4.server")
+
+IDLE_TICK = 0.05  # seconds between an idle rank 0's messages
+FOLLOWER_NAP = 0.9 * IDLE_TICK  # a follower's sleep after an idle message: it arrives first
+TOWERS = ("vision_tower", "audio_tower")
+MEDIA_PARTS = ("image", "video", "audio")
+PIPELINE_MEDIA = (
+    "messages: media input is not supported with --distributed pipeline yet; serve with "
+    "--distributed tensor"
+)
+
+
+@dataclass
+class Changes:
+    """What rank 0's engine did since the last message: calls in order, ("submit", id, prompt,
+    options) or ("cancel", id), and the seed every rank draws from next."""
+
+    calls: list[tuple] = field(default_factory=list)
+    seed: int = 0
+    stop: bool = False
+
+
+class GroupLink:
+    """Rank 0's messages to the other ranks: a length, then the pickled bytes (nothing more
+    when there is nothing to say)."""
+
+    def __init__(self, group: Group):
+        self.group = group
+
+    def send(self, message: Changes | None) -> None:
+        data = b"" if message is None else pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        broadcast(mx.array(len(data), dtype=mx.int32), 0, self.group)
+        if data:
+            broadcast(mx.array(np.frombuffer(data, dtype=np.uint8)), 0, self.group)
+
+    def receive(self) -> Changes | None:
+        length = int(broadcast(mx.array(0, dtype=mx.int32), 0, self.group).item())
+        if not length:
+            return None
+        data = broadcast(mx.zeros(length, dtype=mx.uint8), 0, self.group)
+        return pickle.loads(memoryview(np.array(data)))
+
+
+class GroupPrefixPool(PrefixCachePool):
+    """A prefix pool that counts each cache by the memory model's bytes for its tokens, which
+    are the same on every rank. Each rank holds its own share of a cache (a pipeline rank only
+    its layers'), so counting what they hold would evict different entries on different ranks,
+    and their prefills, and with them their collectives, would differ."""
+
+    def __init__(self, model, max_bytes: int, measure: Callable[[int], int]):
+        super().__init__(model, max_bytes)
+        self.measure = measure
+
+    def entry_bytes(self, prompt_cache: PromptCache) -> int:
+        return self.measure(len(prompt_cache.tokens))
+
+
+def group_generator(model, processor, settings: ServerSettings) -> BatchGenerator:
+    """The engine's generator as every rank of a group makes it (`engine_generator`, with
+    decisions that do not depend on the rank)."""
+    generator = engine_generator(model, processor, settings)
+    if generator.pool is not None:
+        generator.pool = GroupPrefixPool(model, generator.pool.max_bytes, generator.row_kv_bytes)
+    return generator
+
+
+def media_refusal(model) -> str | None:
+    """Why the model cannot take media in a request (None: it can). A pipeline's towers
+    refuse them, on every rank, at the step that would run them: rank 0 refuses the request
+    at submission instead, before the others hear of it."""
+    from ..models import sharding
+
+    refusing = getattr(sharding, "PipelineTower", None)  # pipelines that cannot take media
+    if refusing is None:
+        return None
+    for name in TOWERS:
+        if name in model and isinstance(model[name], refusing):
+            return PIPELINE_MEDIA
+    return None
+
+
+def has_media(prompt: Any, options: dict[str, Any]) -> bool:
+    """Whether a `BatchGenerator.submit` call carries images, video or audio."""
+    if any(options.get(kind) for kind in ("images", "videos", "audio")):
+        return True
+    if not isinstance(prompt, list):
+        return False
+    return any(
+        isinstance(part, dict) and part.get("type") in MEDIA_PARTS
+        for message in prompt
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
+class LeaderGenerator:
+    """Rank 0's generator: the calls that change it are recorded for the followers."""
+
+    def __init__(self, generator: BatchGenerator, refusal: str | None):
+        self.generator = generator
+        self.refusal = refusal
+        self.calls: list[tuple] = []
+
+    def submit(self, prompt: Any, **options: Any) -> int:
+        if self.refusal is not None and has_media(prompt, options):
+            raise ServerRequestError(self.refusal)
+        request_id = self.generator.submit(prompt, **options)
+        self.calls.append(("submit", request_id, prompt, options))
+        return request_id
+
+    def cancel(self, request_id: int) -> bool:
+        self.calls.append(("cancel", request_id))
+        return self.generator.cancel(request_id)
+
+    def step(self) -> list:
+        return self.generator.step()
+
+    @property
+    def done(self) -> bool:
+        return self.generator.done
+
+    def take_calls(self) -> list[tuple]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class LeaderDriver(EngineDriver):
+    """Rank 0's engine driver: before each iteration's step it tells the followers what changed.
+
+    A lost rank, or any engine error (the ranks' states may then differ), ends every job with
+    the reason and stops the driver; `failure` holds it and `on_failure` is called, so the
+    server can exit."""
+
+    idle_wait = IDLE_TICK
+
+    def __init__(self, model, processor, settings: ServerSettings, group: Group):
+        refusal = media_refusal(model)
+        super().__init__(
+            model,
+            lambda: LeaderGenerator(group_generator(model, processor, settings), refusal),
+            settings.max_concurrency,
+        )
+        self.link = GroupLink(group)
+
+    def _iterate(self) -> bool:
+        with lost_ranks_reported():
+            return super()._iterate()
+
+    def _before_step(self) -> None:
+        calls = self.generator.take_calls()
+        if not calls:
+            self.link.send(None)
+            return
+        seed = new_seed()
+        self.link.send(Changes(calls, seed))
+        mx.random.seed(seed)
+
+    def _stopped(self) -> None:
+        self.link.send(Changes(stop=True))
+
+    def _recover(self, error: Exception) -> bool:
+        if isinstance(error, DistributedError):
+            reason = str(error)
+        else:
+            log.exception("the engine failed")
+            reason = (
+                f"the engine failed ({type(error).__name__}, see rank 0's log); the ranks of a "
+                "split model cannot go on apart, so the server stops"
+            )
+        log.error("%s", reason)
+        self._give_up(DistributedError(reason))
+        return True
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") >> 1
+
+
+def follow(model, processor, settings: ServerSettings, group: Group) -> None:
+    """A follower rank's part of a split server: make the engine calls rank 0 makes, in its
+    order, until it says stop. Ctrl-C, which a terminal sends every rank, is left to rank 0."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = GroupLink(group)
+    generator = group_generator(model, processor, settings)
+    ours: dict[int, int] = {}  # rank 0's request id -> this rank's
+    theirs: dict[int, int] = {}
+    while True:
+        changes = link.receive()
+        if changes is not None:
+            if changes.stop:
+                return
+            for call in changes.calls:
+                apply_call(generator, call, ours, theirs, group.rank())
+            mx.random.seed(changes.seed)
+        if not generator.done:
+            for response in generator.step():
+                if response.finish_reason is not None:
+                    ours.pop(theirs.pop(response.request_id, None), None)
+        elif changes is None:
+            time.sleep(FOLLOWER_NAP)
+
+
+def apply_call(
+    generator: BatchGenerator, call: tuple, ours: dict[int, int], theirs: dict[int, int], rank: int
+) -> None:
+    """Make one of rank 0's calls here. A request rank 0 took must be taken here too: if it is
+    not, the ranks have parted, and this rank stops (rank 0 then reports it lost)."""
+    if call[0] == "submit":
+        _, their_id, prompt, options = call
+        try:
+            our_id = generator.submit(prompt, **options)
+        except Exception as error:
+            raise DistributedError(
+                f"rank {rank} could not take a request rank 0 took ({error}); stopping"
+            ) from error
+        ours[their_id], theirs[our_id] = our_id, their_id
+    elif call[0] == "cancel":
+        our_id = ours.pop(call[1], None)
+        if our_id is not None:
+            theirs.pop(our_id, None)
+            generator.cancel(our_id)
