@@ -97,6 +97,16 @@ def media_run(model, kind: str) -> tuple[np.ndarray, list[int]]:
     return _continue(model, cache, logits, STEPS)
 
 
+def refused(model) -> str:
+    """The error every rank gets for pixels rank 0's tower cannot take (the ranks stay in
+    step: the media runs after it still pair their collectives)."""
+    try:
+        model.vision_features(mx.zeros((1, 2, 5)), mx.zeros((1, 2, 2), dtype=mx.int32))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
 def media_bytes(model) -> int:
     """Bytes of the weights that turn media into soft tokens (towers, 12B's embedders)."""
     media = ("vision_tower", "vision_embedder", "embed_vision", "audio_tower", "embed_audio")
@@ -115,6 +125,7 @@ def run_case(case: dict, group) -> dict:
     held = weight_bytes(sharded)
     media_held = media_bytes(sharded)
     seen = {"text": greedy(sharded)}
+    refusal = refused(sharded) if case.get("media") else None
     for kind in case.get("media", ()):
         seen[kind] = media_run(sharded, kind)
     del sharded
@@ -123,6 +134,7 @@ def run_case(case: dict, group) -> dict:
     result = {
         "weight_bytes": held,
         "media_bytes": media_held,
+        "refused": refusal,
         "resident_bytes": resident,
         "whole_bytes": weight_bytes(whole),
     }

@@ -247,6 +247,15 @@ def test_media_prompts_equal_the_whole_model(ranks, case):
         assert seen["tokens"] == seen["reference_tokens"], (rank, case)
 
 
+@pytest.mark.parametrize("case", ["multimodal-pipeline", "unified-pipeline"])
+def test_media_rank_0_refuses_are_refused_on_every_rank(ranks, case):
+    first, follower = (ranks[rank]["cases"][case]["refused"] for rank in (0, 1))
+    assert first and not first.startswith("DistributedError"), first  # the tower's own error
+    assert follower == "DistributedError: rank 0 could not encode the media input; see its error"
+    if case.startswith("unified"):
+        assert first.startswith("ImageError: pixel values of shape (1, 2, 5)"), first
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_each_rank_holds_about_half_the_weights(ranks, case):
     shares = []
