@@ -22,6 +22,9 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(), reason="finds the ranks' processes in /proc"
+)
 
 from conftest import free_port, random_image  # noqa: E402
 
@@ -80,14 +83,7 @@ class Launch:
 
 def launch_serve(folder: Path, mode: str, log: Path) -> Launch:
     port = free_port()
-    ring = [
-        "-n",
-        "2",
-        "--backend",
-        "ring",
-        "--starting-port",
-        str(random.randrange(20_000, 60_000, 8)),
-    ]
+    ring = f"-n 2 --backend ring --starting-port {random.randrange(20_000, 60_000, 8)}".split()
     serve = ["-m", "mlx_gemma4.cli", "serve", "--model", str(folder), "--port", str(port)]
     command = [*LAUNCH, *ring, "--", sys.executable, *serve, "--distributed", mode]
     read_end, write_end = os.pipe()
