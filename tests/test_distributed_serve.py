@@ -22,6 +22,9 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(), reason="finds the ranks' processes in /proc"
+)
 
 from conftest import free_port, random_image  # noqa: E402
 
@@ -80,14 +83,7 @@ class Launch:
 
 def launch_serve(folder: Path, mode: str, log: Path) -> Launch:
     port = free_port()
-    ring = [
-        "-n",
-        "2",
-        "--backend",
-        "ring",
-        "--starting-port",
-        str(random.randrange(20_000, 60_000, 8)),
-    ]
+    ring = f"-n 2 --backend ring --starting-port {random.randrange(20_000, 60_000, 8)}".split()
     serve = ["-m", "mlx_gemma4.cli", "serve", "--model", str(folder), "--port", str(port)]
     command = [*LAUNCH, *ring, "--", sys.executable, *serve, "--distributed", mode]
     read_end, write_end = os.pipe()
@@ -276,3 +272,28 @@ def test_a_lost_follower_ends_requests_and_rank_0_with_one_clear_error(pipeline)
     lines = [line for line in said.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "another rank stopped or became unreachable" in lines[0], said
     assert "Traceback" not in said
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_the_prefix_pool_keeps_a_prompt_or_not_whatever_a_rank_holds(checkpoint):
+    """The ranks hold different shares of one prompt's cache (a pipeline rank only its
+    layers'): the pool must keep or drop it alike on all of them, or their prefills (and
+    collectives) part."""
+    from mlx_gemma4.prompt_cache import PromptCache
+    from mlx_gemma4.server import ServerSettings
+    from mlx_gemma4.server.distributed import group_generator
+
+    model, processor = load(checkpoint)
+    held = PromptCache(model)
+    list(stream_generate(model, processor, "hello there", max_tokens=1, prompt_cache=held))
+    bare = PromptCache(model)  # a rank that holds none of these layers
+    bare.tokens = list(held.tokens)
+    assert held.tokens and sum(c.nbytes for c in held.cache) > 1
+    for budget in (1, 2**30):
+        settings = ServerSettings(prefix_cache_bytes=budget)
+        pools = [group_generator(model, processor, settings).pool for _ in range(2)]
+        pools[0].put(held)
+        pools[1].put(bare)
+        assert len(pools[0]) == len(pools[1]) == (budget > 1), budget
