@@ -241,17 +241,13 @@ def test_pipeline_answers_equal_the_library(pipeline, library):
     assert concurrently(pipeline, TWO) == [library(m, max_tokens=n) for m, n in TWO]
 
 
-def test_pipeline_media_are_answered_or_refused_with_a_clear_400(pipeline, library):
+def test_pipeline_media_are_answered_as_by_one_process(pipeline, library):
     image = random_image(32, 32)
     question = {"type": "text", "text": "what is this?"}
     ours = [{"role": "user", "content": [{"type": "image", "image": image}, question]}]
     parts = [{"type": "image_url", "image_url": {"url": png_data_url(image)}}, question]
-    try:
-        answer = chat(pipeline, [{"role": "user", "content": parts}], max_tokens=4)
-    except openai.BadRequestError as refused:  # a pipeline whose towers cannot send soft tokens
-        assert "serve with --distributed tensor" in str(refused)
-    else:
-        assert answer == library(ours, max_tokens=4)
+    answer = chat(pipeline, [{"role": "user", "content": parts}], max_tokens=4)
+    assert answer == library(ours, max_tokens=4)
     assert chat(pipeline, HELLO, max_tokens=8) == library(HELLO, max_tokens=8)  # still in step
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from ..collectives import Group, broadcast, lost_ranks_reported
 from ..engine import BatchGenerator
 from ..engine.prefix_pool import PrefixCachePool
-from ..errors import DistributedError, ServerRequestError
+from ..errors import DistributedError
 from ..prompt_cache import PromptCache
 from .driver import EngineDriver
 from .settings import ServerSettings, engine_generator
@@ -39,12 +39,6 @@ log = logging.getLogger("mlx_gemma4.server")
 
 IDLE_TICK = 0.05  # seconds between an idle rank 0's messages
 FOLLOWER_NAP = 0.9 * IDLE_TICK  # a follower's sleep after an idle message: it arrives first
-TOWERS = ("vision_tower", "audio_tower")
-MEDIA_PARTS = ("image", "video", "audio")
-PIPELINE_MEDIA = (
-    "messages: media input is not supported with --distributed pipeline yet; serve with "
-    "--distributed tensor"
-)
 
 
 @dataclass
@@ -101,46 +95,14 @@ def group_generator(model, processor, settings: ServerSettings) -> BatchGenerato
     return generator
 
 
-def media_refusal(model) -> str | None:
-    """Why the model cannot take media in a request (None: it can). A pipeline's towers
-    refuse them, on every rank, at the step that would run them: rank 0 refuses the request
-    at submission instead, before the others hear of it."""
-    from ..models import sharding
-
-    refusing = getattr(sharding, "PipelineTower", None)  # pipelines that cannot take media
-    if refusing is None:
-        return None
-    for name in TOWERS:
-        if name in model and isinstance(model[name], refusing):
-            return PIPELINE_MEDIA
-    return None
-
-
-def has_media(prompt: Any, options: dict[str, Any]) -> bool:
-    """Whether a `BatchGenerator.submit` call carries images, video or audio."""
-    if any(options.get(kind) for kind in ("images", "videos", "audio")):
-        return True
-    if not isinstance(prompt, list):
-        return False
-    return any(
-        isinstance(part, dict) and part.get("type") in MEDIA_PARTS
-        for message in prompt
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-    )
-
-
 class LeaderGenerator:
     """Rank 0's generator: the calls that change it are recorded for the followers."""
 
-    def __init__(self, generator: BatchGenerator, refusal: str | None):
+    def __init__(self, generator: BatchGenerator):
         self.generator = generator
-        self.refusal = refusal
         self.calls: list[tuple] = []
 
     def submit(self, prompt: Any, **options: Any) -> int:
-        if self.refusal is not None and has_media(prompt, options):
-            raise ServerRequestError(self.refusal)
         request_id = self.generator.submit(prompt, **options)
         self.calls.append(("submit", request_id, prompt, options))
         return request_id
@@ -171,10 +133,9 @@ class LeaderDriver(EngineDriver):
     idle_wait = IDLE_TICK
 
     def __init__(self, model, processor, settings: ServerSettings, group: Group):
-        refusal = media_refusal(model)
         super().__init__(
             model,
-            lambda: LeaderGenerator(group_generator(model, processor, settings), refusal),
+            lambda: LeaderGenerator(group_generator(model, processor, settings)),
             settings.max_concurrency,
         )
         self.link = GroupLink(group)
