@@ -85,6 +85,7 @@ def serve(
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
     distributed: parallel.Distributed = None,
+    distributed_timeout: parallel.DistributedTimeout = parallel.DEFAULT_TIMEOUT,
 ) -> None:
     """Serve the model over OpenAI's API (chat, completions, transcriptions) and a chat page.
     Under mlx.launch, --distributed splits the model across the ranks: rank 0 serves, the
@@ -129,6 +130,7 @@ def serve(
         default_max_tokens=max_tokens,
         media=MediaPolicy(allow_local_paths=local),
         draft_tokens=draft_tokens,
+        distributed_timeout=distributed_timeout,
     )
     loaded, processor = load(
         model, dtype=dtype, adapter_path=adapter, **parallel.load_options(group, distributed)

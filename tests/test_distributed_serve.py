@@ -81,11 +81,11 @@ class Launch:
         os.close(self.keep_stdin_open)
 
 
-def launch_serve(folder: Path, mode: str, log: Path) -> Launch:
+def launch_serve(folder: Path, mode: str, log: Path, *options: str) -> Launch:
     port = free_port()
     ring = f"-n 2 --backend ring --starting-port {random.randrange(20_000, 60_000, 8)}".split()
     serve = ["-m", "mlx_gemma4.cli", "serve", "--model", str(folder), "--port", str(port)]
-    command = [*LAUNCH, *ring, "--", sys.executable, *serve, "--distributed", mode]
+    command = [*LAUNCH, *ring, "--", sys.executable, *serve, "--distributed", mode, *options]
     read_end, write_end = os.pipe()
     with open(log, "w") as errors:
         process = subprocess.Popen(
@@ -268,6 +268,30 @@ def test_a_lost_follower_ends_requests_and_rank_0_with_one_clear_error(pipeline)
     lines = [line for line in said.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "another rank stopped or became unreachable" in lines[0], said
     assert "Traceback" not in said
+
+
+def test_a_stopped_follower_ends_rank_0_after_the_timeout(checkpoint, tmp_path):
+    """A follower that stops without closing its connection (SIGSTOP) stalls rank 0's next
+    message, idle or not: after --distributed-timeout rank 0 ends with one line, and once the
+    follower runs again, mlx.launch ends it too."""
+    launched = launch_serve(
+        checkpoint, "tensor", tmp_path / "stderr.txt", "--distributed-timeout", "3"
+    )
+    try:
+        ranks = launched.ranks()
+        os.kill(ranks[1], signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + STOP_SECONDS
+            while Path(f"/proc/{ranks[0]}").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            os.kill(ranks[1], signal.SIGCONT)
+        said = launched.wait()
+        lines = [line for line in said.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "no progress from the other ranks for 3 s" in lines[0], said
+        assert "Traceback" not in said
+    finally:
+        launched.end()
 
 
 # --------------------------------------------------------------------------- in process

@@ -27,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..collectives import Group, broadcast, lost_ranks_reported
+from ..collectives import Group, Watchdog, broadcast, lost_ranks_reported
 from ..engine import BatchGenerator
 from ..engine.prefix_pool import PrefixCachePool
 from ..errors import DistributedError
@@ -139,6 +139,14 @@ class LeaderDriver(EngineDriver):
             settings.max_concurrency,
         )
         self.link = GroupLink(group)
+        self.timeout = settings.distributed_timeout
+
+    def _run(self) -> None:
+        self.link.send(None)  # waits for every follower to have loaded: not timed
+        # every message after it (one each 50 ms even when idle) is a beat: a follower that
+        # stops without closing its connection stalls them, and the watchdog ends rank 0
+        with Watchdog(self.timeout):
+            super()._run()
 
     def _iterate(self) -> bool:
         with lost_ranks_reported():
@@ -182,20 +190,20 @@ def follow(model, processor, settings: ServerSettings, group: Group) -> None:
     generator = group_generator(model, processor, settings)
     ours: dict[int, int] = {}  # rank 0's request id -> this rank's
     theirs: dict[int, int] = {}
-    while True:
-        changes = link.receive()
-        if changes is not None:
-            if changes.stop:
-                return
-            for call in changes.calls:
-                apply_call(generator, call, ours, theirs, group.rank())
-            mx.random.seed(changes.seed)
-        if not generator.done:
-            for response in generator.step():
-                if response.finish_reason is not None:
-                    ours.pop(theirs.pop(response.request_id, None), None)
-        elif changes is None:
-            time.sleep(FOLLOWER_NAP)
+    changes = link.receive()  # rank 0's first: it has loaded and serves (loading is not timed)
+    with Watchdog(settings.distributed_timeout):  # each later message is a beat
+        while changes is None or not changes.stop:
+            if changes is not None:
+                for call in changes.calls:
+                    apply_call(generator, call, ours, theirs, group.rank())
+                mx.random.seed(changes.seed)
+            if not generator.done:
+                for response in generator.step():
+                    if response.finish_reason is not None:
+                        ours.pop(theirs.pop(response.request_id, None), None)
+            elif changes is None:
+                time.sleep(FOLLOWER_NAP)
+            changes = link.receive()
 
 
 def apply_call(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..collectives import DEFAULT_TIMEOUT
 from ..engine import BatchGenerator
 from .messages import MIB, MediaPolicy
 
@@ -26,6 +27,7 @@ class ServerSettings:
     transcription_max_tokens: int = 448  # per 30 s chunk: fast speech, with room
     max_body_bytes: int = 64 * MIB
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    distributed_timeout: float | None = DEFAULT_TIMEOUT  # a split model: see collectives.Watchdog
     draft_tokens: int = 4  # with a drafter (`create_app`'s draft_model): most drafts a step
 
 
