@@ -220,14 +220,19 @@ def test_served_answers_with_a_drafter_equal_undrafted_ones(chat_checkpoint, ass
         process.terminate()
         process.wait(30)
     model, processor = load(folder)
+    rejected = 0
     for question, (text, usage) in zip(questions, answers, strict=True):
         messages = [{"role": "user", "content": question}]
         pieces = list(stream_generate(model, processor, messages, max_tokens=12))
         assert text == "".join(p.text for p in pieces)
         assert usage.completion_tokens == len(pieces)
-        details = usage.completion_tokens_details  # the random assistant is rarely right
-        assert details.rejected_prediction_tokens > 0
-        assert 0 <= details.accepted_prediction_tokens < details.rejected_prediction_tokens
+        # the draft length adapts to the step times: a request that joined after drafting
+        # stopped paying may draft nothing (then its usage has no prediction counts)
+        details = usage.completion_tokens_details
+        if details is not None:
+            assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
+            rejected += details.rejected_prediction_tokens
+    assert rejected > 0  # the server's second step drafts (and the random assistant misses)
 
 
 def test_serve_with_a_drafter_for_another_target_is_one_line_and_exit_1(
