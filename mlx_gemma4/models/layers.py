@@ -14,10 +14,10 @@ from .dequantize import dequantized_matmul, has_fast_path
 
 # Inputs with at least this many rows go through the float weight on the CPU (dequantize +
 # GEMM): MLX's CPU `quantized_matmul` costs in proportion to its rows, a float32 GEMM about the
-# same for 1 to 32 rows, and dequantizing affine 2/4/8-bit weights (`dequantize.py`) costs
-# about as much as the packed kernel on MATRIX_ROWS rows (`python benchmarks/batch.py
-# --matmul` prints both by rows). Other modes dequantize through `mx.dequantize`, about twice
-# as slow, which pays from SLOW_MATRIX_ROWS rows.
+# same for 1 to 32 rows, and dequantizing affine 2/4/8-bit weights (`dequantize.py`) is level
+# with the packed kernel at about 4 rows and clearly cheaper from 8 (`python benchmarks/
+# batch.py --matmul` prints both by rows). Other modes dequantize through `mx.dequantize`,
+# about twice as slow, which pays from SLOW_MATRIX_ROWS rows.
 MATRIX_ROWS = 8
 SLOW_MATRIX_ROWS = 32
 
