@@ -7,6 +7,8 @@ input dtype before multiplying by the weight, a second rounding the reference do
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -72,7 +74,12 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         return float_weight_product(x, self)
 
 
-class Embedding(nn.Embedding):
+class QuantizesToOurs:
+    """`to_quantized` gives this package's quantized class (with its CPU route), unless input
+    quantization is asked for (MLX's own classes handle that)."""
+
+    quantized: Callable[..., nn.Module]  # (module, group_size, bits, mode) -> quantized module
+
     def to_quantized(
         self,
         group_size: int | None = None,
@@ -82,7 +89,11 @@ class Embedding(nn.Embedding):
     ) -> nn.Module:
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+        return self.quantized(self, group_size, bits, mode)
+
+
+class Embedding(QuantizesToOurs, nn.Embedding):
+    quantized = QuantizedEmbedding.from_embedding
 
 
 class RMSNorm(nn.Module):
@@ -109,17 +120,8 @@ class RMSNormNoScale(nn.Module):
         return mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(x.dtype)
 
 
-class Linear(nn.Linear):
-    def to_quantized(
-        self,
-        group_size: int | None = None,
-        bits: int | None = None,
-        mode: str = "affine",
-        quantize_input: bool = False,
-    ) -> nn.Module:
-        if quantize_input:
-            return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+class Linear(QuantizesToOurs, nn.Linear):
+    quantized = QuantizedLinear.from_linear
 
 
 class ClippableLinear(nn.Module):

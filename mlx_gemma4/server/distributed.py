@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ log = logging.getLogger("mlx_gemma4.server")
 
 IDLE_TICK = 0.05  # seconds between an idle rank 0's messages
 FOLLOWER_NAP = 0.9 * IDLE_TICK  # a follower's sleep after an idle message: it arrives first
+STOP_GRACE = 10.0  # seconds a stopping engine may take before it counts as stuck in a collective
+STUCK = (
+    "another rank stopped or became unreachable (the engine still waited in a collective "
+    f"{STOP_GRACE:g} s after the stop signal)"
+)
 
 
 @dataclass
@@ -163,6 +169,22 @@ class LeaderDriver(EngineDriver):
 
     def _stopped(self) -> None:
         self.link.send(Changes(stop=True))
+
+    def stop_soon(self) -> None:
+        # `mlx.launch` sends the stop signal itself when another rank died: the engine may then
+        # wait in a collective that never returns, so the stop must not wait for it
+        super().stop_soon()
+        timer = threading.Timer(STOP_GRACE, self._give_up_if_stuck)
+        timer.daemon = True
+        timer.start()
+
+    def _give_up_if_stuck(self) -> None:
+        if self._thread.is_alive() and self.failure is None:
+            self._give_up(DistributedError(STUCK))  # its thread waits: its jobs end from here
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.failure is None:
+            super().stop(timeout)
 
     def _recover(self, error: Exception) -> bool:
         if isinstance(error, DistributedError):
