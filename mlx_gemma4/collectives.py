@@ -75,18 +75,27 @@ def barrier(group: Group) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
-def broadcast_text(text: str | None, group: Group) -> str:
-    """Rank 0's `text` on every rank (others pass anything, e.g. None)."""
-    data = (text or "").encode() if group.rank() == 0 else b""
-    length = int(broadcast(mx.array(len(data)), 0, group).item())
-    padded = mx.zeros(length, dtype=mx.uint8)
-    if group.rank() == 0 and length:
-        padded = mx.array(list(data), dtype=mx.uint8)
-    return bytes(broadcast(padded, 0, group).tolist()).decode() if length else ""
-
-
 def broadcast_int(value: int, group: Group) -> int:
     return int(broadcast(mx.array(value, dtype=mx.int32), 0, group).item())
+
+
+def broadcast_bytes(data: bytes | None, group: Group) -> bytes:
+    """Rank 0's `data` on every rank (others pass anything, e.g. None): its length, then the
+    bytes themselves when there are any."""
+    data = (data or b"") if group.rank() == 0 else b""
+    length = broadcast_int(len(data), group)
+    if not length:
+        return b""
+    if group.rank() == 0:
+        payload = mx.array(memoryview(data))  # uint8
+    else:
+        payload = mx.zeros(length, dtype=mx.uint8)
+    return bytes(memoryview(broadcast(payload, 0, group)))
+
+
+def broadcast_text(text: str | None, group: Group) -> str:
+    """Rank 0's `text` on every rank (others pass anything, e.g. None)."""
+    return broadcast_bytes((text or "").encode(), group).decode()
 
 
 def init(backend: str = "any") -> Group:

@@ -17,6 +17,7 @@ from .loading import load_model
 from .models.assistant import AssistantModel, SharedKV
 from .processing.processor import Media
 from .prompt_cache import PromptCache
+from .turn import refuse_media_without_tower
 
 # (logits [1, vocab]) -> (token [1], its distribution [1, vocab] or None when greedy)
 DraftSampler = Callable[[mx.array], tuple[mx.array, mx.array | None]]
@@ -115,19 +116,12 @@ class AssistantDrafter:
 _DRAFT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def media_kinds(media: Media | None) -> list[str]:
-    """The kinds of media ("image", "video", "audio") a prompt holds."""
-    if media is None:
-        return []
-    held = {"image": media.images, "video": media.video_frames, "audio": media.audio}
-    return [kind for kind, batch in held.items() if batch is not None]
-
-
-def encodes(draft_model, kinds: list[str]) -> bool:
-    """Whether `draft_model` has a tower for each of `kinds`."""
+def encodes(draft_model, media: Media | None) -> bool:
+    """Whether `media` holds anything and `draft_model` has a tower for every kind in it."""
+    if media is None or all(m is None for m in (media.images, media.video_frames, media.audio)):
+        return False
     try:
-        for kind in kinds:
-            draft_model.require_tower(kind)
+        refuse_media_without_tower(draft_model, media)
     except Gemma4Error:
         return False
     return True
@@ -157,8 +151,7 @@ class ModelDrafter:
             _DRAFT_CACHES[prompt_cache] = held
         self.cache = held
         self.prefill_step = prefill_step
-        kinds = media_kinds(media)
-        self.media = media if kinds and encodes(draft_model, kinds) else None
+        self.media = media if encodes(draft_model, media) else None
         self._prompt: list[int] | None = None  # a prompt with media, fed with the first draft
         self._fed = 0  # tokens of this round in the drafter's caches: the newest, then drafts
 

@@ -50,6 +50,8 @@ def create_app(
     `group`: the distributed group the model is split across (see `server.distributed`); this
     process is its rank 0, and every other rank runs `follow` meanwhile."""
     settings = settings or ServerSettings()
+    if group is not None and draft_model is not None:
+        raise ValueError("a split model cannot draft yet: no draft_model with a group")
     if draft_model is not None and not hasattr(draft_model, "propose"):  # a model
         check_draft_model(model, draft_model)  # before the engine thread starts
         materialize(draft_model)
@@ -59,8 +61,6 @@ def create_app(
             lambda: engine_generator(model, processor, settings, draft_model),
             settings.max_concurrency,
         )
-    elif draft_model is not None:
-        raise ValueError("a split model cannot draft yet: no draft_model with a group")
     else:
         driver = LeaderDriver(model, processor, settings, group)
 

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
-from ..collectives import Group, Watchdog, broadcast, lost_ranks_reported
+from ..collectives import Group, Watchdog, broadcast_bytes, lost_ranks_reported
 from ..engine import BatchGenerator
 from ..engine.prefix_pool import PrefixCachePool
 from ..errors import DistributedError
@@ -66,16 +65,11 @@ class GroupLink:
 
     def send(self, message: Changes | None) -> None:
         data = b"" if message is None else pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        broadcast(mx.array(len(data), dtype=mx.int32), 0, self.group)
-        if data:
-            broadcast(mx.array(np.frombuffer(data, dtype=np.uint8)), 0, self.group)
+        broadcast_bytes(data, self.group)
 
     def receive(self) -> Changes | None:
-        length = int(broadcast(mx.array(0, dtype=mx.int32), 0, self.group).item())
-        if not length:
-            return None
-        data = broadcast(mx.zeros(length, dtype=mx.uint8), 0, self.group)
-        return pickle.loads(memoryview(np.array(data)))
+        data = broadcast_bytes(None, self.group)
+        return pickle.loads(data) if data else None
 
 
 class GroupPrefixPool(PrefixCachePool):
