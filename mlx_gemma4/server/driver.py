@@ -161,9 +161,11 @@ class EngineDriver:
         idle = self.generator.done and not self._waiting
         self._take_commands(block=idle)
         if self._stopping:
+            # first: a split model's followers hear of the stop, and when one is gone, that
+            # (not the stop) is the reason every job ends with (`_recover`)
+            self._stopped()
             self._end_all(ServerStopping("the server is shutting down"))
             self._refuse_the_rest()
-            self._stopped()
             return True
         self._fill_slots()
         self._before_step()
@@ -187,7 +189,7 @@ class EngineDriver:
         when nothing steps)."""
 
     def _stopped(self) -> None:
-        """Called once, when the driver stops."""
+        """Called once, when the driver stops, before its jobs end."""
 
     def _take_commands(self, block: bool) -> None:
         try:
