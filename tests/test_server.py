@@ -640,3 +640,38 @@ def test_a_template_that_refuses_the_conversation_is_a_request_error(chat_checkp
     finally:
         driver.stop()
         loop.close()
+
+
+def test_the_server_listens_only_once_its_engine_runs(chat_checkpoint):
+    """The app's startup (after which uvicorn listens, /health included) waits for the engine
+    thread's generator: a split model's is made only once every rank has loaded, so a client
+    that can connect is never left waiting on a follower that is still loading. A stop that
+    comes first ends the wait."""
+    from mlx_gemma4.engine import BatchGenerator
+    from mlx_gemma4.server.driver import EngineDriver
+
+    model, processor = load(chat_checkpoint("dense")[0])
+    for stop_first in (False, True):
+        go_on = threading.Event()
+
+        def slow_generator():
+            go_on.wait(60)  # a generator that takes as long as the test says
+            return BatchGenerator(model, processor)
+
+        driver = EngineDriver(model, slow_generator)
+        driver.start()
+        waited = threading.Thread(target=driver.wait_until_running)
+        waited.start()
+        try:
+            waited.join(0.5)
+            assert waited.is_alive()
+            if stop_first:
+                driver.stop_soon()
+            else:
+                go_on.set()
+            waited.join(10)
+            assert not waited.is_alive()
+            assert (driver.generator is None) == stop_first
+        finally:
+            go_on.set()
+            driver.stop()

@@ -67,6 +67,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         driver.start()
+        # uvicorn listens once this returns: a client that can connect (to /health too) is
+        # served by a running engine, and a split model's followers have all loaded
+        await run_in_threadpool(driver.wait_until_running)
         try:
             yield
         finally:

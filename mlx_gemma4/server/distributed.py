@@ -142,7 +142,12 @@ class LeaderDriver(EngineDriver):
         self.timeout = settings.distributed_timeout
 
     def _run(self) -> None:
-        self.link.send(None)  # waits for every follower to have loaded: not timed
+        try:
+            with lost_ranks_reported():
+                self.link.send(None)  # waits for every follower to have loaded: not timed
+        except DistributedError as error:  # one died while loading
+            self._recover(error)
+            return
         # every message after it (one each 50 ms even when idle) is a beat: a follower that
         # stops without closing its connection stalls them, and the watchdog ends rank 0
         with Watchdog(self.timeout):

@@ -91,11 +91,19 @@ class EngineDriver:
         self._closed_reason = "the server is shutting down"
         self.failure: Exception | None = None  # why the driver gave up, if it did (`_give_up`)
         self.on_failure: Callable[[], None] = lambda: None  # called from the engine thread
+        self._running = threading.Event()  # the engine thread has made its generator
         self._thread = threading.Thread(target=self._run, name="gemma4-engine", daemon=True)
 
     # ---------------------------------------------------------------------- any thread
     def start(self) -> None:
         self._thread.start()
+
+    def wait_until_running(self, poll: float = 0.2) -> None:
+        """Block until the engine thread has made its generator (a split model's: once every
+        rank has loaded), or has ended, or a stop came first."""
+        while not self._running.wait(poll):
+            if self._closed or not self._thread.is_alive():
+                return
 
     def submit(self, job: Job) -> Future:
         """Queue `job`; the future resolves when the engine took it (or refused it)."""
@@ -139,6 +147,7 @@ class EngineDriver:
     # ---------------------------------------------------------------------- engine thread
     def _run(self) -> None:
         self.generator = self._make_generator()
+        self._running.set()
         while True:
             try:
                 if self._iterate():
