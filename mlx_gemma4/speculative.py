@@ -144,7 +144,10 @@ def _average(old: float | None, new: float, weight: float = 0.3) -> float:
 class TokenChooser:
     """Turns target logits into tokens (greedy or sampled) and checks drafts against them.
 
-    Logits processors see, for each position, the history up to and including its input.
+    Logits processors see, for each position, the history up to and including its input. A
+    seeded sampled chooser draws with its own random key, split as a global generator seeded
+    alike splits: alone it gives what the global generator gives, and beside other rows in a
+    batch it draws the same.
     """
 
     def __init__(
@@ -161,6 +164,15 @@ class TokenChooser:
             self.filters.append(lambda x: apply_top_k(x, sampling.top_k))
         self.processors = processors
         self.history = mx.array(prompt)
+        seeded = not self.greedy and sampling.seed is not None
+        self.key = mx.random.key(sampling.seed) if seeded else None
+
+    def _draw_key(self) -> mx.array | None:
+        """The key for the next draw (None: the global generator's)."""
+        if self.key is None:
+            return None
+        self.key, key = mx.random.split(self.key)
+        return key
 
     def distribution(self, logits: mx.array) -> mx.array:
         """The probabilities sampling draws from: filters on log-probabilities, temperature."""
@@ -174,7 +186,7 @@ class TokenChooser:
         if self.greedy:
             return mx.argmax(logits, axis=-1), None
         probabilities = self.distribution(logits)
-        return mx.random.categorical(mx.log(probabilities)), probabilities
+        return mx.random.categorical(mx.log(probabilities), key=self._draw_key()), probabilities
 
     def _processed(self, inputs: mx.array, i: int, logits: mx.array) -> mx.array:
         """Target logits [1, vocab] of position i, whose inputs end with `inputs[i]`."""
@@ -193,7 +205,7 @@ class TokenChooser:
             self.history = mx.concatenate([self.history, newest.astype(self.history.dtype)])
         if self.greedy:
             return mx.argmax(logits, axis=-1)
-        return mx.random.categorical(mx.log(self.distribution(logits)))
+        return mx.random.categorical(mx.log(self.distribution(logits)), key=self._draw_key())
 
     def verify(
         self,
@@ -210,7 +222,7 @@ class TokenChooser:
         k = len(drafts)
         proposed = inputs[1:].tolist()
         if not self.greedy and k:
-            draws = mx.random.uniform(shape=(k,))
+            draws = mx.random.uniform(shape=(k,), key=self._draw_key())
             draft = mx.concatenate(distributions, axis=0)
         for i in range(k + 1):
             scores = self._processed(inputs, i, row(i))
@@ -219,16 +231,18 @@ class TokenChooser:
                 if i < k and proposed[i] == token:
                     continue
                 break
-            target = self.distribution(scores)[0]
+            # [1, vocab], as `next_token` draws: a draw's result depends on its shape, and a
+            # batch row's undrafted step comes here where its solo run calls `next_token`
+            target = self.distribution(scores)
             if i == k:
-                token = mx.random.categorical(mx.log(target)).item()
+                token = mx.random.categorical(mx.log(target), key=self._draw_key()).item()
                 break
             x = proposed[i]
-            if (draws[i] * draft[i, x] < target[x]).item():
+            if (draws[i] * draft[i, x] < target[0, x]).item():
                 continue
             # rejected: resample where the target has more mass than the drafter
-            residual = mx.maximum(target - draft[i], 0.0)
-            token = mx.random.categorical(mx.log(residual)).item()
+            residual = mx.maximum(target - draft[i : i + 1], 0.0)
+            token = mx.random.categorical(mx.log(residual), key=self._draw_key()).item()
             break
         accepted = i
         kept = inputs[: accepted + 1].astype(self.history.dtype)

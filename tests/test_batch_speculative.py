@@ -131,11 +131,12 @@ def test_the_batched_assistant_drafts_what_the_solo_one_drafts(
 
     steps: list[list[tuple[int, int]]] = []
     batch_rounds: dict[int, list[list[int]]] = {}
-    batch_step, batch_propose = BatchSpeculator.step, AssistantRows.propose
+    batch_plan, batch_propose = BatchSpeculator._plan, AssistantRows.propose
 
-    def record_step(self, running):
-        steps.append([(r.id, self._allowed(r)) for r in running])
-        return batch_step(self, running)
+    def record_plan(self, running):
+        allowed = batch_plan(self, running)
+        steps.append([(r.id, n) for r, n in zip(running, allowed, strict=True)])
+        return allowed
 
     def record_batch(self, tokens, hidden, k, sample):
         drafts, distributions = batch_propose(self, tokens, hidden, k, sample)
@@ -144,7 +145,7 @@ def test_the_batched_assistant_drafts_what_the_solo_one_drafts(
                 batch_rounds.setdefault(request_id, []).append(row[:allowed])
         return drafts, distributions
 
-    monkeypatch.setattr(BatchSpeculator, "step", record_step)
+    monkeypatch.setattr(BatchSpeculator, "_plan", record_plan)
     monkeypatch.setattr(AssistantRows, "propose", record_batch)
     generator = BatchGenerator(model, processor, draft_model=drafter, num_draft_tokens=K)
     ids = [generator.submit(p, max_tokens=10) for p in prompts]
@@ -266,3 +267,53 @@ def test_the_draft_length_adapts_to_a_drafter_it_keeps_rejecting(
     drafted = sum(r.drafted_tokens for r in results)
     # fixed K drafts K a step from each row's second step on: 3 x 22 x 3 here
     assert 0 < drafted <= sum(r.generation_tokens for r in results) // 2
+
+
+@pytest.mark.usefixtures("short_lags")
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_seeded_sampled_row_gives_its_solo_run_whatever_its_company(
+    chat_checkpoint,
+    assistant,  # noqa: F811
+    close_drafter,  # noqa: F811
+    monkeypatch,
+    adaptive,
+):
+    """A seeded row draws with its own key and drafts by its own clock-free length, so beside
+    greedy and unseeded rows, joining at another step, it repeats its solo speculative run;
+    with the adaptive length too, which then drafts differently for each row."""
+    monkeypatch.setattr(DraftLength, "adaptive", adaptive)
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    prompts = id_prompts([6, 20, 11, 3], seed=4)
+    seeds = {0: 5, 2: 7}  # the seeded rows; 1 is sampled unseeded, 3 greedy
+    for kind, drafter in drafters(assistant, close_drafter, "ple_kv_shared").items():
+        options = dict(draft_model=drafter, num_draft_tokens=K, max_tokens=16)
+        expected = {}
+        for row, seed in seeds.items():
+            responses = list(
+                stream_generate(
+                    model, processor, prompts[row], temperature=1.0, seed=seed, **options
+                )
+            )
+            expected[row] = ([r.token for r in responses], responses[-1].drafted_tokens)
+        generator = BatchGenerator(model, processor, draft_model=drafter, num_draft_tokens=K)
+        rows = {
+            generator.submit(prompts[1], temperature=1.0, max_tokens=16): 1,
+            generator.submit(prompts[3], max_tokens=16): 3,
+        }
+        tokens: dict[int, list[int]] = {}
+        drafted: dict[int, int] = {}
+        steps = 0
+        while not generator.done or len(rows) < len(prompts):
+            for row in seeds:
+                if steps == row and row not in rows.values():  # joins at step 0 and step 2
+                    request = generator.submit(
+                        prompts[row], temperature=1.0, seed=seeds[row], max_tokens=16
+                    )
+                    rows[request] = row
+            for response in generator.step():
+                tokens.setdefault(rows[response.request_id], []).append(response.token)
+                drafted[rows[response.request_id]] = response.drafted_tokens
+            steps += 1
+        for row in seeds:
+            assert (tokens[row], drafted[row]) == expected[row], (kind, row)
+            assert drafted[row] > 0, (kind, row)

@@ -654,7 +654,7 @@ def test_the_server_listens_only_once_its_engine_runs(chat_checkpoint):
     for stop_first in (False, True):
         go_on = threading.Event()
 
-        def slow_generator():
+        def slow_generator(go_on=go_on):
             go_on.wait(60)  # a generator that takes as long as the test says
             return BatchGenerator(model, processor)
 

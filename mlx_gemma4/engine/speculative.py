@@ -11,8 +11,11 @@ Each row chooses and checks its tokens with its own `TokenChooser` (the solo rul
 drafts kept while they equal the target's argmax; sampled ones by the standard acceptance
 rule), so its output is what its solo run gives. How many tokens the batch drafts adapts as
 one sequence's do (`DraftLength`, fed each step's time and its rows' mean accepted count), so
-a drafter the model keeps rejecting stops costing the batch. Sampled rows draw from MLX's global
-generator: a `seed` does not make them reproducible beside other rows here.
+a drafter the model keeps rejecting stops costing the batch.
+
+A seeded sampled row is reproducible whatever else is in the batch: it draws with its own key
+and drafts as its solo run would, by a draft length of its own that reads no clock (its first
+step undrafted, no cap at its `max_tokens`), so it gives its solo run's tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class RowDrafting:
     chooser: TokenChooser
     stats: DraftStats
     hidden: mx.array | None = None  # [1, 1, H]: the target's state before the newest token
+    own_length: DraftLength | None = None  # a seeded sampled row's (see the module's notes)
+    steps: int = 0
 
 
 class BatchSpeculator:
@@ -56,29 +61,43 @@ class BatchSpeculator:
         """A request whose prefilled row was just appended: its drafter row and chooser."""
         self.drafter.join(request.prompt_ids)
         chooser = TokenChooser(request.sampling, request.processors, request.prompt_ids[:-1])
-        return RowDrafting(chooser, DraftStats())
+        seeded = chooser.key is not None
+        return RowDrafting(
+            chooser,
+            DraftStats(),
+            own_length=DraftLength(self.most, timed=False) if seeded else None,
+        )
 
     def keep_rows(self, rows: list[int]) -> None:
         self.drafter.keep_rows(rows)
 
-    def _allowed(self, request) -> int:
-        """Drafts this row may make: none past its last token, none without a hidden state
-        when the drafter needs one, none under a constraint or the caller's processors (as
-        `stream_generate`: they follow one token at a time)."""
+    def _plan(self, running: list) -> list[int]:
+        """How many tokens each running row drafts this step (called once a step)."""
+        most = self.length.next()
+        return [self._allowed(request, most) for request in running]
+
+    def _allowed(self, request, most: int) -> int:
+        """Drafts this row makes now, of the batch's `most`: none under a constraint or the
+        caller's processors (as `stream_generate`: they follow one token at a time), none
+        without a hidden state when the drafter needs one, none past its last token. A seeded
+        row's own length decides for it, as in its solo run."""
+        row = request.drafting
+        row.steps += 1
         if request.one_at_a_time:
             return 0
-        if self.drafter.needs_hidden and request.drafting.hidden is None:
+        if row.own_length is not None:
+            return row.own_length.next() if row.steps > 1 else 0
+        if self.drafter.needs_hidden and row.hidden is None:
             return 0
         left = request.output.max_tokens - request.output.generated
-        return max(0, min(self.most, left - 1))
+        return max(0, min(most, left - 1))
 
     def step(self, running: list) -> list[list[int]]:
         """One speculative step over the running requests; each one's new tokens (the drafts
         it accepted, then the target's next token)."""
         began = time.perf_counter()
         rows = [request.drafting for request in running]
-        most = self.length.next()
-        allowed = [min(most, self._allowed(request)) for request in running]
+        allowed = self._plan(running)
         k = max(allowed)
         newest = mx.array([request.next_token for request in running], dtype=mx.uint32)
         inputs, distributions = newest[:, None], [[] for _ in running]
@@ -86,7 +105,8 @@ class BatchSpeculator:
             hidden = None
             if self.drafter.needs_hidden:
                 hidden = mx.concatenate([self._hidden_or_zeros(row) for row in rows])
-            drafts, distributions = self.drafter.propose(newest, hidden, k, self._sampler(rows))
+            sample = self._sampler(rows, allowed)
+            drafts, distributions = self.drafter.propose(newest, hidden, k, sample)
             inputs = mx.concatenate([inputs, drafts.astype(mx.uint32)], axis=1)
         hidden = self.model.language_model(self.model.text_ids(inputs), self.caches)
         logits = self.model.logits(hidden)
@@ -101,6 +121,8 @@ class BatchSpeculator:
         for i, (row, a, n) in enumerate(zip(rows, accepted, allowed, strict=True)):
             row.stats.drafted += n
             row.stats.accepted += a
+            if row.own_length is not None:
+                row.own_length.update(n, a, None)
             if self.drafter.needs_hidden:
                 row.hidden = hidden[i : i + 1, a : a + 1]
         self._measure(k, allowed, accepted, time.perf_counter() - began)
@@ -123,14 +145,27 @@ class BatchSpeculator:
         return mx.zeros((1, 1, width), self.model.language_model.norm.weight.dtype)
 
     @staticmethod
-    def _sampler(rows: list[RowDrafting]):
-        """Draft tokens for every row from the drafter's logits [rows, vocab], each by its own
-        chooser (one argmax when every row is greedy)."""
+    def _sampler(rows: list[RowDrafting], allowed: list[int]):
+        """Draft tokens for every row from the drafter's logits [rows, vocab] at each drafted
+        position in turn, each by its own chooser (one argmax when every row is greedy). Past
+        its `allowed` drafts, which the target will not check, a row takes the argmax: no
+        random draw is spent on them."""
+        position = 0
 
         def sample(logits: mx.array) -> tuple[mx.array, list[mx.array | None]]:
-            if all(row.chooser.greedy for row in rows):
+            nonlocal position
+            drawing = {
+                i for i, row in enumerate(rows) if position < allowed[i] and not row.chooser.greedy
+            }
+            position += 1
+            if not drawing:
                 return mx.argmax(logits, axis=-1), [None] * len(rows)
-            picks = [row.chooser.sample_draft(logits[i : i + 1]) for i, row in enumerate(rows)]
+            picks = [
+                row.chooser.sample_draft(logits[i : i + 1])
+                if i in drawing
+                else (mx.argmax(logits[i : i + 1], axis=-1), None)
+                for i, row in enumerate(rows)
+            ]
             tokens = mx.concatenate([token.astype(mx.uint32) for token, _ in picks])
             return tokens, [distribution for _, distribution in picks]
 

@@ -28,7 +28,9 @@ class CentroidHead(nn.Module):
 
     The vocabulary is split into `num_centroids` clusters of equal size, listed in
     `token_ordering`; the `top_k` clusters whose centroid scores highest get their tokens
-    scored against the tied embeddings, every other token gets one value below the lowest score.
+    scored against the tied embeddings, every other token gets one value below the lowest score:
+    the lowest of the whole call, as transformers takes it, or with `per_row` each row's own
+    (rows that are independent sequences, whose drafts must not depend on one another).
     """
 
     def __init__(self, config: AssistantConfig):
@@ -39,7 +41,7 @@ class CentroidHead(nn.Module):
         self.centroids = Linear(text.hidden_size, config.num_centroids, bias=False)
         self.token_ordering = mx.zeros((text.vocab_size,), dtype=mx.int32)
 
-    def __call__(self, h: mx.array, embed_tokens: nn.Module) -> mx.array:
+    def __call__(self, h: mx.array, embed_tokens: nn.Module, per_row: bool = False) -> mx.array:
         batch, length, _ = h.shape
         vocab = self.token_ordering.shape[0]
         scores = self.centroids(h)
@@ -48,7 +50,7 @@ class CentroidHead(nn.Module):
         token_ids = members[clusters].reshape(batch, length, -1)
         rows = embed_tokens(token_ids)  # the tied head's rows for those tokens only
         logits = (h[..., None, :] @ rows.swapaxes(-1, -2)).squeeze(-2)
-        floor = logits.min() - 1.0
+        floor = (logits.min(axis=(1, 2), keepdims=True) if per_row else logits.min()) - 1.0
         full = mx.full((batch, length, vocab), floor, dtype=logits.dtype)
         return mx.put_along_axis(full, token_ids, logits, axis=-1)
 
@@ -90,7 +92,8 @@ class AssistantModel(nn.Module):
         to the keys and values of the target's last layer of that kind, over the positions
         before `position`. A batch of rows gives per-row `position`s [B] and `masks` (layer
         kind -> [B, 1, 1, keys]) picking each row's keys; without them every key is seen
-        (the last window + 1 on sliding layers).
+        (the last window + 1 on sliding layers). Such rows are independent sequences: a
+        centroid head fills each row's unscored tokens by its own scores.
         """
         text = self.config.text_config
         h = self.pre_projection(mx.concatenate([token_embedding, target_hidden], axis=-1))
@@ -103,7 +106,7 @@ class AssistantModel(nn.Module):
             h, _ = layer(h, mask, None, position, visible[kind], None)
         h = self.model.norm(h)
         if self.config.use_ordered_embeddings:
-            logits = self.masked_embedding(h, self.model.embed_tokens)
+            logits = self.masked_embedding(h, self.model.embed_tokens, per_row=masks is not None)
         else:
             logits = self.model.embed_tokens.as_linear(h)
         return logits, self.post_projection(h)
