@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from assistants import assistant, close_drafter  # noqa: F401  (fixtures)
 from conftest import id_prompts, solo
 
 from mlx_gemma4 import BatchGenerator, load
@@ -12,8 +13,11 @@ from mlx_gemma4.memory import kv_cache_bytes
 
 
 def held_kv_bytes(generator: BatchGenerator) -> int:
-    """Bytes the KV caches hold now: the batch's rows plus a prompt being prefilled alone."""
+    """Bytes the KV caches hold now: the batch's rows (a draft model's too) plus a prompt being
+    prefilled alone."""
     batch = sum(cache.nbytes for cache in generator._caches)
+    if generator.speculator is not None:
+        batch += sum(cache.nbytes for cache in getattr(generator.speculator.drafter, "caches", ()))
     prefilling = [r.prompt_cache for r in generator._pending if r.admitted]
     return batch + sum(layer.nbytes for c in prefilling for layer in c.cache)
 
@@ -126,3 +130,35 @@ def test_a_waiting_request_takes_its_prefix_when_admitted(chat_checkpoint):
     # it waited for the first turn, whose prefilled prompt the pool then held
     assert responses[ids[1]][0].reused_tokens == len(first) - 1
     assert [r.token for r in responses[ids[1]]] == solo(model, processor, second, max_tokens=8)
+
+
+def test_a_draft_models_own_caches_count_in_the_budget(chat_checkpoint, assistant, close_drafter):  # noqa: F811
+    """A plain draft model keeps a cache row per request beside the target's: a row's need
+    counts both, so the caches held (the drafter's included) stay within the reservation. An
+    assistant reads the target's caches and adds nothing."""
+    from mlx_gemma4 import load_model
+
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    undrafted = BatchGenerator(model, processor, prefill_step_size=8)
+    drafts = 1 + 3 + BatchKVCache.max_lag  # the columns a drafting row may also take
+    helper = load_model(assistant("ple_kv_shared", ordered=True)[0])
+    assisted = BatchGenerator(
+        model, processor, prefill_step_size=8, draft_model=helper, num_draft_tokens=3
+    )
+    assert assisted.row_kv_bytes(40 - drafts) == undrafted.row_kv_bytes(40)
+    options = dict(
+        prefill_step_size=8, draft_model=close_drafter("ple_kv_shared"), num_draft_tokens=3
+    )
+    need = BatchGenerator(model, processor, **options).row_kv_bytes(40)
+    # the drafter is the model itself at 8 bits: its caches take about as much again
+    assert need > 1.5 * undrafted.row_kv_bytes(40)
+
+    prompts = id_prompts([12, 25, 6], seed=11)
+    budgets = [40 - len(p) for p in prompts]
+    generator = BatchGenerator(model, processor, kv_budget_bytes=3 * need - 1, **options)
+    ids = [generator.submit(p, max_tokens=n) for p, n in zip(prompts, budgets, strict=True)]
+    tokens, steps = run_within_budget(generator, ids)
+    assert max(step["running"] for step in steps) == 2
+    assert max(s["held"] for s in steps) > 0
+    for i, prompt, n in zip(ids, prompts, budgets, strict=True):
+        assert tokens[i] == solo(model, processor, prompt, max_tokens=n)

@@ -169,17 +169,21 @@ class BatchGenerator:
         """The most KV one batch row of up to `positions` positions takes: the memory model's
         per-sequence KV bytes with the batch cache's spare columns added (`BatchKVCache.step`,
         room a buffer keeps past its newest position; with a drafter also the drafts and the
-        columns a row may lag behind the others, `BatchKVCache.max_lag`)."""
+        columns a row may lag behind the others, `BatchKVCache.max_lag`, and a draft model's
+        own caches for the row)."""
         spare = BatchKVCache.step
         if self.speculator is not None:
             spare += self.speculator.most + 1 + BatchKVCache.max_lag
-        return kv_cache_bytes(
+        need = kv_cache_bytes(
             self.model.config.text_config,
             positions + spare,
             dtype=self.model.language_model.norm.weight.dtype,
             kv_quantization=self.kv_quantization,
             prefill_step_size=self.prefill_step_size,
         )
+        if self.speculator is not None:
+            need += self.speculator.drafter.row_kv_bytes(positions + spare)
+        return need
 
     @property
     def done(self) -> bool:

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from ..config import SLIDING
 from ..drafters import shared_kv_layers
+from ..memory import kv_cache_bytes
 from ..models.assistant import AssistantModel
 from .batch_cache import BatchKVCache
 
@@ -44,6 +45,9 @@ class AssistantRows:
 
     def join(self, prompt: list[int]) -> None:
         pass
+
+    def row_kv_bytes(self, positions: int) -> int:
+        return 0  # it reads the target's caches
 
     def keep_rows(self, rows: list[int]) -> None:
         pass
@@ -95,6 +99,15 @@ class ModelRows:
             batch.add_row(one)
         self.behind.append([])
 
+    def row_kv_bytes(self, positions: int) -> int:
+        """The KV one row of the draft model's own caches takes (the memory model's)."""
+        return kv_cache_bytes(
+            self.draft_model.config.text_config,
+            positions,
+            dtype=self.draft_model.language_model.norm.weight.dtype,
+            prefill_step_size=self.prefill_step,
+        )
+
     def keep_rows(self, rows: list[int]) -> None:
         self.behind = [self.behind[i] for i in rows]
         for cache in self.caches:
@@ -139,8 +152,8 @@ class ModelRows:
 
 def make_rows_drafter(draft_model, model, caches: list[BatchKVCache], prefill_step: int):
     """The batch drafter for `draft_model` (checked against `model` by the caller); an object
-    that drafts rows already (`join`, `keep_rows`, `propose`, `commit` and `needs_hidden` as
-    `ModelRows` has them) is used as it is."""
+    that drafts rows already (`join`, `keep_rows`, `propose`, `commit`, `row_kv_bytes` and
+    `needs_hidden` as `ModelRows` has them) is used as it is."""
     if hasattr(draft_model, "propose"):
         return draft_model
     if isinstance(draft_model, AssistantModel):
