@@ -72,6 +72,21 @@ def test_quantized_kv_batch_equals_solo_runs(chat_checkpoint, variant):
         assert result.tokens == solo(model, processor, prompt, max_tokens=10, kv_bits=4)
 
 
+def test_a_4_bit_batch_wide_enough_for_the_float_route_equals_solo_runs(chat_checkpoint):
+    """On the CPU a quantized product of MATRIX_ROWS or more rows multiplies through the float
+    weight (models/dequantize.py), while a solo decode step uses the packed kernel: a batch of
+    MATRIX_ROWS + 1 rows must still give every row its solo run's greedy tokens."""
+    from mlx_gemma4.models.layers import MATRIX_ROWS
+    from mlx_gemma4.quantize import quantize_model
+
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    quantize_model(model, bits=4, group_size=32)
+    prompts = id_prompts([3 + 4 * i for i in range(MATRIX_ROWS + 1)], seed=21)
+    results = batch_generate(model, processor, prompts, max_tokens=16)
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.tokens == solo(model, processor, prompt, max_tokens=16)
+
+
 def run_all(generator: BatchGenerator) -> dict[int, list]:
     responses: dict[int, list] = {}
     while not generator.done:
