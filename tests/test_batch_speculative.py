@@ -13,7 +13,7 @@ from conftest import free_port, id_prompts, solo, start_serve
 from mlx_gemma4 import BatchGenerator, batch_generate, load, load_model, stream_generate
 from mlx_gemma4.drafters import AssistantDrafter
 from mlx_gemma4.engine.batch_cache import BatchKVCache
-from mlx_gemma4.engine.batch_drafters import AssistantRows
+from mlx_gemma4.engine.batch_drafters import AssistantRows, ModelRows
 from mlx_gemma4.engine.speculative import BatchSpeculator
 from mlx_gemma4.speculative import DraftLength
 
@@ -317,3 +317,45 @@ def test_a_seeded_sampled_row_gives_its_solo_run_whatever_its_company(
         for row in seeds:
             assert (tokens[row], drafted[row]) == expected[row], (kind, row)
             assert drafted[row] > 0, (kind, row)
+
+
+def test_a_plain_draft_model_prefills_only_what_its_pool_lacks(
+    chat_checkpoint,
+    close_drafter,  # noqa: F811
+    monkeypatch,
+):
+    """With a prefix pool, the next turn (a prompt that extends an earlier one) is prefilled
+    in the draft model's caches only from where its pooled copy ends, as in the model's; an
+    unrelated prompt, past the little it shares. Every answer is its solo run's."""
+    from mlx_gemma4.prompt_cache import common_prefix
+
+    model, processor = load(chat_checkpoint("ple_kv_shared")[0])
+    first = id_prompts([20], seed=14)[0]
+    second = first + id_prompts([11], seed=15)[0]  # the next turn, past the window (8)
+    other = id_prompts([9], seed=16)[0]
+    prefilled: list[int] = []
+    forward = ModelRows._forward
+
+    def counted(self, ids, caches):
+        if caches is not self.caches:  # a joining row's prompt, alone
+            prefilled.append(ids.shape[1])
+        return forward(self, ids, caches)
+
+    monkeypatch.setattr(ModelRows, "_forward", counted)
+    generator = BatchGenerator(
+        model, processor, prefix_cache_bytes=2**24, draft_model=close_drafter("ple_kv_shared"),
+        num_draft_tokens=K,
+    )  # fmt: skip
+    reused = []
+    for prompt in (first, second, other):
+        generator.submit(prompt, max_tokens=8)
+        responses = []
+        while not generator.done:
+            responses += generator.step()
+        assert [r.token for r in responses] == solo(model, processor, prompt, max_tokens=8)
+        reused.append(responses[0].reused_tokens)
+    # second reuses first's prompt but its last token, in the model and in the drafter; other
+    # only what it shares with them (its first token)
+    shared = common_prefix(second, other)
+    assert reused == [0, len(first) - 1, shared] and shared < 3
+    assert prefilled == [len(first) - 1, len(second) - len(first), len(other) - 1 - shared]

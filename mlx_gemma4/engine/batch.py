@@ -93,7 +93,7 @@ class BatchGenerator:
     `kv_value_bits` apart) quantizes the full-attention layers' keys and values, as
     `stream_generate` does. `prefix_cache_bytes` keeps up to that many bytes of prefilled
     prompt caches (`PrefixCachePool`): a prompt that extends a kept one prefills only its new
-    tokens.
+    tokens (a plain draft model keeps a pool of its own, of the same size).
 
     `kv_budget_bytes` bounds the KV caches of the admitted requests (those prefilling or
     running). A request needs the KV of its prompt plus `max_tokens` positions, from the memory
@@ -141,7 +141,12 @@ class BatchGenerator:
         self.speculator = None
         if draft_model is not None:
             self.speculator = BatchSpeculator(
-                model, draft_model, num_draft_tokens, self._caches, prefill_step_size
+                model,
+                draft_model,
+                num_draft_tokens,
+                self._caches,
+                prefill_step_size,
+                prefix_cache_bytes,
             )
         # the tokens the last queued forward samples, one per request in `_queued_rows`, not
         # yet read

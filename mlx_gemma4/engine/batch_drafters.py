@@ -20,7 +20,9 @@ from ..config import SLIDING
 from ..drafters import shared_kv_layers
 from ..memory import kv_cache_bytes
 from ..models.assistant import AssistantModel
+from ..prompt_cache import PromptCache
 from .batch_cache import BatchKVCache
+from .prefix_pool import PrefixCachePool
 
 RowsSampler = Callable[[mx.array], tuple[mx.array, list[mx.array | None]]]
 
@@ -75,13 +77,18 @@ class AssistantRows:
 class ModelRows:
     """Drafts every row with a smaller Gemma 4 over its own batch caches, one row per target
     row in the same order. A row's caches hold its committed tokens but `behind` (tokens the
-    target took after the drafter's last round: none, one, or a whole undrafted step's)."""
+    target took after the drafter's last round: none, one, or a whole undrafted step's).
+
+    With `prefix_cache_bytes` the draft model keeps a prefix pool of its own, as large as the
+    model's: a prompt that extends an earlier one (the next chat turn) is prefilled here only
+    from where the pooled copy ends, as in the model's caches."""
 
     needs_hidden = False
 
-    def __init__(self, draft_model, model, prefill_step: int):
+    def __init__(self, draft_model, model, prefill_step: int, prefix_cache_bytes: int = 0):
         self.draft_model, self.model, self.prefill_step = draft_model, model, prefill_step
         self.caches = [BatchKVCache.like(c) for c in draft_model.make_cache()]
+        self.pool = PrefixCachePool(draft_model, prefix_cache_bytes) if prefix_cache_bytes else None
         self.behind: list[list[int]] = []
         self._fed = 0  # positions of this round fed per row: the newest token, then drafts
 
@@ -89,13 +96,21 @@ class ModelRows:
         return self.draft_model.language_model(self.model.text_ids(ids), caches)
 
     def join(self, prompt: list[int]) -> None:
-        """Prefill the row's prompt (all but its newest token) alone, then add it as a row."""
-        solo = self.draft_model.make_cache()
-        ids = mx.array(prompt[:-1])[None]
-        for start in range(0, ids.shape[1], self.prefill_step):
-            self._forward(ids[:, start : start + self.prefill_step], solo)
-            mx.eval([c.state for c in solo])
-        for one, batch in zip(solo, self.caches, strict=True):
+        """Prefill the row's prompt (all but its newest token, which the first proposal feeds)
+        alone, past what the pool holds of it, then add it as a row."""
+        if self.pool is None:
+            solo = PromptCache(self.draft_model)
+        else:
+            solo = self.pool.take(prompt, None)
+        todo = solo.prepare(prompt)[:-1]
+        for start in range(0, len(todo), self.prefill_step):
+            chunk = todo[start : start + self.prefill_step]
+            self._forward(mx.array(chunk)[None], solo.cache)
+            mx.eval([c.state for c in solo.cache])
+            solo.tokens.extend(chunk)
+        if self.pool is not None:
+            self.pool.put(solo)
+        for one, batch in zip(solo.cache, self.caches, strict=True):
             batch.add_row(one)
         self.behind.append([])
 
@@ -150,12 +165,19 @@ class ModelRows:
         self._fed = 0
 
 
-def make_rows_drafter(draft_model, model, caches: list[BatchKVCache], prefill_step: int):
+def make_rows_drafter(
+    draft_model,
+    model,
+    caches: list[BatchKVCache],
+    prefill_step: int,
+    prefix_cache_bytes: int = 0,
+):
     """The batch drafter for `draft_model` (checked against `model` by the caller); an object
     that drafts rows already (`join`, `keep_rows`, `propose`, `commit`, `row_kv_bytes` and
-    `needs_hidden` as `ModelRows` has them) is used as it is."""
+    `needs_hidden` as `ModelRows` has them) is used as it is. `prefix_cache_bytes`: the
+    prefix pool of a draft model with caches of its own."""
     if hasattr(draft_model, "propose"):
         return draft_model
     if isinstance(draft_model, AssistantModel):
         return AssistantRows(draft_model, model, caches)
-    return ModelRows(draft_model, model, prefill_step)
+    return ModelRows(draft_model, model, prefill_step, prefix_cache_bytes)

@@ -47,14 +47,22 @@ class BatchSpeculator:
     """Runs the speculative steps of a `BatchGenerator` whose rows are in `caches`."""
 
     def __init__(
-        self, model, draft_model, num_draft_tokens: int, caches: list[BatchKVCache], prefill_step
+        self,
+        model,
+        draft_model,
+        num_draft_tokens: int,
+        caches: list[BatchKVCache],
+        prefill_step: int,
+        prefix_cache_bytes: int = 0,
     ):
         if num_draft_tokens < 0:
             raise DraftModelError(f"num_draft_tokens must be 0 or more, got {num_draft_tokens}")
         if not hasattr(draft_model, "propose"):  # a row drafter of the caller's own
             check_draft_model(model, draft_model)
         self.model, self.caches, self.most = model, caches, num_draft_tokens
-        self.drafter = make_rows_drafter(draft_model, model, caches, prefill_step)
+        self.drafter = make_rows_drafter(
+            draft_model, model, caches, prefill_step, prefix_cache_bytes
+        )
         self.length = DraftLength(num_draft_tokens)
 
     def join(self, request) -> RowDrafting:
