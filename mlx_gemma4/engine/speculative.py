@@ -40,7 +40,7 @@ class RowDrafting:
     stats: DraftStats
     hidden: mx.array | None = None  # [1, 1, H]: the target's state before the newest token
     own_length: DraftLength | None = None  # a seeded sampled row's (see the module's notes)
-    steps: int = 0
+    stepped: bool = False  # it has taken part in a step
 
 
 class BatchSpeculator:
@@ -90,11 +90,10 @@ class BatchSpeculator:
         without a hidden state when the drafter needs one, none past its last token. A seeded
         row's own length decides for it, as in its solo run."""
         row = request.drafting
-        row.steps += 1
         if request.one_at_a_time:
             return 0
-        if row.own_length is not None:
-            return row.own_length.next() if row.steps > 1 else 0
+        if row.own_length is not None:  # as solo, its first step drafts nothing
+            return row.own_length.next() if row.stepped else 0
         if self.drafter.needs_hidden and row.hidden is None:
             return 0
         left = request.output.max_tokens - request.output.generated
@@ -129,6 +128,7 @@ class BatchSpeculator:
         for i, (row, a, n) in enumerate(zip(rows, accepted, allowed, strict=True)):
             row.stats.drafted += n
             row.stats.accepted += a
+            row.stepped = True
             if row.own_length is not None:
                 row.own_length.update(n, a, None)
             if self.drafter.needs_hidden:
