@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .drafters import make_drafter
+from .draws import SeededKey, logprob_filters
 from .errors import DraftModelError
 from .generation import PromptInputs, prefill_chunk, prefill_chunks
 from .options import SamplingOptions
@@ -155,24 +155,15 @@ class TokenChooser:
     ):
         self.greedy = sampling.temperature == 0
         self.temperature = sampling.temperature
-        self.filters = []
-        if 0 < sampling.top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, sampling.top_p))
-        if sampling.min_p:
-            self.filters.append(lambda x: apply_min_p(x, sampling.min_p))
-        if sampling.top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, sampling.top_k))
+        self.filters = logprob_filters(sampling)
         self.processors = processors
         self.history = mx.array(prompt)
         seeded = not self.greedy and sampling.seed is not None
-        self.key = mx.random.key(sampling.seed) if seeded else None
+        self.key = SeededKey(sampling.seed) if seeded else None
 
     def _draw_key(self) -> mx.array | None:
         """The key for the next draw (None: the global generator's)."""
-        if self.key is None:
-            return None
-        self.key, key = mx.random.split(self.key)
-        return key
+        return None if self.key is None else self.key.next()
 
     def distribution(self, logits: mx.array) -> mx.array:
         """The probabilities sampling draws from: filters on log-probabilities, temperature."""

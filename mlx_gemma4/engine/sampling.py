@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from ..draws import SeededKey, logprob_filters
 from ..options import SamplingOptions
 
 
@@ -17,18 +15,10 @@ class RowSampler:
 
     def __init__(self, sampling: SamplingOptions):
         self.temperature = sampling.temperature
-        self.filters: list[Callable[[mx.array], mx.array]] = []
-        top_p, min_p, top_k = sampling.top_p, sampling.min_p, sampling.top_k
-        # mlx-lm's order: nucleus, min-p, top-k
-        if 0 < top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, top_p))
-        if min_p != 0.0:
-            self.filters.append(lambda x: apply_min_p(x, min_p))
-        if top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, top_k))
-        self.key = None if sampling.seed is None else mx.random.key(sampling.seed)
+        self.filters = logprob_filters(sampling)
+        self.key = None if sampling.seed is None else SeededKey(sampling.seed)
         # rows whose samplers have equal `group`s are sampled together; a seeded one alone
-        settings = (self.temperature, top_p, min_p, top_k)
+        settings = (self.temperature, sampling.top_p, sampling.min_p, sampling.top_k)
         self.group = (
             ("greedy",) if self.temperature == 0 else settings if self.key is None else self
         )
@@ -40,11 +30,7 @@ class RowSampler:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for apply in self.filters:
             logprobs = apply(logprobs)
-        key = None
-        if self.key is not None:
-            # the split a global generator seeded alike would make: keep one half, draw with
-            # the other
-            self.key, key = mx.random.split(self.key)
+        key = None if self.key is None else self.key.next()
         return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
 
 
