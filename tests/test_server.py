@@ -517,10 +517,20 @@ def test_media_that_may_not_be_read_is_refused(served, tmp_path):
 # --------------------------------------------------------------------------- the engine
 
 
-def test_a_client_that_leaves_cancels_its_sequence(served):
+@pytest.fixture(scope="module")
+def lasting(served):
+    """A prompt the tiny model answers at length, for requests that must still be running
+    when a test acts on them: HELLO's answer ends after 9 tokens, within a second or two of a
+    loaded machine."""
+    messages = [{"role": "user", "content": "hello there, tell me about the sea and the sky"}]
+    assert served.solo(messages, max_tokens=200)["finish_reason"] == "length"
+    return messages
+
+
+def test_a_client_that_leaves_cancels_its_sequence(served, lasting):
     before = served.health()["cancelled"]
     stream = served.client.chat.completions.create(
-        model="tiny", messages=HELLO, max_tokens=3000, temperature=0, stream=True
+        model="tiny", messages=lasting, max_tokens=3000, temperature=0, stream=True
     )
     for _, _chunk in zip(range(4), stream, strict=False):
         pass
@@ -531,7 +541,7 @@ def test_a_client_that_leaves_cancels_its_sequence(served):
         time.sleep(0.05)
     assert served.health()["running"] == 0
     # a client that gives up on a whole (not streamed) answer cancels it too
-    body = {"messages": HELLO, "max_tokens": 3000, "temperature": 0}
+    body = {"messages": lasting, "max_tokens": 3000, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         served.post("/v1/chat/completions", json=body, timeout=0.5)
     deadline = time.monotonic() + 20
@@ -549,11 +559,11 @@ def wait_for(served: Served, what: str, condition) -> dict:
     return health
 
 
-def test_a_client_that_leaves_while_waiting_for_a_slot_is_dropped(served):
+def test_a_client_that_leaves_while_waiting_for_a_slot_is_dropped(served, lasting):
     before = served.health()["cancelled"]
     streams = [  # the fixture's 16 slots, all taken
         served.client.chat.completions.create(
-            model="tiny", messages=HELLO, max_tokens=3000, temperature=0, stream=True
+            model="tiny", messages=lasting, max_tokens=3000, temperature=0, stream=True
         )
         for _ in range(16)
     ]
